@@ -1,0 +1,130 @@
+"""What every stage shares: its output topics, events, parking, and the per-record loop.
+
+`StageIO.process` runs one record through a handler and waits until every record
+the handler produced is acknowledged by Kafka (acks=all) before the input event
+is acked, so a crash at any point means the input is read again, never that an
+output is missing (at-least-once; the stages downstream are idempotent per id).
+
+A record that does not parse is a poison pill: it goes to ``errors`` with a
+reason and the stage carries on. A transient failure (object store, scanner,
+network) is retried with backoff for as long as it lasts, so lag grows instead of
+mail being dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import faust
+
+from mailflow import metrics
+from mailflow.config import Settings
+from mailflow.objstore import get_body
+from schemas.records import ErrorRecord, Event, Message, PoisonPill
+from streams.app import topic
+
+log = logging.getLogger("mailflow.stage")
+
+Pending = list[Awaitable[Any]]
+
+# Tables: string keys as UTF-8 (so a key hashes to the partition its input record
+# did), JSON values.
+JSON_TABLE = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+
+# Failures that are the world's, not the record's: wait and try again.
+TRANSIENT = (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError)
+
+
+class StageIO:
+    def __init__(self, app: faust.App, settings: Settings, stage: str) -> None:
+        self.app = app
+        self.settings = settings
+        self.stage = stage
+        self._topics: dict[str, faust.TopicT] = {}
+
+    def topic(self, short: str) -> faust.TopicT:
+        if short not in self._topics:
+            self._topics[short] = topic(self.app, self.settings, short)
+        return self._topics[short]
+
+    async def send(self, short: str, key: str | bytes | None, value: bytes) -> Awaitable[Any]:
+        k = key.encode() if isinstance(key, str) else key
+        return await self.topic(short).send(key=k, value=value)
+
+    async def event(
+        self, msg_id: str, state: str, recipients: Iterable[str] | None = None,
+        detail: dict[str, Any] | None = None, sender: str | None = None, ts: float | None = None,
+    ) -> Awaitable[Any]:
+        ev = Event(
+            id=msg_id, state=state, stage=self.stage, ts=ts or time.time(),
+            recipients=list(recipients) if recipients is not None else None,
+            detail=detail or {}, sender=sender,
+        )
+        return await self.send("events", msg_id, ev.to_json())
+
+    async def park(
+        self, reason: str, state: str, raw: bytes | None, msg_id: str | None = None,
+        detail: str = "",
+    ) -> Awaitable[Any]:
+        rec = ErrorRecord(
+            stage=self.stage, reason=reason, state=state, detail=detail, id=msg_id,
+            record=raw.decode("utf-8", "replace") if raw is not None else None,
+        )
+        return await self.send("errors", msg_id, rec.to_json())
+
+    async def body(self, msg: Message) -> bytes:
+        if msg.body is not None:
+            return msg.body
+        assert msg.body_ref is not None
+        return await get_body(self.settings.object_store_url, msg.body_ref)
+
+    async def process(
+        self, raw: bytes | None, handler: Callable[[bytes | None], Awaitable[Pending]]
+    ) -> None:
+        """Run `handler` on one record until it succeeds, is parked, or is poison."""
+        started = time.perf_counter()
+        delay = 0.2
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                pending = await handler(raw)
+                outcome = "ok"
+            except PoisonPill as pill:
+                log.warning("%s: poison pill (%s)", self.stage, pill)
+                pending = [await self.park(pill.reason, "poison", raw, detail=pill.detail)]
+                outcome = "poison"
+            except TRANSIENT as exc:
+                log.warning("%s: transient failure, retrying in %.1fs: %r", self.stage, delay, exc)
+                metrics.STAGE_MESSAGES.labels(self.stage, "retried").inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            except Exception as exc:  # a bug or an unforeseen input: park, never stall
+                if attempts < 3:
+                    log.exception("%s: failed, trying again", self.stage)
+                    await asyncio.sleep(delay)
+                    continue
+                log.exception("%s: failed %d times, parking the record", self.stage, attempts)
+                pending = [await self.park("stage_failure", "poison", raw, detail=repr(exc))]
+                outcome = "failed"
+            # Wait for Kafka's acks on everything this record produced before the
+            # input offset may be committed.
+            if pending:
+                await asyncio.gather(*pending)
+            metrics.STAGE_MESSAGES.labels(self.stage, outcome).inc()
+            metrics.STAGE_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
+            return
+
+
+def register_metrics_page(app: faust.App) -> None:
+    """Serve Prometheus metrics on the worker's own web port."""
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        body, ctype = metrics.render()
+        return web.bytes(body, content_type=ctype.split(";")[0])

@@ -1,0 +1,106 @@
+"""Status stage, and `GET /v1/messages/{id}`.
+
+Input: ``events`` (key: message id). Output: the ``status`` table (message id ->
+state per recipient and the timeline), served by a Faust web view routed by id to
+the replica that owns it.
+
+Each recipient reaches exactly one final state: the first final state recorded
+wins, later ones (a replayed event) only join the timeline. Events may arrive a
+little out of order across stages, so a recipient's state only moves forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+
+from agents.common import JSON_TABLE, Pending, StageIO
+from mailflow import metrics
+from mailflow.config import Settings
+from schemas.records import Event, parse_event
+
+STAGE = "status"
+
+FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"})
+# How far along each non-final state is; a state never moves back.
+RANK = {"accepted": 0, "validated": 1, "scanned": 2, "sent_folder": 3, "deferred": 4}
+WAITING_ON = {
+    "accepted": "ratelimit/validate", "validated": "scan (outgoing)",
+    "scanned": "sentfolder (clean)", "sent_folder": "deliver (delivery)",
+    "deferred": "retry",
+}
+MAX_TIMELINE = 200
+
+
+def apply_event(status: dict[str, Any] | None, ev: Event) -> tuple[dict[str, Any], list[str]]:
+    """The message's status after `ev`, and the recipients it made final."""
+    st: dict[str, Any] = status or {"id": ev.id, "recipients": {}, "timeline": []}
+    if ev.sender is not None and "sender" not in st:
+        st["sender"] = ev.sender
+    if ev.state == "accepted":
+        st.setdefault("accepted_at", ev.ts)
+    rcpts = st["recipients"]
+    targets = list(rcpts) if ev.recipients is None else ev.recipients
+    finalized = []
+    for r in targets:
+        cur = rcpts.get(r)
+        if cur and cur["state"] in FINAL:
+            continue
+        if cur and ev.state not in FINAL and RANK.get(ev.state, 0) < RANK.get(cur["state"], 0):
+            continue
+        rcpts[r] = {"state": ev.state, "ts": ev.ts, **({"detail": ev.detail} if ev.detail else {})}
+        if ev.state in FINAL:
+            finalized.append(r)
+    entry = {"ts": ev.ts, "stage": ev.stage, "state": ev.state}
+    if ev.recipients is not None:
+        entry["recipients"] = ev.recipients
+    if ev.detail:
+        entry["detail"] = ev.detail
+    timeline = st["timeline"]
+    if entry not in timeline:  # a replayed event is recorded once
+        timeline.append(entry)
+        timeline.sort(key=lambda e: e["ts"])
+        del timeline[:-MAX_TIMELINE]
+    st["final"] = bool(rcpts) and all(v["state"] in FINAL for v in rcpts.values())
+    return st, finalized
+
+
+def view_of(st: dict[str, Any]) -> dict[str, Any]:
+    """The API's answer: per recipient, with what a waiting one waits on."""
+    out = dict(st)
+    out["recipients"] = {
+        r: ({**v, "waiting_on": WAITING_ON[v["state"]]} if v["state"] in WAITING_ON else v)
+        for r, v in st["recipients"].items()
+    }
+    states = {v["state"] for v in st["recipients"].values()}
+    out["state"] = states.pop() if len(states) == 1 else "mixed"
+    return out
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    io = StageIO(app, settings, STAGE)
+    table = app.Table("status", partitions=settings.partitions, schema=JSON_TABLE)
+
+    async def handle(raw: bytes | None) -> Pending:
+        ev = parse_event(raw)
+        st, finalized = apply_event(table.get(ev.id), ev)
+        table[ev.id] = st
+        if finalized and "accepted_at" in st:
+            metrics.END_TO_END_SECONDS.labels(ev.state).observe(max(0.0, ev.ts - st["accepted_at"]))
+        return []
+
+    @app.agent(io.topic("events"), name=f"{settings.topic_prefix}{STAGE}")
+    async def status(stream: faust.StreamT) -> None:
+        # One actor: events of one message must be applied in order.
+        async for value in stream:
+            await io.process(value, handle)
+
+    @app.page("/v1/messages/{msg_id}")
+    @app.table_route(table=table, match_info="msg_id")
+    async def get_status(view: Any, request: Any, msg_id: str) -> Any:
+        st = table.get(msg_id)
+        if st is None:
+            return view.json({"error": {"code": "not_found", "message": f"no message {msg_id}"}},
+                             status=404)
+        return view.json(view_of(st))

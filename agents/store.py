@@ -1,0 +1,114 @@
+"""Mailbox store stage, and the mailbox reads.
+
+Input: ``local`` (key: mailbox address), one record per (mailbox, folder).
+Outputs: the ``mailboxes`` table (RocksDB via rocksdict, with its changelog topic,
+so a killed worker comes back with its data); ``events`` (``stored`` for an inbox,
+``sent_folder`` for a Sent copy).
+
+Idempotent per (mailbox, folder, message id): a record processed twice after a
+crash is listed once. The body is already in the object store (the validator put it
+there); the table holds metadata only.
+
+Reads (`GET /v1/mailboxes/{address}/messages[/{id}]`) are Faust web views routed
+by the mailbox address to the replica that owns its partition, so they stay
+correct with any number of replicas. Recent listings are served from an LRU in
+front of the table; only this replica writes its partitions, so it invalidates
+its own cache.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import faust
+
+from agents.common import JSON_TABLE, Pending, StageIO
+from mailflow import mailbox as mb
+from mailflow.config import Settings
+from mailflow.objstore import get_body
+from schemas.records import PoisonPill, parse_message
+
+STAGE = "store"
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    io = StageIO(app, settings, STAGE)
+    table = app.Table("mailboxes", partitions=settings.partitions, schema=JSON_TABLE)
+    cache = mb.LRU()
+
+    async def handle(raw: bytes | None) -> Pending:
+        msg = parse_message(raw)
+        if not msg.mailbox or msg.folder not in mb.FOLDERS or not msg.body_ref:
+            raise PoisonPill("bad_field", "local records need mailbox, folder and body_ref")
+        meta = {
+            "id": msg.id, "folder": msg.folder, "sender": msg.sender,
+            "recipients": msg.recipients,
+            "received_at": msg.received_at, "stored_at": time.time(), "size": msg.size,
+            "body_ref": msg.body_ref, **(msg.meta.get("summary") or {}),
+        }
+        if mb.append(table, msg.mailbox, msg.folder, msg.id, meta):
+            cache.drop_prefix((msg.mailbox, msg.folder))
+        # The event is repeated on a replay; the status stage applies it once.
+        if msg.folder == "inbox":
+            return [await io.event(msg.id, "stored", [msg.mailbox], {"mailbox": msg.mailbox})]
+        return [await io.event(msg.id, "sent_folder", [], {"mailbox": msg.mailbox})]
+
+    @app.agent(io.topic("local"), name=f"{settings.topic_prefix}{STAGE}", concurrency=16)
+    async def store(stream: faust.StreamT) -> None:
+        async for value in stream:
+            await io.process(value, handle)
+
+    def find(address: str, msg_id: str) -> dict[str, Any] | None:
+        for folder in mb.FOLDERS:
+            meta = table.get(mb.meta_key(address, folder, msg_id))
+            if meta is not None:
+                return meta
+        return None
+
+    @app.page("/v1/mailboxes/{address}/messages")
+    @app.table_route(table=table, match_info="address")
+    async def list_messages(view: Any, request: Any, address: str) -> Any:
+        folder = request.query.get("folder", "inbox")
+        if folder not in mb.FOLDERS:
+            return _error(view, 400, "bad_folder", "folder must be inbox or sent", "folder")
+        try:
+            limit = int(request.query.get("limit", "50"))
+            cursor = int(request.query["cursor"]) if request.query.get("cursor") else None
+        except ValueError:
+            return _error(view, 400, "bad_paging", "limit and cursor must be integers")
+        if not 1 <= limit <= 500:
+            return _error(view, 400, "bad_paging", "limit must be 1..500", "limit")
+        key = (address, folder, limit, cursor)
+        page = cache.get(key)
+        if page is None:
+            ids, next_cursor, total = mb.list_ids(table, address, folder, limit, cursor)
+            items = [table.get(mb.meta_key(address, folder, i)) for i in ids]
+            page = {"mailbox": address, "folder": folder, "total": total,
+                    "messages": [_public(m) for m in items if m is not None],
+                    "next_cursor": str(next_cursor) if next_cursor is not None else None}
+            cache.put(key, page)
+        return view.json(page)
+
+    @app.page("/v1/mailboxes/{address}/messages/{msg_id}")
+    @app.table_route(table=table, match_info="address")
+    async def get_message(view: Any, request: Any, address: str, msg_id: str) -> Any:
+        meta = find(address, msg_id)
+        if meta is None:
+            return _error(view, 404, "not_found", f"no message {msg_id} in {address}")
+        out = _public(meta)
+        out["body_ref"] = meta["body_ref"]  # the ingress reads /raw from the object store
+        if request.query.get("parts", "1") != "0":
+            out.update(mb.parts(await get_body(settings.object_store_url, meta["body_ref"])))
+        return view.json(out)
+
+
+def _public(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k != "body_ref"}
+
+
+def _error(view: Any, status: int, code: str, message: str, field: str | None = None) -> Any:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        err["fields"] = [field]
+    return view.json({"error": err}, status=status)

@@ -1,0 +1,191 @@
+"""The `mailflow` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+from mailflow.config import Settings
+
+
+def _api(settings: Settings, api: str | None) -> str:
+    return (api or os.environ.get("MAILFLOW_API") or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
+
+
+def _http(method: str, url: str, body: bytes | None = None, ctype: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method)
+    if ctype:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"mailflow: cannot reach the API at {url}: {exc.reason}") from None
+
+
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    base = _api(settings, args.api)
+    if args.file:
+        raw = Path(args.file).read_bytes()
+        q = urllib.parse.urlencode({"from": args.sender, "to": ",".join(args.to)})
+        status, body = _http("POST", f"{base}/v1/messages?{q}", raw, "message/rfc822")
+    else:
+        doc = {"from": args.sender, "to": args.to, "subject": args.subject or "",
+               "text": args.text if args.text is not None else ""}
+        status, body = _http("POST", f"{base}/v1/messages", orjson.dumps(doc), "application/json")
+    if status != 202:
+        print(f"mailflow: refused ({status}): {body.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    print(orjson.loads(body)["id"])
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    status, body = _http("GET", f"{_api(settings, args.api)}/v1/messages/{args.id}")
+    if status != 200:
+        print(f"mailflow: {status}: {body.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    doc = orjson.loads(body)
+    if args.json:
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    import datetime as dt
+
+    print(f"message {doc['id']} from {doc.get('sender', '?')}: {doc['state']}")
+    for rcpt, st in doc["recipients"].items():
+        extra = st.get("waiting_on") and f" (waiting on {st['waiting_on']})" or ""
+        detail = st.get("detail") or {}
+        why = detail.get("message") or detail.get("reply") or ""
+        print(f"  {rcpt:<40} {st['state']}{extra} {why}".rstrip())
+    print("timeline:")
+    for e in doc["timeline"]:
+        t = dt.datetime.fromtimestamp(e["ts"]).strftime("%H:%M:%S.%f")[:-3]
+        who = ",".join(e.get("recipients") or []) or "-"
+        print(f"  {t} {e['stage']:<10} {e['state']:<12} {who}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mailflow", description="Outbound mail pipeline on Kafka")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="run the whole local stack")
+    up.add_argument("--detach", action="store_true", help="run in the background; stop with `mailflow down`")
+    up.add_argument("--no-scanners", action="store_true", help="do not start clamd and rspamd")
+    sub.add_parser("down", help="stop a stack started with `mailflow up --detach`")
+
+    b = sub.add_parser("broker", help="the embedded Kafka broker (KRaft, single node)")
+    b.add_argument("--port", type=int, default=9092)
+    b.add_argument("--controller-port", type=int, default=9093)
+    b.add_argument("--loglevel", default="warn")
+
+    w = sub.add_parser("worker", help="run stages")
+    w.add_argument("--stages", required=True, help="comma-separated stages, or all")
+    w.add_argument("--loglevel", default="warning")
+
+    a = sub.add_parser("api", help="the HTTP API")
+    a.add_argument("--host")
+    a.add_argument("--port", type=int)
+
+    s = sub.add_parser("send", help="submit one message through the HTTP API")
+    s.add_argument("--from", dest="sender", required=True)
+    s.add_argument("--to", action="append", required=True)
+    s.add_argument("--subject")
+    s.add_argument("--text")
+    s.add_argument("--api")
+    s.add_argument("file", nargs="?")
+
+    st = sub.add_parser("status", help="one message's state and timeline")
+    st.add_argument("id")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--api")
+
+    lg = sub.add_parser("lag", help="consumer lag per stage")
+    lg.add_argument("--watch", action="store_true")
+    lg.add_argument("--json", action="store_true")
+
+    sk = sub.add_parser("sink", help="a local SMTP server writing .eml files")
+    sk.add_argument("--host", default="127.0.0.1")
+    sk.add_argument("--port", type=int, default=2525)
+    sk.add_argument("--dir", type=Path)
+
+    rp = sub.add_parser("replay", help="put parked messages back into the flow")
+    rp.add_argument("source", choices=["errors", "dead"])
+    rp.add_argument("--reason")
+    rp.add_argument("--since")
+    rp.add_argument("--dry-run", action="store_true")
+
+    bn = sub.add_parser("bench", help="load generator and report")
+    bn.add_argument("--count", type=int, default=20000)
+    bn.add_argument("--size", type=int, default=4096)
+    bn.add_argument("--concurrency", type=int, default=64)
+    bn.add_argument("--senders", type=int, default=200)
+    bn.add_argument("--local-share", type=float, default=1.0)
+    bn.add_argument("--api")
+    bn.add_argument("--wait", choices=["stored", "none"], default="stored")
+
+    args = p.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"mailflow: bad setting: {exc}", file=sys.stderr)
+        return 2
+
+    if args.cmd == "broker":
+        from mailflow import broker
+
+        return broker.run(settings.data_dir, args.port, args.controller_port, args.loglevel)
+    if args.cmd == "worker":
+        from mailflow import worker
+
+        try:
+            stages = worker.parse_stages(args.stages)
+        except ValueError as exc:
+            print(f"mailflow: {exc}", file=sys.stderr)
+            return 2
+        return worker.run(stages, settings, args.loglevel)
+    if args.cmd == "api":
+        from mailflow.api import server
+
+        return server.run(settings, args.host, args.port)
+    if args.cmd == "up":
+        from mailflow import stack
+
+        return stack.up(settings, detach=args.detach, scanners=not args.no_scanners)
+    if args.cmd == "down":
+        from mailflow import stack
+
+        return stack.down(settings)
+    if args.cmd == "send":
+        return cmd_send(args, settings)
+    if args.cmd == "status":
+        return cmd_status(args, settings)
+    if args.cmd == "lag":
+        from mailflow import lag
+
+        return lag.run(settings, args.watch, args.json)
+    if args.cmd == "sink":
+        from mailflow import sink
+
+        return sink.run(args.host, args.port, args.dir or settings.data_dir / "sink")
+    if args.cmd == "replay":
+        from mailflow import replay
+
+        return replay.run(settings, args.source, args.reason, args.since, args.dry_run)
+    if args.cmd == "bench":
+        from mailflow import bench
+
+        return bench.run(settings, args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

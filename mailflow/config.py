@@ -1,0 +1,133 @@
+"""Settings, read once from the environment (prefix ``MAILFLOW_``).
+
+Names and defaults follow ../shared/CONTRACT.md. Every process (API, each stage,
+the CLI) builds its `Settings` with `Settings.from_env()`, so one environment
+configures the whole stack.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``250ms``, ``30s``, ``2m``, ``4h``, ``5d``.
+
+    A bare number is seconds.
+    """
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 30s, 5m, 4h, 5d)")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """``100/60s`` -> (100, 60.0): at most 100 messages per 60-second window."""
+    try:
+        count, _, window = text.partition("/")
+        return int(count), parse_duration(window or "60s")
+    except ValueError as exc:
+        raise ValueError(f"not a rate: {text!r} (use COUNT/DURATION, e.g. 100/60s)") from exc
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``26214400``, ``25MiB``, ``512KiB``, ``10MB``."""
+    m = re.match(r"^\s*(\d+)\s*([KMG]i?B)?\s*$", text, re.I)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 26214400 or 25MiB)")
+    unit = (m.group(2) or "").upper()
+    mult = {"": 1, "KB": 1000, "MB": 10**6, "GB": 10**9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+    return int(m.group(1)) * mult[unit]
+
+
+def parse_routes(text: str) -> dict[str, tuple[str, int]]:
+    """``example.com=127.0.0.1:2525,*=smarthost:25`` -> {domain: (host, port)}."""
+    routes: dict[str, tuple[str, int]] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        domain, sep, dest = item.partition("=")
+        host, _, port = dest.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"bad SMTP route {item!r} (use domain=host:port or *=host:port)")
+        routes[domain.strip().lower()] = (host.strip("[]"), int(port))
+    return routes
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"MAILFLOW_{name}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    data_dir: Path = Path("var")
+    object_store: str = ""  # empty: file URL under data_dir
+    local_domains: frozenset[str] = frozenset({"mailflow.local"})
+    smtp_routes: dict[str, tuple[str, int]] = field(default_factory=dict)
+    max_message_bytes: int = 25 * 1024 * 1024
+    rate_limit: tuple[int, float] = (100, 60.0)
+    retry_schedule: tuple[float, ...] = (60, 120, 240, 480, 960, 1920, 3600, 7200, 14400)
+    max_queue_age: float = 5 * 86400.0
+    clamd: str = "127.0.0.1:3310"
+    rspamd: str = "http://127.0.0.1:11333"
+    scan_failure: str = "closed"
+    topic_prefix: str = "mailflow."
+    partitions: int = 4
+    replication: int = 1
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    # bodies above this travel by reference through the object store (claim check)
+    inline_max_bytes: int = 256 * 1024
+    max_recipients: int = 1000
+    ehlo_name: str = "mailflow.localhost"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        d = cls()
+        return cls(
+            kafka_bootstrap=_env("KAFKA_BOOTSTRAP", d.kafka_bootstrap),
+            data_dir=Path(_env("DATA_DIR", str(d.data_dir))).absolute(),
+            object_store=_env("OBJECT_STORE", ""),
+            local_domains=frozenset(
+                x.strip().lower()
+                for x in _env("LOCAL_DOMAINS", ",".join(d.local_domains)).split(",")
+                if x.strip()
+            ),
+            smtp_routes=parse_routes(_env("SMTP_ROUTES", "")),
+            max_message_bytes=parse_size(_env("MAX_MESSAGE_BYTES", str(d.max_message_bytes))),
+            rate_limit=parse_rate(_env("RATE_LIMIT", "100/60s")),
+            retry_schedule=tuple(
+                parse_duration(x)
+                for x in _env("RETRY_SCHEDULE", "1m,2m,4m,8m,16m,32m,1h,2h,4h").split(",")
+                if x.strip()
+            ),
+            max_queue_age=parse_duration(_env("MAX_QUEUE_AGE", "5d")),
+            clamd=_env("CLAMD", d.clamd),
+            rspamd=_env("RSPAMD", d.rspamd),
+            scan_failure=_scan_failure(_env("SCAN_FAILURE", d.scan_failure)),
+            topic_prefix=_env("TOPIC_PREFIX", d.topic_prefix),
+            partitions=int(_env("PARTITIONS", str(d.partitions))),
+            replication=int(_env("REPLICATION", str(d.replication))),
+            api_host=_env("API_HOST", d.api_host),
+            api_port=int(_env("API_PORT", str(d.api_port))),
+            inline_max_bytes=parse_size(_env("INLINE_MAX_BYTES", str(d.inline_max_bytes))),
+            ehlo_name=_env("EHLO_NAME", d.ehlo_name),
+        )
+
+    @property
+    def object_store_url(self) -> str:
+        return self.object_store or (self.data_dir / "objects").absolute().as_uri()
+
+    def is_local(self, address: str) -> bool:
+        return address.rpartition("@")[2].lower() in self.local_domains
+
+
+def _scan_failure(value: str) -> str:
+    if value not in ("closed", "open"):
+        raise ValueError(f"MAILFLOW_SCAN_FAILURE must be closed or open, not {value!r}")
+    return value

@@ -1,0 +1,171 @@
+"""Kafka at the ingress's edge (confluent-kafka): an acks=all producer awaited from
+asyncio, and a reader that follows the compacted ``throttle`` and ``registry`` topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import orjson
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+
+log = logging.getLogger("mailflow.kafka")
+
+
+class BrokerUnavailable(Exception):
+    pass
+
+
+class AsyncProducer:
+    """Idempotent, acks=all producer; `send` returns once the broker has the record.
+
+    Keys are partitioned with murmur2 like the Java client and aiokafka (the Faust
+    stages), so one key maps to one partition whoever produces it.
+    """
+
+    def __init__(self, bootstrap: str, timeout_ms: int = 10000, **extra: Any) -> None:
+        self._producer = Producer({
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 2,
+            "partitioner": "murmur2_random",
+            "message.timeout.ms": timeout_ms,
+            "message.max.bytes": 2 * 1024 * 1024,
+            "error_cb": self._on_error,
+            **extra,
+        })
+        self._down = False
+        self._running = True
+        self._thread = threading.Thread(target=self._poll, name="kafka-producer", daemon=True)
+        self._thread.start()
+
+    @property
+    def broker_down(self) -> bool:
+        return self._down
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self._down = True
+        log.warning("kafka producer: %s", err)
+
+    def _poll(self) -> None:
+        last_probe = 0.0
+        while self._running:
+            self._producer.poll(0.05)
+            # While the broker looks down, ask it now and then, so the flag clears
+            # without waiting for a submission to succeed.
+            if self._down and time.monotonic() - last_probe > 1.0:
+                last_probe = time.monotonic()
+                try:
+                    if self._producer.list_topics(timeout=1.0).brokers:
+                        self._down = False
+                except KafkaException:
+                    pass
+
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> tuple[int, int]:
+        """(partition, offset) once acknowledged; BrokerUnavailable otherwise."""
+        if self._down:
+            raise BrokerUnavailable("the Kafka broker is not reachable")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[int, int]] = loop.create_future()
+
+        def done(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                loop.call_soon_threadsafe(_fail, fut, BrokerUnavailable(str(err)))
+            else:
+                self._down = False
+                loop.call_soon_threadsafe(_ok, fut, (msg.partition(), msg.offset()))
+
+        try:
+            self._producer.produce(topic, value=value, key=key, on_delivery=done)
+        except BufferError as exc:
+            raise BrokerUnavailable("the producer queue is full") from exc
+        except KafkaException as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        return await fut
+
+    def probe(self, timeout: float = 1.0) -> bool:
+        try:
+            return bool(self._producer.list_topics(timeout=timeout).brokers)
+        except KafkaException:
+            return False
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.flush(timeout)
+        self._running = False
+        self._thread.join(2)
+
+
+def _ok(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class CompactedReader:
+    """Follows compacted topics from the beginning into dicts (key -> latest JSON value)."""
+
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+        self.values: dict[str, dict[str, Any]] = {t: {} for t in topics}
+        self._consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": f"mailflow-reader-{uuid.uuid4().hex[:8]}",  # never commits
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "topic.metadata.refresh.interval.ms": 5000,
+        })
+        self._topics = topics
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="kafka-reader", daemon=True)
+        self._thread.start()
+
+    def _assign(self) -> bool:
+        try:
+            md = self._consumer.list_topics(timeout=5)
+        except KafkaException:
+            return False
+        tps = [TopicPartition(t, p, OFFSET_BEGINNING)
+               for t in self._topics if t in md.topics for p in md.topics[t].partitions]
+        if len(tps) == 0:
+            return False
+        self._consumer.assign(tps)
+        return True
+
+    def _run(self) -> None:
+        while self._running and not self._assign():
+            time.sleep(1)
+        while self._running:
+            msg = self._consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            table = self.values[msg.topic()]
+            key = (msg.key() or b"").decode("utf-8", "replace")
+            if msg.value() is None:
+                table.pop(key, None)
+                continue
+            try:
+                table[key] = orjson.loads(msg.value())
+            except orjson.JSONDecodeError:
+                continue
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(2)
+        self._consumer.close()

@@ -1,0 +1,88 @@
+"""Running stages: one Faust worker process per stage replica.
+
+`mailflow worker --stages deliver` runs one replica in this process. With several
+stages (or `all`) it supervises one child process per stage, so each stage keeps
+its own consumer group, its own data dir and its own web port, exactly as when
+they run on separate machines.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+
+import faust
+import orjson
+
+from mailflow.config import Settings
+from streams.app import STAGES, claim_replica, make_app
+from streams.topics import ensure_topics
+
+log = logging.getLogger("mailflow.worker")
+
+# Stages whose modules exist; the rest are accepted but said to be missing.
+HEARTBEAT_SECONDS = 5.0
+
+
+def parse_stages(text: str) -> list[str]:
+    stages = list(STAGES) if text.strip() == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(STAGES)} or all")
+    return stages
+
+
+def available(stage: str) -> bool:
+    return importlib.util.find_spec(f"agents.{stage}") is not None
+
+
+def build_app(stage: str, settings: Settings) -> faust.App:
+    from agents.common import register_metrics_page
+
+    replica = claim_replica(settings, stage)
+    app = make_app(stage, settings, replica)
+    importlib.import_module(f"agents.{stage}").register(app, settings)
+    register_metrics_page(app)
+    registry = app.topic(f"{settings.topic_prefix}registry", key_serializer="raw",
+                         value_serializer="raw", key_type=bytes, value_type=bytes)
+    url = str(app.conf.canonical_url)
+
+    @app.timer(HEARTBEAT_SECONDS)
+    async def heartbeat() -> None:
+        # The ingress routes mailbox and status reads to a live replica it finds here.
+        await registry.send(key=f"{stage}|{url}".encode(), value=orjson.dumps(
+            {"stage": stage, "url": url, "pid": os.getpid(), "replica": replica.index,
+             "ts": time.time()}))
+
+    return app
+
+
+def run_stage(stage: str, settings: Settings, loglevel: str = "warning") -> int:
+    ensure_topics(settings)
+    app = build_app(stage, settings)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    print(f"mailflow: stage {stage} starting, web {app.conf.canonical_url}, "
+          f"data {app.conf.datadir}", file=sys.stderr, flush=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def run(stages: list[str], settings: Settings, loglevel: str = "warning") -> int:
+    missing = [s for s in stages if not available(s)]
+    if missing:
+        print(f"mailflow: stage(s) not built yet, skipped: {', '.join(missing)}", file=sys.stderr)
+        stages = [s for s in stages if s not in missing]
+    if len(stages) == 1:
+        return run_stage(stages[0], settings, loglevel)
+    from mailflow.supervise import Supervisor
+
+    ensure_topics(settings)
+    sup = Supervisor()
+    for s in stages:
+        sup.add(s, [sys.executable, "-m", "mailflow.cli", "worker", "--stages", s,
+                    "--loglevel", loglevel], restart=True)
+    return sup.run_forever()

@@ -1,0 +1,183 @@
+"""Records that travel on the topics, and their strict parsers.
+
+Every topic carries JSON (orjson). The stages trust nothing they read: `parse_*`
+raise `PoisonPill` with a reason for anything that does not fit, and the stage
+sends the raw bytes to ``errors`` instead of crashing.
+
+The ``submissions`` record is a public, versioned interface; its JSON Schema is
+``schemas/submission.v1.json`` and `schemas.submission` has a helper to produce it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+
+SUBMISSION_VERSION = 1
+
+
+class PoisonPill(ValueError):
+    """A record that cannot be processed; `reason` is a short machine code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _loads(raw: bytes | str | None) -> dict[str, Any]:
+    if raw is None:
+        raise PoisonPill("empty_record")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonPill("not_json", str(exc)) from None
+    if not isinstance(obj, dict):
+        raise PoisonPill("not_an_object")
+    return obj
+
+
+def _str(obj: dict[str, Any], name: str, *, optional: bool = False) -> str | None:
+    value = obj.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise PoisonPill("bad_field", f"{name} must be a non-empty string")
+    return value
+
+
+@dataclass
+class Message:
+    """One message on its way: submissions, admitted, outgoing, clean, local.
+
+    The RFC 5322 bytes travel inline (`body`, base64 in JSON) up to a threshold,
+    above it by reference to the object store (`body_ref`, the claim check).
+    `recipients` is the envelope: on ``local`` it is the one mailbox the record is for.
+    """
+
+    id: str
+    sender: str  # envelope sender; "" is the null reverse-path of a bounce
+    recipients: list[str]
+    received_at: float
+    size: int
+    body: bytes | None = None
+    body_ref: str | None = None
+    version: int = SUBMISSION_VERSION
+    source: str = "api"
+    mailbox: str | None = None  # on `local`: whose mailbox
+    folder: str | None = None  # on `local`: inbox | sent
+    meta: dict[str, Any] = field(default_factory=dict)  # stage annotations (scan verdict...)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["body"] = base64.b64encode(self.body).decode() if self.body is not None else None
+        return orjson.dumps({k: v for k, v in d.items() if v is not None})
+
+    def with_(self, **changes: Any) -> Message:
+        d = {**self.__dict__, **changes}
+        return Message(**d)
+
+
+def parse_message(raw: bytes | str | None) -> Message:
+    obj = _loads(raw)
+    version = obj.get("version")
+    if version != SUBMISSION_VERSION:
+        raise PoisonPill("unsupported_version", f"version {version!r}, expected {SUBMISSION_VERSION}")
+    msg_id = _str(obj, "id")
+    sender = obj.get("sender")
+    if not isinstance(sender, str):
+        raise PoisonPill("bad_field", "sender must be a string")
+    rcpts = obj.get("recipients")
+    if not isinstance(rcpts, list) or not rcpts or not all(isinstance(r, str) and r for r in rcpts):
+        raise PoisonPill("bad_field", "recipients must be a non-empty list of strings")
+    received_at = obj.get("received_at", time.time())
+    size = obj.get("size")
+    if not isinstance(received_at, int | float) or not isinstance(size, int) or size < 0:
+        raise PoisonPill("bad_field", "received_at must be a number and size an integer")
+    body_b64, body_ref = obj.get("body"), obj.get("body_ref")
+    body = None
+    if body_b64 is not None:
+        if not isinstance(body_b64, str):
+            raise PoisonPill("bad_field", "body must be base64 text")
+        try:
+            body = base64.b64decode(body_b64, validate=True)
+        except binascii.Error:
+            raise PoisonPill("bad_field", "body is not valid base64") from None
+    elif not isinstance(body_ref, str) or not body_ref:
+        raise PoisonPill("bad_field", "one of body or body_ref is required")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise PoisonPill("bad_field", "meta must be an object")
+    return Message(
+        id=msg_id or "", sender=sender, recipients=list(rcpts), received_at=float(received_at),
+        size=size, body=body, body_ref=body_ref if body is None else None,
+        source=str(obj.get("source", "kafka")), mailbox=obj.get("mailbox"),
+        folder=obj.get("folder"), meta=meta,
+    )
+
+
+@dataclass
+class Event:
+    """A state change of a message, on ``events`` keyed by message id.
+
+    `recipients` None means every recipient of the message.
+    """
+
+    id: str
+    state: str
+    stage: str
+    ts: float = field(default_factory=time.time)
+    recipients: list[str] | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    sender: str | None = None
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None})
+
+
+def parse_event(raw: bytes | str | None) -> Event:
+    obj = _loads(raw)
+    state = _str(obj, "state")
+    rcpts = obj.get("recipients")
+    if rcpts is not None and not (isinstance(rcpts, list) and all(isinstance(r, str) for r in rcpts)):
+        raise PoisonPill("bad_field", "recipients must be a list of strings")
+    detail = obj.get("detail") or {}
+    if not isinstance(detail, dict):
+        raise PoisonPill("bad_field", "detail must be an object")
+    ts = obj.get("ts")
+    return Event(
+        id=_str(obj, "id") or "", state=state or "", stage=str(obj.get("stage", "?")),
+        ts=float(ts) if isinstance(ts, int | float) else time.time(),
+        recipients=rcpts, detail=detail,
+        sender=obj.get("sender") if isinstance(obj.get("sender"), str) else None,
+    )
+
+
+@dataclass
+class ErrorRecord:
+    """A parked message on ``errors``: why, where, and the record as it was."""
+
+    stage: str
+    reason: str
+    state: str  # rejected | rate_limited | quarantined | poison
+    detail: str = ""
+    id: str | None = None
+    ts: float = field(default_factory=time.time)
+    record: str | None = None  # the original record (JSON text), to replay it
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None})
+
+
+def parse_error(raw: bytes | str | None) -> ErrorRecord:
+    obj = _loads(raw)
+    return ErrorRecord(
+        stage=str(obj.get("stage", "?")), reason=str(obj.get("reason", "?")),
+        state=str(obj.get("state", "?")), detail=str(obj.get("detail", "")),
+        id=obj.get("id"), ts=float(obj.get("ts", 0)), record=obj.get("record"),
+    )

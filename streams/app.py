@@ -1,0 +1,127 @@
+"""One Faust app per stage, so each stage is its own consumer group.
+
+The app id is ``<topic prefix><stage>`` (``mailflow.deliver``...): its committed
+offsets on the stage's input topic are that stage's queue, and `mailflow lag`
+reads them. Replicas of a stage share the app id and split its partitions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import faust
+
+from mailflow.config import Settings
+from streams.topics import full_name
+
+STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status")
+
+# Each stage's input topic: what its consumer lag measures.
+STAGE_INPUT = {
+    "ratelimit": "submissions",
+    "validate": "admitted",
+    "store": "local",
+    "scan": "outgoing",
+    "sentfolder": "clean",
+    "deliver": "delivery",
+    "retry": "retry.*",
+    "status": "events",
+}
+
+
+@dataclass
+class Replica:
+    """Where one replica of a stage keeps its state and serves its web views."""
+
+    index: int
+    datadir: Path
+    web_port: int
+    lock_fd: int  # held for the life of the process: replicas pick distinct dirs
+    port_fd: int  # likewise for the web port
+
+
+def claim_replica(settings: Settings, stage: str, first_port: int = 6066) -> Replica:
+    """Pick the first free replica slot of `stage` on this machine.
+
+    The slot's data dir is locked with flock, so two replicas started side by side
+    never share RocksDB files, and the web port is the first free one from 6066 up.
+    """
+    base = settings.data_dir / "stages" / stage
+    base.mkdir(parents=True, exist_ok=True)
+    for index in range(64):
+        datadir = base / f"r{index}"
+        datadir.mkdir(exist_ok=True)
+        fd = os.open(datadir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        port, port_fd = claim_port(settings, first_port)
+        return Replica(index, datadir, port, fd, port_fd)
+    raise RuntimeError(f"no free replica slot for stage {stage} under {base}")
+
+
+def claim_port(settings: Settings, start: int) -> tuple[int, int]:
+    """The first port from `start` that is free and not claimed by a sibling process.
+
+    Workers starting side by side would all see the same port free; a flock per
+    port under the data dir makes the choice exclusive until this process exits.
+    """
+    locks = settings.data_dir / "run" / "ports"
+    locks.mkdir(parents=True, exist_ok=True)
+    for port in range(start, start + 1000):
+        fd = os.open(locks / f"{port}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((settings.api_host, port))
+            except OSError:
+                os.close(fd)
+                continue
+        return port, fd
+    raise RuntimeError(f"no free port from {start}")
+
+
+def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
+    url = f"http://{settings.api_host}:{replica.web_port}"
+    return faust.App(
+        f"{settings.topic_prefix}{stage}",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="rocksdb://",  # faust uses rocksdict when python-rocksdb is absent
+        datadir=str(replica.datadir),
+        web_host=settings.api_host,
+        web_bind=settings.api_host,
+        web_port=replica.web_port,
+        canonical_url=url,
+        web_in_thread=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication,
+        topic_allow_declare=True,
+        producer_acks=-1,
+        producer_linger_ms=1,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=500,
+        broker_commit_interval=0.5,
+        stream_buffer_maxsize=4096,
+        table_standby_replicas=0,
+        logging_config=None,
+    )
+
+
+def topic(app: faust.App, settings: Settings, short: str, **kw: object) -> faust.TopicT:
+    """A raw-bytes topic of the graph by its short name."""
+    return app.topic(
+        full_name(settings, short), key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw", **kw,
+    )

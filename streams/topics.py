@@ -1,0 +1,69 @@
+"""The topic graph, declared once.
+
+Every topic of the contract (``submissions``, ``admitted``, ``local``, ``outgoing``,
+``clean``, ``delivery``, ``retry.1..N``, ``dead``, ``errors``, ``events``) plus two
+compacted topics of our own: ``throttle`` (senders the rate limiter currently
+holds back, read by the ingress to answer 429) and ``registry`` (the web address
+of each live worker, read by the ingress to route mailbox and status reads).
+
+`ensure_topics` creates what is missing at start; partition count and replication
+come from the settings (``MAILFLOW_PARTITIONS``, ``MAILFLOW_REPLICATION``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailflow.config import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str  # short name, without the prefix
+    compacted: bool = False
+    partitions: int | None = None  # None: the settings' default
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    specs = [
+        TopicSpec(n)
+        for n in ("submissions", "admitted", "local", "outgoing", "clean", "delivery",
+                  "dead", "errors", "events")
+    ]
+    specs += [TopicSpec(f"retry.{i}") for i in range(1, len(settings.retry_schedule) + 1)]
+    specs += [TopicSpec("throttle", compacted=True, partitions=1),
+              TopicSpec("registry", compacted=True, partitions=1)]
+    return specs
+
+
+def full_name(settings: Settings, short: str) -> str:
+    return f"{settings.topic_prefix}{short}"
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Create every missing topic; return the names created."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    new = []
+    for spec in topic_specs(settings):
+        name = full_name(settings, spec.name)
+        if name in existing:
+            continue
+        config = {"min.insync.replicas": str(min(2, settings.replication))}
+        if spec.compacted:
+            config["cleanup.policy"] = "compact"
+        new.append(NewTopic(name, num_partitions=spec.partitions or settings.partitions,
+                            replication_factor=settings.replication, config=config))
+    if not new:
+        return []
+    created = []
+    for name, fut in admin.create_topics(new, operation_timeout=timeout).items():
+        try:
+            fut.result()
+            created.append(name)
+        except Exception as exc:  # another process created it first
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+    return created
