@@ -1,0 +1,51 @@
+"""Session fixtures: one real Kafka broker for the whole run."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The harness is imported by name (`from harness import ...`) without putting
+# tests/ on sys.path, where tests/mailflow would shadow the real package.
+_spec = importlib.util.spec_from_file_location("harness", Path(__file__).with_name("harness.py"))
+assert _spec and _spec.loader
+harness = importlib.util.module_from_spec(_spec)
+sys.modules["harness"] = harness
+_spec.loader.exec_module(harness)
+BOOTSTRAP, Broker, Stack = harness.BOOTSTRAP, harness.Broker, harness.Stack
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's broker: reused if one answers already, else started here."""
+    from mailflow.broker import is_ready
+
+    if is_ready(BOOTSTRAP):
+        yield BOOTSTRAP
+        return
+    host, _, port = BOOTSTRAP.rpartition(":")
+    broker = Broker(tmp_path_factory.mktemp("kafka"), int(port), int(port) + 1)
+    broker.start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stacks")
+
+
+@pytest.fixture(scope="session")
+def submission_stack(kafka: str, work_dir: Path) -> Iterator[Stack]:
+    """The submission half: ratelimit, validate, store, status (no scanner)."""
+    stack = Stack(work_dir, kafka, rate_limit="20/1h")
+    try:
+        yield stack.start(["ratelimit", "validate", "store", "status"])
+    finally:
+        stack.stop()

@@ -1,0 +1,239 @@
+"""Test harness: the real broker, real stage processes, the real API, over real sockets.
+
+One Kafka broker serves the whole session (started here unless one already answers
+on 127.0.0.1:9092). Each `Stack` gets its own topic prefix, so its topics and
+consumer groups are its own, and its own data dir.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOTSTRAP = os.environ.get("MAILFLOW_TEST_BOOTSTRAP", "127.0.0.1:9092")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def http(method: str, url: str, body: Any = None, ctype: str = "application/json",
+         headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any, dict[str, str]]:
+    """(status, parsed JSON or bytes, headers)."""
+    data = body if isinstance(body, bytes) or body is None else orjson.dumps(body)
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", ctype)
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw, status, hdrs = resp.read(), resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        raw, status, hdrs = exc.read(), exc.code, dict(exc.headers)
+    if hdrs.get("Content-Type", "").startswith("application/json"):
+        return status, orjson.loads(raw), hdrs
+    return status, raw, hdrs
+
+
+class Broker:
+    """A `mailflow broker` process of our own (or none, if one already runs)."""
+
+    def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.controller_port = controller_port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.bootstrap = f"127.0.0.1:{port}"
+
+    def start(self, timeout: float = 180) -> None:
+        from mailflow.broker import is_ready
+
+        env = {**os.environ, "MAILFLOW_DATA_DIR": str(self.data_dir)}
+        log = open(self.data_dir / f"broker-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailflow.cli", "broker", "--port", str(self.port),
+             "--controller-port", str(self.controller_port)],
+            env=env, stdout=log, stderr=log, start_new_session=True)
+        wait_for(lambda: is_ready(self.bootstrap) or self.proc.poll() is not None, timeout,
+                 what=f"broker on {self.port}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"broker exited: see {log.name}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class Stack:
+    """Stage processes and an API for one test scenario, isolated by topic prefix."""
+
+    def __init__(self, base: Path, bootstrap: str = BOOTSTRAP, **settings: str) -> None:
+        self.prefix = f"t{uuid.uuid4().hex[:8]}."
+        self.data_dir = base / self.prefix.rstrip(".")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.api_port = free_port()
+        self.env = {
+            **os.environ,
+            "MAILFLOW_KAFKA_BOOTSTRAP": bootstrap,
+            "MAILFLOW_DATA_DIR": str(self.data_dir),
+            "MAILFLOW_TOPIC_PREFIX": self.prefix,
+            "MAILFLOW_API_PORT": str(self.api_port),
+            "MAILFLOW_LOCAL_DOMAINS": "mailflow.test,local.test",
+            "MAILFLOW_PARTITIONS": "4",
+            **{f"MAILFLOW_{k.upper()}": v for k, v in settings.items()},
+        }
+        self.procs: dict[str, list[subprocess.Popen[bytes]]] = {}
+        self.api = f"http://127.0.0.1:{self.api_port}"
+
+    def settings(self) -> Any:
+        from mailflow.config import Settings
+
+        old = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            return Settings.from_env()
+        finally:
+            os.environ.clear()
+            os.environ.update(old)
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        logdir = self.data_dir / "logs"
+        logdir.mkdir(exist_ok=True)
+        log = open(logdir / f"{name}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "mailflow.cli", *argv], env=self.env,
+                                stdout=log, stderr=log, start_new_session=True, cwd=ROOT)
+        self.procs.setdefault(name, []).append(proc)
+        return proc
+
+    def start_stage(self, stage: str) -> subprocess.Popen[bytes]:
+        return self._spawn(stage, ["worker", "--stages", stage])
+
+    def start_api(self) -> None:
+        self._spawn("api", ["api"])
+        wait_for(lambda: self._up(), 60, what="API")
+
+    def _up(self) -> bool:
+        try:
+            return http("GET", f"{self.api}/healthz")[0] == 200
+        except OSError:
+            return False
+
+    def start(self, stages: list[str]) -> Stack:
+        from streams.topics import ensure_topics
+
+        ensure_topics(self.settings())
+        for s in stages:
+            self.start_stage(s)
+        self.start_api()
+        for s in stages:
+            self.wait_stage(s)
+        return self
+
+    def wait_stage(self, stage: str, timeout: float = 120) -> None:
+        """Until a replica of `stage` has registered (its consumer is running)."""
+        def registered() -> bool:
+            ing = self.registry()
+            return any(v.get("stage") == stage for v in ing.values())
+        wait_for(registered, timeout, what=f"stage {stage} to register")
+
+    def registry(self) -> dict[str, Any]:
+        """Live worker entries on this stack's ``registry`` topic."""
+        out: dict[str, Any] = {}
+        for key, value in self.read_topic("registry", timeout=5):
+            if key is not None and value:
+                out[key.decode()] = orjson.loads(value)
+        return out
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        for p in self.procs.get(name, []):
+            if p.poll() is None:
+                os.killpg(p.pid, sig)
+                p.wait(60)
+
+    def stop(self) -> None:
+        for procs in self.procs.values():
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+        for procs in self.procs.values():
+            for p in procs:
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+
+    # ---- API helpers ----
+    def submit(self, doc: Any, **kw: Any) -> tuple[int, Any, dict[str, str]]:
+        return http("POST", f"{self.api}/v1/messages", doc, **kw)
+
+    def status(self, msg_id: str) -> Any:
+        code, body, _ = http("GET", f"{self.api}/v1/messages/{msg_id}")
+        return body if code == 200 else None
+
+    def mailbox(self, address: str, folder: str = "inbox", **q: Any) -> Any:
+        from urllib.parse import urlencode
+
+        code, body, _ = http("GET", f"{self.api}/v1/mailboxes/{address}/messages?"
+                             + urlencode({"folder": folder, **q}))
+        assert code == 200, body
+        return body
+
+    def read_topic(self, short: str, timeout: float = 5.0) -> list[tuple[bytes | None, bytes]]:
+        """Every record now on a topic of this stack (all partitions, from the start)."""
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        c = Consumer({"bootstrap.servers": self.env["MAILFLOW_KAFKA_BOOTSTRAP"],
+                      "group.id": f"test-{uuid.uuid4().hex[:6]}", "enable.auto.commit": False})
+        try:
+            name = f"{self.prefix}{short}"
+            md = c.list_topics(name, timeout=10)
+            parts = list(md.topics[name].partitions)
+            ends = {p: c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts}
+            c.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in parts])
+            out: list[tuple[bytes | None, bytes]] = []
+            remaining = {p for p, e in ends.items() if e > 0}
+            deadline = time.monotonic() + timeout
+            while remaining and time.monotonic() < deadline:
+                m = c.poll(0.5)
+                if m is None or m.error():
+                    continue
+                out.append((m.key(), m.value()))
+                if m.offset() + 1 >= ends[m.partition()]:
+                    remaining.discard(m.partition())
+            return out
+        finally:
+            c.close()

@@ -1,0 +1,39 @@
+from mailflow import mailbox as mb
+
+
+def test_append_is_idempotent_and_lists_newest_first():
+    table: dict = {}
+    for i in range(150):
+        assert mb.append(table, "a@x.test", "inbox", f"id{i:03d}", {"id": f"id{i:03d}"})
+    assert not mb.append(table, "a@x.test", "inbox", "id010", {"id": "id010"})
+    ids, cursor, total = mb.list_ids(table, "a@x.test", "inbox", 50, None)
+    assert total == 150
+    assert ids[0] == "id149" and ids[-1] == "id100" and len(ids) == 50
+    seen = list(ids)
+    while cursor is not None:
+        ids, cursor, _ = mb.list_ids(table, "a@x.test", "inbox", 50, cursor)
+        seen += ids
+    assert seen == [f"id{i:03d}" for i in range(149, -1, -1)]
+    assert mb.list_ids(table, "a@x.test", "sent", 10, None) == ([], None, 0)
+
+
+def test_lru_evicts_and_invalidates():
+    lru = mb.LRU(size=2)
+    lru.put(("a", "inbox", 10, None), 1)
+    lru.put(("b", "inbox", 10, None), 2)
+    assert lru.get(("a", "inbox", 10, None)) == 1
+    lru.put(("c", "inbox", 10, None), 3)
+    assert lru.get(("b", "inbox", 10, None)) is None  # least recently used went
+    lru.drop_prefix(("a", "inbox"))
+    assert lru.get(("a", "inbox", 10, None)) is None
+    assert lru.get(("c", "inbox", 10, None)) == 3
+
+
+def test_parts_reads_text_html_and_attachments():
+    raw = (b"From: a@x.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+           b"--B\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+           b"--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=a.pdf\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\nJVBERg==\r\n--B--\r\n")
+    p = mb.parts(raw)
+    assert p["text"].strip() == "hello"
+    assert p["attachments"] == [{"filename": "a.pdf", "content_type": "application/pdf", "size": 4}]
