@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("api", help="the HTTP API")
     a.add_argument("--host")
     a.add_argument("--port", type=int)
+    a.add_argument("--reuse-port", action="store_true", help="share the port with sibling API processes")
 
     s = sub.add_parser("send", help="submit one message through the HTTP API")
     s.add_argument("--from", dest="sender", required=True)
@@ -124,13 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--dry-run", action="store_true")
 
     bn = sub.add_parser("bench", help="load generator and report")
-    bn.add_argument("--count", type=int, default=20000)
-    bn.add_argument("--size", type=int, default=4096)
-    bn.add_argument("--concurrency", type=int, default=64)
-    bn.add_argument("--senders", type=int, default=200)
-    bn.add_argument("--local-share", type=float, default=1.0)
-    bn.add_argument("--api")
-    bn.add_argument("--wait", choices=["stored", "none"], default="stored")
+    from mailflow.bench import add_arguments
+
+    add_arguments(bn)
 
     args = p.parse_args(argv)
     try:
@@ -155,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "api":
         from mailflow.api import server
 
-        return server.run(settings, args.host, args.port)
+        return server.run(settings, args.host, args.port, reuse_port=args.reuse_port)
     if args.cmd == "up":
         from mailflow import stack
 

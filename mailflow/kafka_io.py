@@ -75,12 +75,17 @@ class AsyncProducer:
                 except KafkaException:
                     pass
 
-    async def send(self, topic: str, key: bytes | None, value: bytes) -> tuple[int, int]:
-        """(partition, offset) once acknowledged; BrokerUnavailable otherwise."""
-        if self._down:
-            raise BrokerUnavailable("the Kafka broker is not reachable")
+    def produce(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[tuple[int, int]]:
+        """Queue a record; the future resolves to (partition, offset) once acknowledged.
+
+        Must be called from the event loop's thread. Lets a caller queue several
+        records and wait for them together.
+        """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[int, int]] = loop.create_future()
+        if self._down:
+            fut.set_exception(BrokerUnavailable("the Kafka broker is not reachable"))
+            return fut
 
         def done(err: KafkaError | None, msg: Any) -> None:
             if err is not None:
@@ -91,11 +96,15 @@ class AsyncProducer:
 
         try:
             self._producer.produce(topic, value=value, key=key, on_delivery=done)
-        except BufferError as exc:
-            raise BrokerUnavailable("the producer queue is full") from exc
+        except BufferError:
+            fut.set_exception(BrokerUnavailable("the producer queue is full"))
         except KafkaException as exc:
-            raise BrokerUnavailable(str(exc)) from exc
-        return await fut
+            fut.set_exception(BrokerUnavailable(str(exc)))
+        return fut
+
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> tuple[int, int]:
+        """(partition, offset) once acknowledged; BrokerUnavailable otherwise."""
+        return await self.produce(topic, key, value)
 
     def probe(self, timeout: float = 1.0) -> bool:
         try:

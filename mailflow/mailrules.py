@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from email import policy
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from functools import lru_cache
@@ -144,15 +146,21 @@ def check_message(
 
 
 def summarize(raw: bytes) -> dict[str, str | bool]:
-    """What a mailbox listing shows of a message, from its headers alone."""
-    headers = BytesHeaderParser(policy=policy.default).parsebytes(header_block(raw) + b"\r\n\r\n")
+    """What a mailbox listing shows of a message, from its headers alone.
+
+    compat32 parsing plus RFC 2047 decoding: several times cheaper than the
+    modern header registry, and this runs once per stored message.
+    """
+    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(header_block(raw) + b"\r\n\r\n")
 
     def get(name: str) -> str:
-        try:
-            value = headers.get(name)
-        except Exception:  # a malformed header must not stop storing the message
+        value = headers.get(name)
+        if value is None:
             return ""
-        return str(value) if value is not None else ""
+        try:
+            return str(make_header(decode_header(str(value)))).replace("\r", "").replace("\n", "")
+        except (HeaderParseError, LookupError, UnicodeDecodeError):
+            return str(value)
 
     ctype = get("Content-Type").lower()
     return {

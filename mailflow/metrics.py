@@ -1,11 +1,14 @@
 """Prometheus metrics, defined once for the API and every stage.
 
-Labels stay bounded: stage, outcome, reply class, tier; never a recipient or id.
+Labels stay bounded: stage, outcome, reply class, destination domain (bounded by
+the routing table and the top domains only), tier; never a recipient or an id.
+Lag gauges are exported by one component (`mailflow lag --serve` / the status
+stage's exporter), so several replicas do not double count.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 STAGE_MESSAGES = Counter(
     "mailflow_stage_messages_total", "Records handled by a stage, by outcome",
@@ -23,6 +26,21 @@ API_REQUESTS = Counter(
     "mailflow_api_requests_total", "HTTP API requests by route and status", ["route", "status"],
 )
 API_ACCEPTED = Counter("mailflow_api_accepted_total", "Messages acknowledged by Kafka and accepted")
+SMTP_REPLIES = Counter(
+    "mailflow_smtp_replies_total", "SMTP outcomes per recipient by reply class (2xx/4xx/5xx/conn)",
+    ["reply_class", "destination"],
+)
+RETRIES = Counter("mailflow_retries_total", "Records sent to a retry tier", ["tier"])
+SCAN_VERDICTS = Counter("mailflow_scan_verdicts_total", "Scanner verdicts", ["scanner", "verdict"])
+SCAN_SECONDS = Histogram(
+    "mailflow_scan_seconds", "Time for one scanner call", ["scanner"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SCANNER_UP = Gauge("mailflow_scanner_up", "1 when the scanner answered its last call", ["scanner"])
+LAG = Gauge("mailflow_stage_lag", "Records waiting on a stage's input", ["stage", "topic", "partition"])
+OLDEST_SECONDS = Gauge("mailflow_stage_oldest_waiting_seconds",
+                       "Age of the oldest record a stage has not committed", ["stage"])
+CONSUMERS = Gauge("mailflow_stage_consumers", "Members of the stage's consumer group", ["stage"])
 
 
 def render() -> tuple[bytes, str]:

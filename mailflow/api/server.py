@@ -276,8 +276,9 @@ def make_app(settings: Settings) -> web.Application:
     return app
 
 
-def run(settings: Settings, host: str | None = None, port: int | None = None) -> int:
+def run(settings: Settings, host: str | None = None, port: int | None = None,
+        reuse_port: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     web.run_app(make_app(settings), host=host or settings.api_host, port=port or settings.api_port,
-                access_log=None, print=lambda m: print(f"mailflow api: {m}", flush=True))
+                access_log=None, reuse_port=reuse_port, print=lambda m: print(f"mailflow api: {m}", flush=True))
     return 0

@@ -1,0 +1,328 @@
+"""`mailflow bench`: load through the HTTP API and a report of what came out.
+
+It submits `--count` messages of about `--size` bytes with `--concurrency` requests
+in flight, then follows the ``events`` topic until every recipient of every
+accepted message reached its final state (or what `--until` names), and reports
+accepted/s, per-stage throughput, submission-to-state latency percentiles and the
+peak memory of the stack's processes. With `--start` it first starts its own stack
+(fresh topic prefix) on the running broker and stops it afterwards.
+
+The last line of output is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from mailflow.config import Settings
+from streams.topics import full_name
+
+FINAL = {"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--count", type=int, default=20000, help="messages to submit")
+    p.add_argument("--size", type=int, default=4096, help="approximate message size in bytes")
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    p.add_argument("--senders", type=int, default=500, help="distinct sender addresses")
+    p.add_argument("--domains", type=int, default=50, help="distinct remote recipient domains")
+    p.add_argument("--remote-share", type=float, default=0.0,
+                   help="share of messages to remote recipients (0: all local)")
+    p.add_argument("--until", default="final", help="a state to wait for instead of a final one, e.g. validated")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the pipeline to drain")
+    p.add_argument("--api", help="API base URL (default from settings)")
+    p.add_argument("--start", default="", help="start these stages (comma list or all) and an API first")
+    p.add_argument("--api-workers", type=int, default=1, help="with --start: API processes")
+    p.add_argument("--rate", type=float, default=0.0, help="messages per second to hold (0: as fast as accepted)")
+
+
+def message(n: int, sender: str, rcpt: str, size: int) -> bytes:
+    head = (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: bench {n}\r\n"
+            f"Message-ID: <bench{n}.{uuid.uuid4().hex}@bench.test>\r\n"
+            f"Date: Fri, 27 Nov 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+            f"Content-Type: text/plain; charset=us-ascii\r\n\r\n").encode()
+    line = b"The quick brown fox jumps over the lazy dog, and mail flows on. 0123456789\r\n"
+    body = (line * (max(0, size - len(head)) // len(line) + 1))[: max(0, size - len(head))]
+    return head + body
+
+
+class EventFollower(threading.Thread):
+    """Reads ``events`` from the current end: accepted and final times per recipient."""
+
+    def __init__(self, settings: Settings, until: str) -> None:
+        super().__init__(daemon=True)
+        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+        self.until = until
+        self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                                  "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 50})
+        topic = full_name(settings, "events")
+        md = self.consumer.list_topics(topic, timeout=10)
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in md.topics[topic].partitions])
+        self.accepted: dict[str, float] = {}
+        self.done: dict[tuple[str, str], tuple[str, float]] = {}
+        self.by_stage: dict[str, list[float]] = {}
+        self.running = True
+        self.lock = threading.Lock()
+        # assignment at OFFSET_END resolves lazily: poll until positions are known
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.consumer.poll(0.1)
+            if all(tp.offset >= 0 for tp in self.consumer.position(self.consumer.assignment())):
+                break
+
+    def run(self) -> None:
+        while self.running:
+            for m in self.consumer.consume(1000, 0.2):
+                if m.error():
+                    continue
+                ev = orjson.loads(m.value())
+                with self.lock:
+                    self.by_stage.setdefault(ev.get("stage", "?"), []).append(ev["ts"])
+                    if ev["state"] == "accepted":
+                        self.accepted[ev["id"]] = ev["ts"]
+                    if ev["state"] in FINAL or ev["state"] == self.until:
+                        for r in ev.get("recipients") or []:
+                            self.done.setdefault((ev["id"], r), (ev["state"], ev["ts"]))
+
+    def stop(self) -> None:
+        self.running = False
+        self.join(5)
+        self.consumer.close()
+
+
+def _role(cmd: bytes) -> str | None:
+    """Which part of the stack a process is, from its command line."""
+    if b"kafka.Kafka" in cmd:
+        return "broker"
+    if b"mailflow" not in cmd:
+        return None
+    args = cmd.split(b"\0")
+    if b"worker" in args and b"--stages" in args:
+        return "stage " + args[args.index(b"--stages") + 1].decode()
+    for name in (b"api", b"sink", b"bench"):
+        if name in args:
+            return name.decode()
+    return "other"
+
+
+class MemorySampler(threading.Thread):
+    """Peak summed RSS of the stack's processes, and CPU seconds per role."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0
+        self.running = True
+        self.cpu_start: dict[int, tuple[str, float]] = {}
+        self.cpu_last: dict[int, tuple[str, float]] = {}
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def run(self) -> None:
+        while self.running:
+            total = 0
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    role = _role(Path(f"/proc/{pid}/cmdline").read_bytes())
+                    if role is None:
+                        continue
+                    if int(pid) == os.getpid():
+                        role = "bench client"
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    cpu = (int(fields[11]) + int(fields[12])) / self.tick
+                    self.cpu_start.setdefault(int(pid), (role, cpu))
+                    self.cpu_last[int(pid)] = (role, cpu)
+                    if role != "bench client":
+                        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                            if line.startswith("VmRSS:"):
+                                total += int(line.split()[1]) * 1024
+                except (OSError, ValueError, IndexError):
+                    continue
+            self.peak = max(self.peak, total)
+            time.sleep(0.5)
+
+    def cpu_by_role(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (role, cpu) in self.cpu_last.items():
+            out[role] = round(out.get(role, 0.0) + cpu - self.cpu_start[pid][1], 2)
+        return dict(sorted(out.items()))
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> dict[str, Any]:
+    sem = asyncio.Semaphore(args.concurrency)
+    accepted: dict[str, list[str]] = {}
+    refused: dict[int, int] = {}
+    latencies: list[float] = []
+    started = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def one(n: int) -> None:
+            sender = f"sender{n % args.senders}@{local_domain}"
+            if args.remote_share and (n % 1000) < args.remote_share * 1000:
+                rcpt = f"user{n}@d{n % args.domains}.bench.test"
+            else:
+                rcpt = f"box{n % 1000}@{local_domain}"
+            body = message(n, sender, rcpt, args.size)
+            async with sem:
+                if args.rate:
+                    await asyncio.sleep(max(0.0, started + n / args.rate - time.perf_counter()))
+                t0 = time.perf_counter()
+                async with http.post(f"{api}/v1/messages", data=body,
+                                     headers={"Content-Type": "message/rfc822"}) as resp:
+                    doc = await resp.read()
+                latencies.append(time.perf_counter() - t0)
+                if resp.status == 202:
+                    accepted[orjson.loads(doc)["id"]] = [rcpt]
+                else:
+                    refused[resp.status] = refused.get(resp.status, 0) + 1
+
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(2)
+                el = time.perf_counter() - started
+                print(f"bench: {len(accepted)} accepted in {el:.0f}s ({len(accepted) / el:.0f}/s)",
+                      file=sys.stderr, flush=True)
+
+        ticker = asyncio.create_task(progress())
+        await asyncio.gather(*(one(n) for n in range(args.count)))
+        ticker.cancel()
+    elapsed = time.perf_counter() - started
+    return {"accepted": accepted, "refused": refused, "elapsed": elapsed, "latencies": latencies}
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    sup = None
+    if args.start:
+        settings, sup, api = start_stack(settings, args)
+    else:
+        api = (args.api or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
+    local_domain = sorted(settings.local_domains)[0]
+    follower = EventFollower(settings, args.until)
+    follower.start()
+    mem = MemorySampler()
+    mem.start()
+    try:
+        sub = asyncio.run(submit_all(api, args, local_domain))
+        accepted = sub["accepted"]
+        want = {(i, r) for i, rs in accepted.items() for r in rs}
+        print(f"bench: {len(accepted)} accepted in {sub['elapsed']:.1f}s; waiting for them to finish",
+              file=sys.stderr, flush=True)
+        deadline = time.monotonic() + args.timeout
+        last = time.monotonic()
+        while time.monotonic() < deadline:
+            with follower.lock:
+                n = sum(1 for k in want if k in follower.done)
+            if n >= len(want):
+                break
+            if time.monotonic() - last > 2:
+                print(f"bench: {n}/{len(want)} recipients done", file=sys.stderr, flush=True)
+                last = time.monotonic()
+            time.sleep(0.2)
+    finally:
+        follower.stop()
+        mem.running = False
+        if sup is not None:
+            sup.stop()
+    with follower.lock:
+        done = {k: v for k, v in follower.done.items() if k in want}
+        acc = follower.accepted
+        lat = [ts - acc[i] for (i, _), (_, ts) in done.items() if i in acc]
+        states: dict[str, int] = {}
+        for st, _ in done.values():
+            states[st] = states.get(st, 0) + 1
+        first_done = min((ts for _, ts in done.values()), default=0)
+        last_done = max((ts for _, ts in done.values()), default=0)
+        first_acc = min((acc[i] for i in accepted if i in acc), default=0)
+        stage_rates = {
+            stage: round(len(ts) / max(1e-3, max(ts) - min(ts)), 1)
+            for stage, ts in follower.by_stage.items() if len(ts) > 10
+        }
+    total_time = (last_done - first_acc) if done else float("nan")
+    result = {
+        "count": args.count, "size": args.size, "concurrency": args.concurrency,
+        "accepted": len(accepted), "refused": sub["refused"],
+        "accepted_per_s": round(len(accepted) / sub["elapsed"], 1),
+        "api_p50_ms": round(pct(sub["latencies"], 0.5) * 1000, 2),
+        "api_p99_ms": round(pct(sub["latencies"], 0.99) * 1000, 2),
+        "finished": len(done), "expected": len(want), "states": states,
+        "finished_per_s": round(len(done) / total_time, 1) if done else 0,
+        "seconds_to_last": round(total_time, 2),
+        "latency_p50_ms": round(pct(lat, 0.5) * 1000, 1),
+        "latency_p99_ms": round(pct(lat, 0.99) * 1000, 1),
+        "events_per_s_by_stage": stage_rates,
+        "peak_rss_mb": round(mem.peak / 2**20, 1),
+        "cpu_seconds": mem.cpu_by_role(),
+        "drain_seconds_after_submit": round(last_done - first_done, 2) if done else None,
+    }
+    print(f"accepted {result['accepted']}/{args.count} at {result['accepted_per_s']}/s; "
+          f"{result['finished']}/{result['expected']} recipients final at {result['finished_per_s']}/s; "
+          f"p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms; "
+          f"peak RSS {result['peak_rss_mb']} MB")
+    print(orjson.dumps(result).decode())
+    return 0 if len(done) == len(want) else 1
+
+
+def start_stack(settings: Settings, args: argparse.Namespace) -> tuple[Settings, Any, str]:
+    """Own topic prefix and data dir, stages and API as child processes."""
+    import socket
+
+    from mailflow.stack import _http_ok
+    from mailflow.supervise import Supervisor
+    from mailflow.worker import available, parse_stages
+    from streams.topics import ensure_topics
+
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = settings.data_dir / "bench" / prefix.rstrip(".")
+    env = {"MAILFLOW_TOPIC_PREFIX": prefix, "MAILFLOW_API_PORT": str(port),
+           "MAILFLOW_DATA_DIR": str(data), "MAILFLOW_RATE_LIMIT": "1000000/60s"}
+    os.environ.update(env)
+    settings = Settings.from_env()
+    ensure_topics(settings)
+    sup = Supervisor()
+    me = [sys.executable, "-m", "mailflow.cli"]
+    for stage in parse_stages(args.start):
+        if available(stage):
+            sup.add(f"stage {stage}", [*me, "worker", "--stages", stage], env=env)
+    api = f"http://127.0.0.1:{port}"
+    for i in range(args.api_workers):
+        sup.add(f"api {i}", [*me, "api", "--reuse-port"], env=env,
+                ready=lambda: _http_ok(f"{api}/healthz"))
+    sup.start()
+    # Stages are ready once their consumers joined: wait for registry heartbeats.
+    from mailflow.kafka_io import CompactedReader
+
+    reader = CompactedReader(settings.kafka_bootstrap, [full_name(settings, "registry")])
+    want = {s for s in parse_stages(args.start) if available(s)}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        have = {v.get("stage") for v in reader.values[full_name(settings, "registry")].values()}
+        if want <= have:
+            break
+        time.sleep(0.5)
+    reader.close()
+    time.sleep(3)  # let the last rebalance settle
+    print(f"bench: stack {prefix} up (stages {', '.join(sorted(want))})", file=sys.stderr, flush=True)
+    return settings, sup, api
