@@ -5,9 +5,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-DEBIAN_PKGS := clamav clamav-daemon rspamd dnsmasq-base postfix openjdk-17-jre-headless maven
+DEBIAN_PKGS := clamav clamav-daemon rspamd dnsmasq-base postfix prometheus openjdk-17-jre-headless maven
 # Executables that tell whether the Debian packages above are installed.
-DEBIAN_BINS := clamd sigtool rspamd dnsmasq smtp-sink java mvn
+DEBIAN_BINS := clamd sigtool rspamd dnsmasq smtp-sink promtool java mvn
 
 export MAILFLOW_SMTP_ROUTES ?= *=127.0.0.1:2525
 
@@ -24,7 +24,7 @@ deps-debian:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(DEBIAN_PKGS); \
 	fi
 	@# The Debian packages start system instances; ours run on our own configs and ports.
-	@for s in clamav-daemon clamav-freshclam rspamd postfix; do \
+	@for s in clamav-daemon clamav-freshclam rspamd postfix prometheus prometheus-node-exporter; do \
 	  (command -v systemctl >/dev/null && systemctl stop $$s >/dev/null 2>&1) || true; done
 
 $(VENV)/.installed: pyproject.toml

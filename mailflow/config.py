@@ -76,11 +76,18 @@ class Settings:
     clamd: str = "127.0.0.1:3310"
     rspamd: str = "http://127.0.0.1:11333"
     scan_failure: str = "closed"
+    scanners: tuple[str, ...] = ("clamd", "rspamd")  # MAILFLOW_SCANNERS=none turns scanning off
+    dns: str = ""  # nameservers for MX lookups (host:port,...); empty: the system's
+    smtp_timeout: float = 30.0
+    smtp_tls: str = "opportunistic"  # opportunistic | required | off
+    max_connections_per_host: int = 8
+    domain_rate: tuple[int, float] | None = None  # per destination domain, e.g. 600/60s
     topic_prefix: str = "mailflow."
     partitions: int = 4
     replication: int = 1
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    advertise_host: str = ""  # how other processes reach this worker's web port
     # bodies above this travel by reference through the object store (claim check)
     inline_max_bytes: int = 256 * 1024
     max_recipients: int = 1000
@@ -110,14 +117,33 @@ class Settings:
             clamd=_env("CLAMD", d.clamd),
             rspamd=_env("RSPAMD", d.rspamd),
             scan_failure=_scan_failure(_env("SCAN_FAILURE", d.scan_failure)),
+            scanners=tuple(x.strip() for x in _env("SCANNERS", "clamd,rspamd").split(",")
+                           if x.strip() and x.strip() != "none"),
+            dns=_env("DNS", ""),
+            smtp_timeout=parse_duration(_env("SMTP_TIMEOUT", "30s")),
+            smtp_tls=_env("SMTP_TLS", d.smtp_tls),
+            max_connections_per_host=int(_env("MAX_CONNECTIONS_PER_HOST", "8")),
+            domain_rate=parse_rate(_env("DOMAIN_RATE", "")) if _env("DOMAIN_RATE", "") else None,
             topic_prefix=_env("TOPIC_PREFIX", d.topic_prefix),
             partitions=int(_env("PARTITIONS", str(d.partitions))),
             replication=int(_env("REPLICATION", str(d.replication))),
             api_host=_env("API_HOST", d.api_host),
             api_port=int(_env("API_PORT", str(d.api_port))),
+            advertise_host=_env("ADVERTISE_HOST", ""),
             inline_max_bytes=parse_size(_env("INLINE_MAX_BYTES", str(d.inline_max_bytes))),
             ehlo_name=_env("EHLO_NAME", d.ehlo_name),
         )
+
+    @property
+    def web_advertise_host(self) -> str:
+        """The bind host, unless it is a wildcard: then this machine's name."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.api_host in ("0.0.0.0", "::", ""):
+            import socket
+
+            return socket.gethostname()
+        return self.api_host
 
     @property
     def object_store_url(self) -> str:

@@ -124,6 +124,18 @@ mx-host=mailflow.test,mx.mailflow.test,10
 # RFC 7505 null MX: "this domain accepts no mail"
 mx-host=nullmx.test,.,0
 host-record=nullmx.test,192.0.2.99
+# two MX of equal preference (RFC 5321 5.1: senders shuffle them)
+host-record=mxa.equal.test,127.0.0.1
+host-record=mxb.equal.test,127.0.0.2
+mx-host=equal.test,mxa.equal.test,10
+mx-host=equal.test,mxb.equal.test,10
+# no MX, only an AAAA: the implicit MX over IPv6
+host-record=v6.mailflow.test,::1
+# IDN: xn--bcher-kva.test, the A-labels of "bucher.test" with a u-umlaut
+host-record=mx.xn--bcher-kva.test,127.0.0.1
+mx-host=xn--bcher-kva.test,mx.xn--bcher-kva.test,10
+# exists (a TXT record) but has neither MX nor address: no mail destination
+txt-record=nomail.test,"v=spf1 -all"
 """
 
 

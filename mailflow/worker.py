@@ -63,6 +63,15 @@ def build_app(stage: str, settings: Settings) -> faust.App:
 
 def run_stage(stage: str, settings: Settings, loglevel: str = "warning") -> int:
     ensure_topics(settings)
+    module = importlib.import_module(f"agents.{stage}")
+    if not hasattr(module, "register"):  # a stage that is not a Faust app (retry)
+        from prometheus_client import start_http_server
+
+        from streams.app import claim_replica
+
+        replica = claim_replica(settings, stage)
+        start_http_server(replica.web_port, addr=settings.api_host)
+        return int(module.run(settings, f"http://{settings.web_advertise_host}:{replica.web_port}"))
     app = build_app(stage, settings)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     print(f"mailflow: stage {stage} starting, web {app.conf.canonical_url}, "

@@ -16,14 +16,14 @@ from pathlib import Path
 import faust
 from faust.transport.producer import ProducerBuffer
 
+from mailflow.config import Settings
+from streams.topics import full_name
+
 # Table writes queue their changelog records in Faust's ProducerBuffer; past 100
 # pending records Faust pauses every stream until the buffer drains one record at
 # a time (with 0.1 s waits), which caps a stage far below what Kafka takes. A
 # larger bound keeps the back-pressure and removes the stall.
 ProducerBuffer.max_messages = 10_000
-
-from mailflow.config import Settings
-from streams.topics import full_name
 
 STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status")
 
@@ -99,7 +99,7 @@ def claim_port(settings: Settings, start: int) -> tuple[int, int]:
 
 
 def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
-    url = f"http://{settings.api_host}:{replica.web_port}"
+    url = f"http://{settings.web_advertise_host}:{replica.web_port}"
     return faust.App(
         f"{settings.topic_prefix}{stage}",
         broker=f"kafka://{settings.kafka_bootstrap}",

@@ -49,3 +49,18 @@ def submission_stack(kafka: str, work_dir: Path) -> Iterator[Stack]:
         yield stack.start(["ratelimit", "validate", "store", "status"])
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="session")
+def scanners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Real clamd, rspamd and the loopback DNS server (reused if already running)."""
+    from mailflow.services import check_installed, ensure_running
+
+    missing = check_installed()
+    assert not missing, f"scanner daemons missing (make setup installs them): {missing}"
+    group = ensure_running(tmp_path_factory.mktemp("services"), log=lambda m: print(m, file=sys.stderr))
+    try:
+        yield
+    finally:
+        if group is not None:
+            group.stop()

@@ -237,3 +237,61 @@ class Stack:
             return out
         finally:
             c.close()
+
+
+class ScriptedPeer:
+    """A real SMTP server (aiosmtpd on loopback) whose answers a test scripts.
+
+    Recipients whose local part starts with ``reject`` get 550, ``defer`` get 451;
+    `fail_first` answers 451 to the first k transactions; `delay` slows DATA.
+    Every accepted message is kept with its envelope.
+    """
+
+    def __init__(self, fail_first: int = 0, delay: float = 0.0, code: int = 451) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.port = free_port()
+        self.fail_first, self.delay, self.code = fail_first, delay, code
+        self.transactions = 0
+        self.messages: list[tuple[str, list[str], bytes, float]] = []
+        self.attempt_times: list[float] = []
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port,
+                                     enable_SMTPUTF8=True, decode_data=False)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+        local = address.split("@")[0]
+        if local.startswith("reject"):
+            return f"550 5.1.1 <{address}>: no such user"
+        if local.startswith("defer"):
+            return f"451 4.2.1 <{address}>: mailbox busy, try later"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
+        import asyncio
+
+        self.transactions += 1
+        self.attempt_times.append(time.time())
+        if self.transactions <= self.fail_first:
+            return f"{self.code} 4.3.0 scripted failure {self.transactions}"
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                              envelope.original_content or envelope.content, time.time()))
+        return "250 2.0.0 queued by scripted peer"
+
+    def start(self) -> ScriptedPeer:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def message_ids(self) -> list[str]:
+        import re
+
+        out = []
+        for _, _, data, _ in self.messages:
+            m = re.search(rb"^Message-ID:\s*(<[^>]+>)", data, re.I | re.M)
+            out.append(m.group(1).decode() if m else "")
+        return out

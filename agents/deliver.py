@@ -1,0 +1,191 @@
+"""Delivery stage.
+
+Input: ``delivery`` (key: recipient domain), one record per (message, domain).
+Outputs: ``events`` (``delivered`` with the remote reply, ``deferred`` with the
+attempt number and next attempt time, ``bounced``); ``retry.N`` (key: domain)
+for temporary failures, the tier growing with each attempt; ``dead`` (key:
+message id) for mail that can never go, with its history; a bounce (RFC 3464) to
+the sender: into the sender's inbox (``local``) when the sender is ours, else
+back through ``delivery`` with a null reverse-path. Never a bounce about a bounce.
+
+Each recipient's final outcome is written to the ``ledger`` table (changelog
+flushed before the input offset commits) and checked before sending, so a record
+replayed after a crash or a rebalance does not reach the same recipient twice.
+The window that remains is between the remote server's 250 and the ledger write
+reaching Kafka: a worker killed inside it (milliseconds) sends again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+
+from agents.common import JSON_TABLE, Pending, StageIO
+from mailflow import metrics
+from mailflow.config import Settings
+from mailflow.delivery import (
+    DELIVERED,
+    PERMANENT,
+    TEMPORARY,
+    Outcome,
+    Shaper,
+    expired,
+    next_due,
+    reply_class,
+)
+from mailflow.dsn import FailedRecipient, build_dsn, is_bounce, parse_enhanced, status_for_reply
+from mailflow.ids import new_id
+from mailflow.mailrules import domain_of, header_block
+from mailflow.mx import PermanentDnsError, Resolver, TemporaryDnsError, route_for
+from mailflow.smtp import Pool
+from schemas.records import Message, parse_message
+
+STAGE = "deliver"
+log = logging.getLogger("mailflow.deliver")
+MAX_HISTORY = 30
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    io = StageIO(app, settings, STAGE)
+    ledger = app.Table("ledger", partitions=settings.partitions, schema=JSON_TABLE)
+    pool = Pool(ehlo=settings.ehlo_name, timeout=settings.smtp_timeout, tls=settings.smtp_tls,
+                max_per_host=settings.max_connections_per_host)
+    resolver = Resolver(settings.dns)
+    shaper = Shaper(max_in_flight=settings.max_connections_per_host * 2, rate=settings.domain_rate)
+
+    async def attempt(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
+        route = route_for(domain, settings.smtp_routes)
+        try:
+            dests = [route] if route else await resolver.destinations(domain)
+        except PermanentDnsError as exc:
+            return [Outcome(r, PERMANENT, None, exc.reason) for r in rcpts]
+        except TemporaryDnsError as exc:
+            return [Outcome(r, TEMPORARY, None, exc.reason) for r in rcpts]
+        outcomes: list[Outcome] = [Outcome(r, TEMPORARY, None, "4.4.4 no reachable mail host") for r in rcpts]
+        for dest in dests:  # every MX (and address) in order before the attempt fails
+            try:
+                # Routes may name hosts the system resolver knows; MX hosts are
+                # resolved through the same DNS as the MX records.
+                addrs = [dest.host] if route else await resolver.addresses(dest.host)
+            except (PermanentDnsError, TemporaryDnsError) as exc:
+                outcomes = [Outcome(r, TEMPORARY, None, f"{dest.host}: {exc.reason}") for r in rcpts]
+                continue
+            for addr in addrs:
+                outcomes = await pool.send(addr, dest.port, msg.sender, rcpts, body)
+                if any(o.code is not None for o in outcomes):
+                    return outcomes  # a server answered about the recipients: that is the result
+        return outcomes
+
+    async def handle(raw: bytes | None) -> Pending:
+        msg = parse_message(raw)
+        domain = str(msg.meta.get("domain") or domain_of(msg.recipients[0]))
+        todo = [r for r in msg.recipients if ledger.get(f"{msg.id}|{r}") is None]
+        if not todo:
+            return []  # a replay of mail already finished
+        now = time.time()
+        first = float(msg.meta.get("first_attempt", now))
+        if expired(first, now, settings.max_queue_age):
+            last = msg.meta.get("last_error", "no attempt succeeded")
+            outcomes = [Outcome(r, PERMANENT, None, f"expired after {settings.max_queue_age:g}s; last error: {last}")
+                        for r in todo]
+            return await finish(msg, domain, outcomes, first, now, expired_=True)
+        if not shaper.try_acquire(domain):
+            # The destination is at its bound: step aside to the first retry tier
+            # without spending an attempt, so the partition keeps moving.
+            return await to_retry(msg, domain, todo, first, now, "destination busy (shaped)",
+                                  count_attempt=False)
+        try:
+            body = await io.body(msg)
+            try:
+                outcomes = await attempt(domain, msg, todo, body)
+            except Exception as exc:  # never park mail on a fault of ours: defer it
+                log.exception("deliver: attempt for %s failed", domain)
+                outcomes = [Outcome(r, TEMPORARY, None, f"4.3.0 local error: {exc!r}") for r in todo]
+        finally:
+            shaper.release(domain)
+        return await finish(msg, domain, outcomes, first, now)
+
+    async def finish(msg: Message, domain: str, outcomes: list[Outcome], first: float, now: float,
+                     expired_: bool = False) -> Pending:
+        pending: Pending = []
+        for o in outcomes:
+            metrics.SMTP_REPLIES.labels(reply_class(o), "routed" if settings.smtp_routes else "mx").inc()
+            if o.kind != TEMPORARY:
+                # Written before anything else: the record that stops a second send.
+                ledger[f"{msg.id}|{o.recipient}"] = {"kind": o.kind, "reply": o.reply, "ts": now}
+        delivered = [o for o in outcomes if o.kind == DELIVERED]
+        failed = [o for o in outcomes if o.kind == PERMANENT]
+        temporary = [o for o in outcomes if o.kind == TEMPORARY]
+        for o in delivered:
+            pending.append(await io.event(msg.id, "delivered", [o.recipient],
+                                          {"reply": o.reply, "host": o.host}))
+        if failed:
+            pending += await bounce(msg, failed, first, now, expired_)
+        if temporary:
+            reason = temporary[0].reply
+            pending += await to_retry(msg, domain, [o.recipient for o in temporary], first, now, reason)
+        return pending
+
+    async def to_retry(msg: Message, domain: str, rcpts: list[str], first: float, now: float,
+                       reason: str, count_attempt: bool = True) -> Pending:
+        attempt_no = int(msg.meta.get("attempt", 0)) + (1 if count_attempt else 0)
+        tier, due = next_due(now, max(1, attempt_no), settings.retry_schedule)
+        history = [*msg.meta.get("history", []), {"ts": now, "attempt": attempt_no, "error": reason}]
+        meta = {**msg.meta, "domain": domain, "attempt": attempt_no, "first_attempt": first,
+                "last_error": reason, "due": due, "tier": tier, "history": history[-MAX_HISTORY:]}
+        rec = msg.with_(recipients=rcpts, meta=meta)
+        metrics.RETRIES.labels(str(tier)).inc()
+        return [await io.event(msg.id, "deferred", rcpts, {"attempt": attempt_no, "next_attempt_at": due,
+                                                          "tier": tier, "error": reason}),
+                await io.send(f"retry.{tier}", domain, rec.to_json())]
+
+    async def bounce(msg: Message, failed: list[Outcome], first: float, now: float,
+                     expired_: bool) -> Pending:
+        pending: Pending = []
+        rcpts = [o.recipient for o in failed]
+        detail: dict[str, Any] = {"reply": failed[0].reply}
+        if expired_:
+            detail["reason"] = "expired"
+        for o in failed:
+            pending.append(await io.event(msg.id, "bounced", [o.recipient],
+                                          {**detail, "reply": o.reply}))
+        body = await io.body(msg)
+        history = [*msg.meta.get("history", []), {"ts": now, "failed": rcpts, "error": failed[0].reply}]
+        dead = msg.with_(recipients=rcpts, meta={**msg.meta, "history": history[-MAX_HISTORY:],
+                                                 "dead": {"reason": "expired" if expired_ else "permanent",
+                                                          "failed": [o.__dict__ for o in failed], "ts": now}})
+        pending.append(await io.send("dead", msg.id, dead.to_json()))
+        if is_bounce(msg.sender, header_block(body)):
+            return pending  # never a bounce about a bounce
+        dsn_id = new_id()
+        dsn = build_dsn(
+            original=body, envelope_from=msg.sender,
+            failed=[FailedRecipient(
+                address=o.recipient,
+                status="4.4.7" if expired_ else status_for_reply(o.code, parse_enhanced(o.reply), False),
+                diagnostic=o.reply, remote_mta=o.host) for o in failed],
+            reporting_mta=settings.ehlo_name,
+            postmaster=f"postmaster@{sorted(settings.local_domains)[0] if settings.local_domains else settings.ehlo_name}",
+            message_id=f"<{dsn_id}@{settings.ehlo_name}>", date=datetime.now(UTC),
+            arrival_date=datetime.fromtimestamp(msg.received_at, UTC),
+        )
+        bounce_msg = Message(id=dsn_id, sender="", recipients=[msg.sender], received_at=now,
+                             size=len(dsn), body=dsn, source="bounce",
+                             meta={"bounce": True, "bounce_of": msg.id})
+        pending.append(await io.event(dsn_id, "accepted", [msg.sender], {"bounce_of": msg.id}, sender=""))
+        if settings.is_local(msg.sender):
+            # The validator's route for local mail: the sender's inbox.
+            pending.append(await io.send("admitted", "", bounce_msg.to_json()))
+        else:
+            rec = bounce_msg.with_(meta={**bounce_msg.meta, "domain": domain_of(msg.sender)})
+            pending.append(await io.send("delivery", domain_of(msg.sender), rec.to_json()))
+        return pending
+
+    @app.agent(io.topic("delivery"), name=f"{settings.topic_prefix}{STAGE}", concurrency=32)
+    async def deliver(stream: faust.StreamT) -> None:
+        async for value in stream:
+            await io.process(value, handle)

@@ -1,0 +1,77 @@
+"""Scanner stage.
+
+Input: ``outgoing`` (key: message id). Outputs: ``clean`` (key: message id) with the
+verdict in ``meta.scan``; ``errors`` with state ``quarantined`` and the verdict
+(virus name, or spam score and symbols) for infected or spam mail; ``events``
+(``scanned`` or ``quarantined``).
+
+clamd gets the whole RFC 5322 message over INSTREAM (it decodes MIME parts and
+archives), rspamd gets it over ``/checkv2`` with the envelope. Scans run
+concurrently (several actors) and Faust commits a partition's offset only up to
+the first unfinished record, so a slow scan never lets a later offset commit past
+it. When a scanner does not answer: ``SCAN_FAILURE=closed`` (default) retries
+with backoff and the message waits (lag grows, status says why); ``open`` passes
+the message on marked as not scanned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import faust
+
+from agents.common import Pending, StageIO
+from mailflow.config import Settings
+from mailflow.scanners import Clamd, Rspamd, ScannerUnavailable, verdict
+from schemas.records import parse_message
+
+STAGE = "scan"
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    io = StageIO(app, settings, STAGE)
+    clam = Clamd(settings.clamd) if "clamd" in settings.scanners else None
+    spam = Rspamd(settings.rspamd) if "rspamd" in settings.scanners else None
+    waiting_told: set[str] = set()  # ids whose status already says they wait on a scanner
+
+    async def scan(body: bytes, sender: str, rcpts: list[str], msg_id: str) -> tuple[Any, Any]:
+        jobs = []
+        if clam:
+            jobs.append(clam.scan(body))
+        if spam:
+            jobs.append(spam.check(body, sender, rcpts, msg_id))
+        results = await asyncio.gather(*jobs)
+        it = iter(results)
+        return (next(it) if clam else None), (next(it) if spam else None)
+
+    async def handle(raw: bytes | None) -> Pending:
+        msg = parse_message(raw)
+        body = await io.body(msg)
+        try:
+            clam_result, spam_result = await scan(body, msg.sender, msg.recipients, msg.id)
+        except ScannerUnavailable as exc:
+            if settings.scan_failure == "open":
+                rec = msg.with_(meta={**msg.meta, "scan": {"scanned": False, "reason": str(exc)}})
+                return [await io.send("clean", msg.id, rec.to_json()),
+                        await io.event(msg.id, "scanned", msg.recipients,
+                                       {"scanned": False, "reason": str(exc)})]
+            if msg.id not in waiting_told:
+                waiting_told.add(msg.id)
+                await (await io.event(msg.id, "validated", msg.recipients,
+                                      {"next": "scan", "waiting": str(exc)}))
+            raise ConnectionError(str(exc)) from None  # closed: retried with backoff
+        waiting_told.discard(msg.id)
+        v = verdict(clam_result, spam_result)
+        if not v.clean:
+            detail = {"verdict": v.kind, **v.detail}
+            return [await io.park(v.kind, "quarantined", raw, msg.id, str(detail)),
+                    await io.event(msg.id, "quarantined", msg.recipients, detail)]
+        rec = msg.with_(meta={**msg.meta, "scan": {"scanned": bool(settings.scanners), **v.detail}})
+        return [await io.send("clean", msg.id, rec.to_json()),
+                await io.event(msg.id, "scanned", msg.recipients, v.detail)]
+
+    @app.agent(io.topic("outgoing"), name=f"{settings.topic_prefix}{STAGE}", concurrency=8)
+    async def scan_agent(stream: faust.StreamT) -> None:
+        async for value in stream:
+            await io.process(value, handle)

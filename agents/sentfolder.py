@@ -1,0 +1,49 @@
+"""Sent folder stage.
+
+Input: ``clean`` (key: message id). Outputs: ``local`` (key: the sender's mailbox)
+a Sent-folder copy when the sender is one of our mailboxes, stored by the store
+stage like any local mail; ``delivery`` (key: recipient domain) one record per
+recipient domain with that domain's recipients; ``events`` (``sent_folder``).
+
+A message for several domains has its body put in the object store once, so
+the per-domain records carry a reference rather than a copy each.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from agents.common import Pending, StageIO
+from mailflow.config import Settings
+from mailflow.mailrules import group_by_domain
+from mailflow.objstore import body_key, put_body
+from schemas.records import parse_message
+
+STAGE = "sentfolder"
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    io = StageIO(app, settings, STAGE)
+
+    async def handle(raw: bytes | None) -> Pending:
+        msg = parse_message(raw)
+        groups = group_by_domain(msg.recipients)
+        local_sender = bool(msg.sender) and settings.is_local(msg.sender)
+        if msg.body is not None and (local_sender or len(groups) > 1):
+            await put_body(settings.object_store_url, body_key(msg.id), msg.body)
+            msg = msg.with_(body=None, body_ref=body_key(msg.id))
+        pending: Pending = []
+        if local_sender and not msg.meta.get("bounce"):
+            copy = msg.with_(mailbox=msg.sender, folder="sent")
+            pending.append(await io.send("local", msg.sender, copy.to_json()))
+        for domain, rcpts in groups.items():
+            rec = msg.with_(recipients=rcpts, meta={**msg.meta, "domain": domain})
+            pending.append(await io.send("delivery", domain, rec.to_json()))
+        pending.append(await io.event(msg.id, "sent_folder", msg.recipients,
+                                      {"sent_copy": local_sender}))
+        return pending
+
+    @app.agent(io.topic("clean"), name=f"{settings.topic_prefix}{STAGE}", concurrency=16)
+    async def sentfolder(stream: faust.StreamT) -> None:
+        async for value in stream:
+            await io.process(value, handle)
