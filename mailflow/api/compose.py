@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 from email.utils import format_datetime, getaddresses, parseaddr
 from typing import Any
 
@@ -24,6 +23,7 @@ from mailflow.mailrules import (
     bad_header_value,
     header_block,
     normalize_address,
+    parse_headers,
 )
 
 FIELDS = {"from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "headers", "attachments"}
@@ -195,7 +195,7 @@ def prepare_raw(raw: bytes, *, message_id: str, date: Any, env_from: str | None,
     head = header_block(raw)
     if not raw.strip() or head == raw and b":" not in raw:
         raise InputError({"body": "is not an RFC 5322 message"})
-    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(head + b"\r\n\r\n")
+    headers = parse_headers(raw)
     from_hdr = parseaddr(str(headers.get("From", "")))[1]
     sender_text = env_from if env_from is not None else from_hdr
     sender = ""
