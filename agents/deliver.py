@@ -13,11 +13,17 @@ flushed before the input offset commits) and checked before sending, so a record
 replayed after a crash or a rebalance does not reach the same recipient twice.
 The window that remains is between the remote server's 250 and the ledger write
 reaching Kafka: a worker killed inside it (milliseconds) sends again.
+
+Settings read here (to move into ``mailflow.config`` later):
+``MAILFLOW_MX_PORT`` (default 25), the TCP port used for destinations found by
+MX lookup (and the implicit MX); routes in ``SMTP_ROUTES`` carry their own port.
+Tests point it at an unprivileged port where a scripted peer listens.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +53,7 @@ from schemas.records import Message, parse_message
 STAGE = "deliver"
 log = logging.getLogger("mailflow.deliver")
 MAX_HISTORY = 30
+MX_PORT = int(os.environ.get("MAILFLOW_MX_PORT", "25"))
 
 
 def register(app: faust.App, settings: Settings) -> None:
@@ -60,7 +67,7 @@ def register(app: faust.App, settings: Settings) -> None:
     async def attempt(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
         route = route_for(domain, settings.smtp_routes)
         try:
-            dests = [route] if route else await resolver.destinations(domain)
+            dests = [route] if route else await resolver.destinations(domain, MX_PORT)
         except PermanentDnsError as exc:
             return [Outcome(r, PERMANENT, None, exc.reason) for r in rcpts]
         except TemporaryDnsError as exc:

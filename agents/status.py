@@ -24,11 +24,11 @@ STAGE = "status"
 
 FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"})
 # How far along each non-final state is; a state never moves back.
-RANK = {"accepted": 0, "validated": 1, "scanned": 2, "sent_folder": 3, "deferred": 4}
+RANK = {"accepted": 0, "replayed": 0, "validated": 1, "scanned": 2, "sent_folder": 3, "deferred": 4}
 WAITING_ON = {
     "accepted": "ratelimit/validate", "validated": "scan (outgoing)",
     "scanned": "sentfolder (clean)", "sent_folder": "deliver (delivery)",
-    "deferred": "retry",
+    "deferred": "retry", "replayed": "the stage it was replayed into",
 }
 MAX_TIMELINE = 200
 
@@ -45,6 +45,11 @@ def apply_event(status: dict[str, Any] | None, ev: Event) -> tuple[dict[str, Any
     finalized = []
     for r in targets:
         cur = rcpts.get(r)
+        if ev.state == "replayed":
+            # An operator put parked mail back: the recipient is open again, and
+            # will reach one new final state.
+            rcpts[r] = {"state": "replayed", "ts": ev.ts, "detail": ev.detail}
+            continue
         if cur and cur["state"] in FINAL:
             continue
         if cur and ev.state not in FINAL and RANK.get(ev.state, 0) < RANK.get(cur["state"], 0):

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     lg = sub.add_parser("lag", help="consumer lag per stage")
     lg.add_argument("--watch", action="store_true")
     lg.add_argument("--json", action="store_true")
+    lg.add_argument("--serve", type=int, metavar="PORT", help="export lag gauges for Prometheus")
 
     sk = sub.add_parser("sink", help="a local SMTP server writing .eml files")
     sk.add_argument("--host", default="127.0.0.1")
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "lag":
         from mailflow import lag
 
+        if args.serve:
+            return lag.serve(settings, args.serve)
         return lag.run(settings, args.watch, args.json)
     if args.cmd == "sink":
         from mailflow import sink

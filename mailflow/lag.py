@@ -36,6 +36,8 @@ class StageLag:
     group: str
     topics: list[str]
     partitions: list[PartitionLag]
+    oldest_age: float | None = None  # seconds the oldest uncommitted record has waited
+    consumers: int | None = None  # members of the stage's consumer group
 
     @property
     def total(self) -> int:
@@ -79,24 +81,100 @@ def measure(settings: Settings, stages: list[str] | None = None, timeout: float 
             parts.append(PartitionLag(tp.topic, tp.partition, end, c,
                                       max(0, end - (c if c is not None else starts[key]))))
         out.append(StageLag(stage, group, input_topics(settings, stage), parts))
+    _oldest_ages(settings, out, timeout)
+    _members(admin, out, timeout)
     return out
 
 
+def _oldest_ages(settings: Settings, lags: list[StageLag], timeout: float) -> None:
+    """Read the first uncommitted record of each lagging partition for its timestamp."""
+    from confluent_kafka import Consumer
+
+    wanted = {(p.topic, p.partition, p.committed if p.committed is not None else max(0, p.end - p.lag)): s
+              for s in lags for p in s.partitions if p.lag > 0}
+    if not wanted:
+        return
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "mailflow-lag-reader",
+                  "enable.auto.commit": False, "enable.partition.eof": False})
+    try:
+        c.assign([TopicPartition(t, p, o) for t, p, o in wanted])
+        pending = {(t, p): s for (t, p, _), s in wanted.items()}
+        deadline = time.monotonic() + timeout
+        now = time.time()
+        while pending and time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is None or m.error():
+                continue
+            stage = pending.pop((m.topic(), m.partition()), None)
+            if stage is None:
+                continue
+            c.pause([TopicPartition(m.topic(), m.partition())])
+            age = max(0.0, now - m.timestamp()[1] / 1000.0)
+            stage.oldest_age = max(stage.oldest_age or 0.0, age)
+    finally:
+        c.close()
+
+
+def _members(admin: AdminClient, lags: list[StageLag], timeout: float) -> None:
+    groups = [s.group for s in lags]
+    try:
+        futures = admin.describe_consumer_groups(groups, request_timeout=timeout)
+    except Exception:  # older brokers: leave it unknown
+        return
+    for s in lags:
+        try:
+            s.consumers = len(futures[s.group].result().members)
+        except Exception:
+            s.consumers = 0
+
+
 def render(lags: list[StageLag]) -> str:
-    lines = [f"{'stage':<11} {'group':<22} {'input':<24} {'partition lags':<40} {'total':>8}"]
+    lines = [f"{'stage':<11} {'group':<22} {'input':<24} {'partition lags':<40} {'total':>8} "
+             f"{'oldest':>8} {'consumers':>9}"]
     for s in lags:
         per = " ".join(f"{p.lag}" for p in s.partitions) or "(no topic)"
         topics = ",".join(t.split(".", 1)[-1] for t in s.topics)
         if len(topics) > 24:
             topics = topics[:21] + "..."
-        lines.append(f"{s.stage:<11} {s.group:<22} {topics:<24} {per[:40]:<40} {s.total:>8}")
+        oldest = f"{s.oldest_age:.0f}s" if s.oldest_age is not None else "-"
+        members = str(s.consumers) if s.consumers is not None else "?"
+        lines.append(f"{s.stage:<11} {s.group:<22} {topics:<24} {per[:40]:<40} {s.total:>8} "
+                     f"{oldest:>8} {members:>9}")
     return "\n".join(lines)
 
 
 def to_json(lags: list[StageLag]) -> dict[str, Any]:
     return {"ts": time.time(),
             "stages": {s.stage: {"group": s.group, "topics": s.topics, "total": s.total,
+                                 "oldest_age": s.oldest_age, "consumers": s.consumers,
                                  "partitions": [asdict(p) for p in s.partitions]} for s in lags}}
+
+
+def export(lags: list[StageLag]) -> None:
+    """Set the lag gauges; one exporter process does this, so replicas never double count."""
+    from mailflow import metrics
+
+    for s in lags:
+        for p in s.partitions:
+            metrics.LAG.labels(s.stage, p.topic, str(p.partition)).set(p.lag)
+        metrics.OLDEST_SECONDS.labels(s.stage).set(s.oldest_age or 0.0)
+        if s.consumers is not None:
+            metrics.CONSUMERS.labels(s.stage).set(s.consumers)
+
+
+def serve(settings: Settings, port: int, interval: float = 10.0) -> int:
+    """`mailflow lag --serve PORT`: the single exporter of the lag gauges."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=settings.api_host)
+    print(f"mailflow lag: exporting on http://{settings.api_host}:{port}/metrics every {interval:g}s",
+          file=sys.stderr, flush=True)
+    while True:
+        try:
+            export(measure(settings))
+        except Exception as exc:  # the broker may be away for a while; keep serving
+            print(f"mailflow lag: {exc}", file=sys.stderr, flush=True)
+        time.sleep(interval)
 
 
 def run(settings: Settings, watch: bool, as_json: bool, interval: float = 2.0) -> int:

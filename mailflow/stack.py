@@ -67,6 +67,7 @@ def build(settings: Settings, scanners: bool = True) -> Supervisor:
     for stage in STAGES:
         if available(stage):
             sup.add(f"stage {stage}", [*me, "worker", "--stages", stage], restart=True)
+    sup.add("lag exporter", [*me, "lag", "--serve", "9308"], restart=True)
     api = f"http://{settings.api_host}:{settings.api_port}"
     sup.add("api", [*me, "api"], restart=True, ready=lambda: _http_ok(f"{api}/healthz"))
     return sup

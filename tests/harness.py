@@ -183,6 +183,14 @@ class Stack:
                 os.killpg(p.pid, sig)
                 p.wait(60)
 
+    def kill_one(self, name: str, index: int = 0, sig: int = signal.SIGKILL) -> subprocess.Popen[bytes]:
+        """Kill one live replica of `name` (the `index`-th still running), not all of them."""
+        live = [p for p in self.procs.get(name, []) if p.poll() is None]
+        p = live[index]
+        os.killpg(p.pid, sig)
+        p.wait(60)
+        return p
+
     def stop(self) -> None:
         for procs in self.procs.values():
             for p in procs:
@@ -286,6 +294,20 @@ class ScriptedPeer:
 
     def stop(self) -> None:
         self.controller.stop()
+
+    def count_ids(self) -> dict[str, int]:
+        """How many times each Message-ID arrived."""
+        from collections import Counter
+
+        return dict(Counter(self.message_ids()))
+
+    def with_id(self, message_id: str) -> list[tuple[str, list[str], bytes, float]]:
+        """The accepted messages whose Message-ID header is `message_id` (with <>)."""
+        import re
+
+        want = message_id.encode()
+        return [m for m in list(self.messages)
+                if (h := re.search(rb"^Message-ID:\s*(<[^>]+>)", m[2], re.I | re.M)) and h.group(1) == want]
 
     def message_ids(self) -> list[str]:
         import re

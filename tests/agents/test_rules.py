@@ -47,3 +47,12 @@ def test_event_for_all_recipients():
     st, _ = apply_event(None, ev("accepted", ["a@x", "b@y"]))
     st, fin = apply_event(st, ev("rejected", None, 2.0, reason="bad_from_header"))
     assert sorted(fin) == ["a@x", "b@y"] and st["final"]
+
+
+def test_replay_reopens_a_final_recipient_once():
+    st, _ = apply_event(None, ev("accepted", ["a@x"], 1.0))
+    st, _ = apply_event(st, ev("bounced", ["a@x"], 2.0))
+    st, _ = apply_event(st, ev("replayed", ["a@x"], 3.0))
+    assert st["recipients"]["a@x"]["state"] == "replayed" and not st["final"]
+    st, fin = apply_event(st, ev("delivered", ["a@x"], 4.0))
+    assert fin == ["a@x"] and st["recipients"]["a@x"]["state"] == "delivered"

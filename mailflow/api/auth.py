@@ -1,0 +1,390 @@
+"""Credentials: API keys for services, mailbox tokens for people.
+
+Two kinds, one format ``<kind>_<id>_<secret>``:
+
+* API key ``mf_<id>_<secret>``: sends as any address in its domains
+  (``example.com`` exactly, ``*.example.com`` for subdomains, ``*`` for every
+  domain: an operator/admin key). Reads the status of mail sent from its domains;
+  only an admin key (``*``) reads mailboxes.
+* Mailbox token ``mft_<id>_<secret>``: reads only its own mailbox and sends only
+  as its own address.
+
+``<id>`` is 12 hex characters, public (it names the credential in ``keys list``
+and in the ``auth`` topic); ``<secret>`` is 32 random bytes (``secrets``), URL-safe
+base64. Only ``sha256(secret)`` is stored: the secret has 256 bits of entropy, so
+a slow password hash (scrypt) would add nothing against brute force but would cost
+milliseconds of CPU on every request. Comparison uses `hmac.compare_digest`.
+
+Records live on the compacted ``auth`` topic (key: credential id; the latest
+record wins, so revoking writes the record again with ``revoked`` set). Every API
+replica follows the topic (`AuthReader`), so a new or revoked credential takes
+effect everywhere within about a second, and survives restarts.
+
+``MAILFLOW_AUTH`` = ``required`` (default) or ``off`` (local experiments only:
+every request acts as an admin).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from email.utils import getaddresses
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from mailflow.config import Settings
+from mailflow.kafka_io import CompactedReader
+from mailflow.mailrules import AddressError, normalize_address
+from streams.topics import full_name
+
+KEY_PREFIX = "mf"
+TOKEN_PREFIX = "mft"
+ADMIN = "*"
+
+
+def auth_mode() -> str:
+    mode = os.environ.get("MAILFLOW_AUTH", "required").strip().lower() or "required"
+    if mode not in ("required", "off"):
+        raise ValueError(f"MAILFLOW_AUTH must be required or off, not {mode!r}")
+    return mode
+
+
+def hash_secret(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_credential(text: str) -> tuple[str, str, str] | None:
+    """(kind, id, secret) from ``mf_<id>_<secret>`` / ``mft_<id>_<secret>``."""
+    kind, sep, rest = text.partition("_")
+    cred_id, sep2, secret = rest.partition("_")
+    if not sep or not sep2 or kind not in (KEY_PREFIX, TOKEN_PREFIX):
+        return None
+    if len(cred_id) != 12 or any(c not in "0123456789abcdef" for c in cred_id) or len(secret) < 20:
+        return None
+    return ("key" if kind == KEY_PREFIX else "token"), cred_id, secret
+
+
+def normalize_domains(domains: list[str]) -> list[str]:
+    out = []
+    for d in domains:
+        d = d.strip().lower()
+        if not d:
+            continue
+        if d != ADMIN:
+            bare = d[2:] if d.startswith("*.") else d
+            if not bare or "@" in bare or any(c.isspace() for c in bare) or bare.startswith("."):
+                raise ValueError(f"not a domain: {d!r}")
+        out.append(d)
+    if not out:
+        raise ValueError("at least one domain is required")
+    return sorted(set(out))
+
+
+def domain_allowed(domains: list[str] | tuple[str, ...], address: str) -> bool:
+    if not address or "@" not in address:
+        return False
+    dom = address.rpartition("@")[2].lower()
+    for d in domains:
+        if d == ADMIN or d == dom or (d.startswith("*.") and dom.endswith(d[1:])):
+            return True
+    return False
+
+
+# ---- principals ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Principal:
+    """Who made a request, and what it may do."""
+
+    id: str
+    kind: str  # key | token | anonymous (MAILFLOW_AUTH=off)
+    domains: tuple[str, ...] = ()
+    address: str = ""
+    name: str = ""
+
+    @property
+    def admin(self) -> bool:
+        return self.kind == "anonymous" or (self.kind == "key" and ADMIN in self.domains)
+
+    def may_send_as(self, address: str) -> bool:
+        if self.admin:
+            return True
+        if self.kind == "token":
+            return bool(address) and address == self.address
+        return domain_allowed(self.domains, address)
+
+    def may_read_mailbox(self, address: str) -> bool:
+        if self.admin:
+            return True
+        return self.kind == "token" and address == self.address
+
+    def may_read_status(self, sender: str | None) -> bool:
+        if self.admin:
+            return True
+        if not sender:
+            return False
+        if self.kind == "token":
+            return sender == self.address
+        return domain_allowed(self.domains, sender)
+
+
+ANONYMOUS = Principal(id="anonymous", kind="anonymous", domains=(ADMIN,))
+
+
+def header_from_addresses(raw_headers: Any) -> list[str]:
+    """Every address in the From and Sender headers of a parsed header block."""
+    values = [str(v) for n in ("From", "Sender") for v in (raw_headers.get_all(n) or [])]
+    out = []
+    for _, addr in getaddresses(values):
+        try:
+            out.append(normalize_address(addr))
+        except AddressError:
+            out.append(addr or "")
+    return out
+
+
+# ---- the auth topic: follow, look up, verify ---------------------------------------
+class SyncReader(CompactedReader):
+    """A CompactedReader that also knows how far it has read, so a caller can wait
+    until it has seen everything written before now (`sync`)."""
+
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+        self.positions: dict[tuple[str, int], int] = {}
+        self._bootstrap = bootstrap
+        self._sync_lock = threading.Lock()
+        self._last_sync: dict[str, float] = {}
+        super().__init__(bootstrap, topics)
+
+    def _run(self) -> None:  # as CompactedReader._run, recording positions
+        while self._running and not self._assign():
+            time.sleep(1)
+        while self._running:
+            msg = self._consumer.poll(0.1)
+            if msg is None or msg.error():
+                continue
+            self.positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+            table = self.values[msg.topic()]
+            key = (msg.key() or b"").decode("utf-8", "replace")
+            if msg.value() is None:
+                table.pop(key, None)
+                continue
+            try:
+                table[key] = orjson.loads(msg.value())
+            except orjson.JSONDecodeError:
+                continue
+
+    def sync(self, topic: str, timeout: float = 3.0, min_interval: float = 0.0) -> bool:
+        """Wait (blocking; call from a thread) until every record on `topic` that
+        existed when called has been read. False on timeout or broker trouble."""
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+        if min_interval and time.monotonic() - self._last_sync.get(topic, 0.0) < min_interval:
+            return True
+        with self._sync_lock:
+            if not hasattr(self, "_probe"):
+                self._probe = Consumer({"bootstrap.servers": self._bootstrap,
+                                        "group.id": "mailflow-auth-probe", "enable.auto.commit": False})
+            try:
+                md = self._probe.list_topics(topic, timeout=timeout)
+                parts = list(md.topics[topic].partitions) if topic in md.topics else []
+                ends = {p: self._probe.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+                        for p in parts}
+            except KafkaException:
+                return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.positions.get((topic, p), 0) >= end for p, end in ends.items()):
+                self._last_sync[topic] = time.monotonic()
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        super().close()
+        if hasattr(self, "_probe"):
+            self._probe.close()
+
+
+class Authenticator:
+    """Checks ``Authorization: Bearer <credential>`` against the ``auth`` topic."""
+
+    def __init__(self, settings: Settings, reader: SyncReader) -> None:
+        self.topic = full_name(settings, "auth")
+        self.reader = reader
+        self.mode = auth_mode()
+
+    def record(self, cred_id: str) -> dict[str, Any] | None:
+        return self.reader.values[self.topic].get(cred_id)
+
+    def verify(self, header: str | None) -> tuple[Principal | None, str]:
+        """(principal, "") or (None, why): why is safe to show (never the secret).
+
+        Blocking only when the credential's id is unknown (it may have been created
+        a moment ago): then it waits until the reader has caught up.
+        """
+        if self.mode == "off":
+            return ANONYMOUS, ""
+        if not header:
+            return None, "an Authorization: Bearer <API key or mailbox token> header is required"
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            return None, "use Authorization: Bearer <API key or mailbox token>"
+        parsed = parse_credential(value.strip())
+        if parsed is None:
+            return None, "the credential is malformed"
+        kind, cred_id, secret = parsed
+        rec = self.record(cred_id)
+        if rec is None:
+            self.reader.sync(self.topic, timeout=3.0, min_interval=0.5)
+            rec = self.record(cred_id)
+        if rec is None or rec.get("kind") != kind:
+            return None, "unknown credential"
+        if not hmac.compare_digest(hash_secret(secret), str(rec.get("hash", ""))):
+            return None, "unknown credential"
+        if rec.get("revoked"):
+            return None, "the credential has been revoked"
+        return Principal(id=cred_id, kind=kind, domains=tuple(rec.get("domains") or ()),
+                         address=rec.get("address") or "", name=rec.get("name") or ""), ""
+
+
+# ---- writing and reading credentials (CLI, harness, demo) -----------------------------
+def _new_id() -> str:
+    return secrets.token_hex(6)
+
+
+def _produce(settings: Settings, key: str, record: dict[str, Any]) -> None:
+    from confluent_kafka import Producer
+
+    from streams.topics import ensure_topics
+
+    ensure_topics(settings)
+    p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
+                  "enable.idempotence": True, "message.timeout.ms": 15000})
+    errors: list[Any] = []
+    p.produce(full_name(settings, "auth"), key=key.encode(), value=orjson.dumps(record),
+              on_delivery=lambda err, _m: err and errors.append(err))
+    if p.flush(20) != 0 or errors:
+        raise RuntimeError(f"could not write to the auth topic: {errors or 'timeout'}")
+
+
+def create_key(settings: Settings, domains: list[str], name: str = "") -> tuple[str, dict[str, Any]]:
+    """A new API key: (the plaintext, shown once; the stored record)."""
+    cred_id, secret = _new_id(), secrets.token_urlsafe(32)
+    rec = {"id": cred_id, "kind": "key", "name": name, "domains": normalize_domains(domains),
+           "hash": hash_secret(secret), "created": time.time(), "revoked": None}
+    _produce(settings, cred_id, rec)
+    return f"{KEY_PREFIX}_{cred_id}_{secret}", rec
+
+
+def create_token(settings: Settings, address: str, name: str = "") -> tuple[str, dict[str, Any]]:
+    """A new mailbox token for `address`: (the plaintext, shown once; the record)."""
+    addr = normalize_address(address)
+    cred_id, secret = _new_id(), secrets.token_urlsafe(32)
+    rec = {"id": cred_id, "kind": "token", "name": name, "address": addr, "domains": [],
+           "hash": hash_secret(secret), "created": time.time(), "revoked": None}
+    _produce(settings, cred_id, rec)
+    return f"{TOKEN_PREFIX}_{cred_id}_{secret}", rec
+
+
+def read_all(settings: Settings, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+    """Every credential record now on the auth topic (latest per id)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from streams.topics import ensure_topics
+
+    ensure_topics(settings)
+    name = full_name(settings, "auth")
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "mailflow-auth-cli",
+                  "enable.auto.commit": False})
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        md = c.list_topics(name, timeout=timeout)
+        parts = list(md.topics[name].partitions)
+        ends = {p: c.get_watermark_offsets(TopicPartition(name, p), timeout=timeout)[1] for p in parts}
+        remaining = {p for p, e in ends.items() if e > 0}
+        c.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in parts])
+        deadline = time.monotonic() + timeout
+        while remaining and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None or m.error():
+                continue
+            key = (m.key() or b"").decode()
+            if m.value() is None:
+                out.pop(key, None)
+            else:
+                try:
+                    out[key] = orjson.loads(m.value())
+                except orjson.JSONDecodeError:
+                    pass
+            if m.offset() + 1 >= ends[m.partition()]:
+                remaining.discard(m.partition())
+    finally:
+        c.close()
+    return out
+
+
+def revoke(settings: Settings, cred_id: str) -> dict[str, Any] | None:
+    rec = read_all(settings).get(cred_id)
+    if rec is None:
+        return None
+    if not rec.get("revoked"):
+        rec = {**rec, "revoked": time.time()}
+        _produce(settings, cred_id, rec)
+    return rec
+
+
+# ---- demo credentials for `mailflow up` --------------------------------------------
+@dataclass
+class _Demo:
+    key: str = ""
+    token: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ensure_demo_credentials(settings: Settings) -> tuple[str, str]:
+    """(demo API key, demo mailbox token), created once and kept in
+    ``DATA_DIR/demo-credentials.json`` (mode 0600) so every `mailflow up` prints the
+    same working pair. The key sends as the local domains; the token is for
+    ``demo@<first local domain>``. Re-created if the auth topic lost them (a new
+    broker or topic prefix) or they were revoked."""
+    path = Path(settings.data_dir) / "demo-credentials.json"
+    domains = sorted(settings.local_domains) or ["mailflow.local"]
+    address = f"demo@{domains[0]}"
+    known = read_all(settings)
+    saved: dict[str, Any] = {}
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+
+    def still_valid(text: str | None) -> bool:
+        parsed = parse_credential(text or "")
+        if not parsed:
+            return False
+        rec = known.get(parsed[1])
+        return bool(rec) and not rec.get("revoked") and hmac.compare_digest(
+            hash_secret(parsed[2]), str(rec.get("hash", "")))
+
+    key = saved.get("key") if still_valid(saved.get("key")) else None
+    token = saved.get("token") if (still_valid(saved.get("token"))
+                                   and saved.get("address") == address) else None
+    if key and token:
+        return key, token
+    if not key:
+        key, _ = create_key(settings, domains, name="demo")
+    if not token:
+        token, _ = create_token(settings, address, name="demo")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"key": key, "token": token, "address": address, "domains": domains}, f)
+    os.chmod(path, 0o600)
+    return key, token

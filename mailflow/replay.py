@@ -1,0 +1,136 @@
+"""`mailflow replay errors|dead`: put parked mail back into the flow after a fix.
+
+Each parked record goes back to the input of the stage that parked it: a
+rejected message to ``admitted`` (validate again), a quarantined one to
+``outgoing`` (scan again), a rate-limited one to ``submissions``, a dead one to
+``delivery`` for the recipients that failed, with its attempt count reset.
+A ``replayed`` event reopens those recipients in the status, so each still has
+exactly one final state at a time. Replaying twice does not deliver twice: the
+delivery ledger and the idempotent stores skip what already happened.
+
+Poison records (not JSON, wrong schema) are listed, never replayed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from mailflow.config import Settings, parse_duration
+from mailflow.mailrules import domain_of, group_by_domain
+from schemas.records import Event, PoisonPill, parse_error, parse_message
+from streams.topics import full_name
+
+# Where a record parked by a stage goes back in.
+BACK_TO = {"ratelimit": "submissions", "validate": "admitted", "scan": "outgoing",
+           "store": "local", "sentfolder": "clean", "deliver": "delivery"}
+
+
+@dataclass
+class Replay:
+    topic: str
+    key: bytes | None
+    value: bytes
+    msg_id: str
+    recipients: list[str]
+
+
+def plan_error(raw: bytes, reason: str | None, since: float | None) -> Replay | None:
+    """The replay of one ``errors`` record, or None if filtered out or not replayable."""
+    try:
+        err = parse_error(raw)
+        if (reason and err.reason != reason) or (since and err.ts < since):
+            return None
+        if err.state == "poison" or err.stage not in BACK_TO or not err.record:
+            return None
+        msg = parse_message(err.record)
+    except PoisonPill:
+        return None
+    target = BACK_TO[err.stage]
+    key = {"submissions": msg.sender, "admitted": msg.sender, "local": msg.mailbox or "",
+           "delivery": str(msg.meta.get("domain") or domain_of(msg.recipients[0]))}.get(target, msg.id)
+    return Replay(target, key.encode(), err.record.encode(), msg.id, msg.recipients)
+
+
+def plan_dead(raw: bytes, reason: str | None, since: float | None, now: float) -> list[Replay]:
+    """Replays of one ``dead`` record: one per domain of its failed recipients."""
+    try:
+        msg = parse_message(raw)
+    except PoisonPill:
+        return []
+    dead = msg.meta.get("dead") or {}
+    if (reason and dead.get("reason") != reason) or (since and float(dead.get("ts", 0)) < since):
+        return []
+    out = []
+    for domain, rcpts in group_by_domain(msg.recipients).items():
+        meta = {k: v for k, v in msg.meta.items() if k not in ("dead", "due", "tier")}
+        meta.update({"domain": domain, "attempt": 0, "first_attempt": now, "replayed_at": now})
+        rec = msg.with_(recipients=rcpts, meta=meta)
+        out.append(Replay("delivery", domain.encode(), rec.to_json(), msg.id, rcpts))
+    return out
+
+
+def read_all(settings: Settings, short: str) -> list[bytes]:
+    """Every record on a topic up to its current end."""
+    topic = full_name(settings, short)
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "mailflow-replay",
+                  "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=10)
+        parts = list(md.topics[topic].partitions)
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        remaining = {p for p, e in ends.items() if e > 0}
+        out: list[bytes] = []
+        idle = 0
+        while remaining and idle < 20:
+            m = c.poll(0.5)
+            if m is None:
+                idle += 1
+                continue
+            idle = 0
+            if m.error():
+                continue
+            if m.value() is not None:
+                out.append(m.value())
+            if m.offset() + 1 >= ends[m.partition()]:
+                remaining.discard(m.partition())
+        return out
+    finally:
+        c.close()
+
+
+def run(settings: Settings, source: str, reason: str | None, since_text: str | None,
+        dry_run: bool = False) -> int:
+    now = time.time()
+    since = now - parse_duration(since_text) if since_text else None
+    records = read_all(settings, source)
+    plans: list[Replay] = []
+    for raw in records:
+        plans += plan_dead(raw, reason, since, now) if source == "dead" else (
+            [p] if (p := plan_error(raw, reason, since)) else [])
+    print(f"replay: {len(records)} records on {source}, {len(plans)} to put back"
+          + (" (dry run)" if dry_run else ""), file=sys.stderr)
+    counts: dict[str, int] = {}
+    if not dry_run and plans:
+        p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
+                      "enable.idempotence": True, "partitioner": "murmur2_random"})
+        for plan in plans:
+            ev = Event(id=plan.msg_id, state="replayed", stage="replay", recipients=plan.recipients,
+                       detail={"from": source})
+            p.produce(full_name(settings, "events"), key=plan.msg_id.encode(), value=ev.to_json())
+            p.produce(full_name(settings, plan.topic), key=plan.key, value=plan.value)
+            counts[plan.topic] = counts.get(plan.topic, 0) + 1
+        left = p.flush(60)
+        if left:
+            print(f"replay: {left} records not acknowledged by Kafka; run it again", file=sys.stderr)
+            return 1
+    summary: dict[str, Any] = {"source": source, "read": len(records), "replayed": 0 if dry_run else len(plans),
+                               "planned": len(plans), "to": counts}
+    print(orjson.dumps(summary).decode())
+    return 0
