@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", default="final", help="a state to wait for instead of a final one, e.g. validated")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the pipeline to drain")
     p.add_argument("--api", help="API base URL (default from settings)")
+    p.add_argument("--key", default=os.environ.get("MAILFLOW_API_KEY"),
+                   help="API key for the local domain (default $MAILFLOW_API_KEY; with --start one is made)")
     p.add_argument("--start", default="", help="start these stages (comma list or all) and an API first")
     p.add_argument("--api-workers", type=int, default=1, help="with --start: API processes")
     p.add_argument("--rate", type=float, default=0.0, help="messages per second to hold (0: as fast as accepted)")
@@ -175,6 +177,9 @@ async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> d
     latencies: list[float] = []
     started = time.perf_counter()
     connector = aiohttp.TCPConnector(limit=args.concurrency)
+    headers = {"Content-Type": "message/rfc822"}
+    if args.key:
+        headers["Authorization"] = f"Bearer {args.key}"
     async with aiohttp.ClientSession(connector=connector) as http:
         async def one(n: int) -> None:
             sender = f"sender{n % args.senders}@{local_domain}"
@@ -187,8 +192,7 @@ async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> d
                 if args.rate:
                     await asyncio.sleep(max(0.0, started + n / args.rate - time.perf_counter()))
                 t0 = time.perf_counter()
-                async with http.post(f"{api}/v1/messages", data=body,
-                                     headers={"Content-Type": "message/rfc822"}) as resp:
+                async with http.post(f"{api}/v1/messages", data=body, headers=headers) as resp:
                     doc = await resp.read()
                 latencies.append(time.perf_counter() - t0)
                 if resp.status == 202:
@@ -301,6 +305,9 @@ def start_stack(settings: Settings, args: argparse.Namespace) -> tuple[Settings,
     os.environ.update(env)
     settings = Settings.from_env()
     ensure_topics(settings)
+    from mailflow.api.auth import create_key
+
+    args.key, _ = create_key(settings, sorted(settings.local_domains), name="bench")
     sup = Supervisor()
     me = [sys.executable, "-m", "mailflow.cli"]
     for stage in parse_stages(args.start):

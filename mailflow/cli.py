@@ -18,10 +18,19 @@ def _api(settings: Settings, api: str | None) -> str:
     return (api or os.environ.get("MAILFLOW_API") or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
 
 
-def _http(method: str, url: str, body: bytes | None = None, ctype: str | None = None) -> tuple[int, bytes]:
+def _credential(args: argparse.Namespace | None = None) -> str | None:
+    """--key, else MAILFLOW_API_KEY, else MAILFLOW_TOKEN (a mailbox token)."""
+    return (getattr(args, "key", None) or os.environ.get("MAILFLOW_API_KEY")
+            or os.environ.get("MAILFLOW_TOKEN") or None)
+
+
+def _http(method: str, url: str, body: bytes | None = None, ctype: str | None = None,
+          key: str | None = None) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method=method)
     if ctype:
         req.add_header("Content-Type", ctype)
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, resp.read()
@@ -36,11 +45,13 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     if args.file:
         raw = Path(args.file).read_bytes()
         q = urllib.parse.urlencode({"from": args.sender, "to": ",".join(args.to)})
-        status, body = _http("POST", f"{base}/v1/messages?{q}", raw, "message/rfc822")
+        status, body = _http("POST", f"{base}/v1/messages?{q}", raw, "message/rfc822",
+                             key=_credential(args))
     else:
         doc = {"from": args.sender, "to": args.to, "subject": args.subject or "",
                "text": args.text if args.text is not None else ""}
-        status, body = _http("POST", f"{base}/v1/messages", orjson.dumps(doc), "application/json")
+        status, body = _http("POST", f"{base}/v1/messages", orjson.dumps(doc), "application/json",
+                             key=_credential(args))
     if status != 202:
         print(f"mailflow: refused ({status}): {body.decode(errors='replace')}", file=sys.stderr)
         return 1
@@ -49,7 +60,8 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    status, body = _http("GET", f"{_api(settings, args.api)}/v1/messages/{args.id}")
+    status, body = _http("GET", f"{_api(settings, args.api)}/v1/messages/{args.id}",
+                         key=_credential(args))
     if status != 200:
         print(f"mailflow: {status}: {body.decode(errors='replace')}", file=sys.stderr)
         return 1
@@ -70,6 +82,62 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         t = dt.datetime.fromtimestamp(e["ts"]).strftime("%H:%M:%S.%f")[:-3]
         who = ",".join(e.get("recipients") or []) or "-"
         print(f"  {t} {e['stage']:<10} {e['state']:<12} {who}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow keys create|list|revoke`: API keys on the `auth` topic."""
+    import datetime as dt
+
+    from mailflow.api import auth
+
+    try:
+        if args.keys_cmd == "create":
+            key, rec = auth.create_key(settings, args.domains.split(","), name=args.name or "")
+            print(f"key id {rec['id']} for {','.join(rec['domains'])}"
+                  + (" (admin: every domain)" if auth.ADMIN in rec["domains"] else ""), file=sys.stderr)
+            print("store it now: it is shown only once", file=sys.stderr)
+            print(key)
+            return 0
+        if args.keys_cmd == "list":
+            recs = sorted(auth.read_all(settings).values(), key=lambda r: r.get("created", 0))
+            recs = [r for r in recs if args.all or r.get("kind") == "key"]
+            if args.json:
+                print(orjson.dumps([{k: v for k, v in r.items() if k != "hash"} for r in recs]).decode())
+                return 0
+            print(f"{'ID':<13} {'KIND':<6} {'NAME':<16} {'CREATED':<20} {'REVOKED':<20} DOMAINS/ADDRESS")
+            for r in recs:
+                def when(ts: float | None) -> str:
+                    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+                print(f"{r['id']:<13} {r.get('kind', '?'):<6} {(r.get('name') or '-'):<16} "
+                      f"{when(r.get('created')):<20} {when(r.get('revoked')):<20} "
+                      f"{r.get('address') or ','.join(r.get('domains') or [])}")
+            return 0
+        if args.keys_cmd == "revoke":
+            rec = auth.revoke(settings, args.id)
+            if rec is None:
+                print(f"mailflow: no credential {args.id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.id}")
+            return 0
+    except ValueError as exc:
+        print(f"mailflow: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def cmd_mailboxes(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow mailboxes create ADDRESS`: a mailbox token (revoke with `keys revoke ID`)."""
+    from mailflow.api import auth
+    from mailflow.mailrules import AddressError
+
+    try:
+        token, rec = auth.create_token(settings, args.address, name=args.name or "")
+    except AddressError as exc:
+        print(f"mailflow: not an address: {exc}", file=sys.stderr)
+        return 2
+    print(f"token id {rec['id']} for mailbox {rec['address']}; shown only once", file=sys.stderr)
+    print(token)
     return 0
 
 
@@ -102,12 +170,32 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--subject")
     s.add_argument("--text")
     s.add_argument("--api")
+    s.add_argument("--key", help="API key or mailbox token (default: $MAILFLOW_API_KEY, $MAILFLOW_TOKEN)")
     s.add_argument("file", nargs="?")
 
     st = sub.add_parser("status", help="one message's state and timeline")
     st.add_argument("id")
     st.add_argument("--json", action="store_true")
     st.add_argument("--api")
+    st.add_argument("--key", help="API key or mailbox token (default: $MAILFLOW_API_KEY, $MAILFLOW_TOKEN)")
+
+    ks = sub.add_parser("keys", help="API keys for services (create, list, revoke)")
+    ksub = ks.add_subparsers(dest="keys_cmd", required=True)
+    kc = ksub.add_parser("create", help="create a key; prints it once")
+    kc.add_argument("--domains", required=True,
+                    help="comma-separated sender domains (`*.example.com` for subdomains, `*` for all: admin)")
+    kc.add_argument("--name")
+    kl = ksub.add_parser("list", help="id, name, domains, created, revoked")
+    kl.add_argument("--all", action="store_true", help="mailbox tokens too")
+    kl.add_argument("--json", action="store_true")
+    kr = ksub.add_parser("revoke", help="revoke a key or mailbox token by id")
+    kr.add_argument("id")
+
+    mbx = sub.add_parser("mailboxes", help="mailbox tokens for people")
+    msub = mbx.add_subparsers(dest="mailboxes_cmd", required=True)
+    mc = msub.add_parser("create", help="create a token for ADDRESS; prints it once")
+    mc.add_argument("address")
+    mc.add_argument("--name")
 
     lg = sub.add_parser("lag", help="consumer lag per stage")
     lg.add_argument("--watch", action="store_true")
@@ -166,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_send(args, settings)
     if args.cmd == "status":
         return cmd_status(args, settings)
+    if args.cmd == "keys":
+        return cmd_keys(args, settings)
+    if args.cmd == "mailboxes":
+        return cmd_mailboxes(args, settings)
     if args.cmd == "lag":
         from mailflow import lag
 

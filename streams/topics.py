@@ -3,8 +3,11 @@
 Every topic of the contract (``submissions``, ``admitted``, ``local``, ``outgoing``,
 ``clean``, ``delivery``, ``retry.1..N``, ``dead``, ``errors``, ``events``) plus two
 compacted topics of our own: ``throttle`` (senders the rate limiter currently
-holds back, read by the ingress to answer 429) and ``registry`` (the web address
-of each live worker, read by the ingress to route mailbox and status reads).
+holds back, read by the ingress to answer 429), ``registry`` (the web address
+of each live worker, read by the ingress to route mailbox and status reads),
+``auth`` (API keys and mailbox tokens by id: hashes only, see mailflow/api/auth.py)
+and ``idempotency`` (credential + Idempotency-Key -> request hash and message id;
+compacted and also deleted after 2 days, the window being 24 h).
 
 `ensure_topics` creates what is missing at start; partition count and replication
 come from the settings (``MAILFLOW_PARTITIONS``, ``MAILFLOW_REPLICATION``).
@@ -22,6 +25,7 @@ class TopicSpec:
     name: str  # short name, without the prefix
     compacted: bool = False
     partitions: int | None = None  # None: the settings' default
+    config: tuple[tuple[str, str], ...] = ()  # extra topic configs
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -32,7 +36,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
     specs += [TopicSpec(f"retry.{i}") for i in range(1, len(settings.retry_schedule) + 1)]
     specs += [TopicSpec("throttle", compacted=True, partitions=1),
-              TopicSpec("registry", compacted=True, partitions=1)]
+              TopicSpec("registry", compacted=True, partitions=1),
+              TopicSpec("auth", compacted=True, partitions=1),
+              TopicSpec("idempotency", compacted=True, partitions=1,
+                        config=(("cleanup.policy", "compact,delete"),
+                                ("retention.ms", str(2 * 86400 * 1000))))]
     return specs
 
 
@@ -54,6 +62,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         config = {"min.insync.replicas": str(min(2, settings.replication))}
         if spec.compacted:
             config["cleanup.policy"] = "compact"
+        config.update(dict(spec.config))
         new.append(NewTopic(name, num_partitions=spec.partitions or settings.partitions,
                             replication_factor=settings.replication, config=config))
     if not new:

@@ -44,13 +44,26 @@ def wait_for(check: Callable[[], Any], timeout: float = 60.0, interval: float = 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+# API base URL -> the credential its Stack created (an admin key, domains `*`).
+CREDENTIALS: dict[str, str] = {}
+
+
 def http(method: str, url: str, body: Any = None, ctype: str = "application/json",
-         headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any, dict[str, str]]:
-    """(status, parsed JSON or bytes, headers)."""
+         headers: dict[str, str] | None = None, timeout: float = 30,
+         auth: str | bool | None = True) -> tuple[int, Any, dict[str, str]]:
+    """(status, parsed JSON or bytes, headers).
+
+    `auth`: True sends the admin key of the Stack serving `url` (if any); a string
+    sends that credential; None or False sends no Authorization header.
+    """
     data = body if isinstance(body, bytes) or body is None else orjson.dumps(body)
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", ctype)
+    if auth is True:
+        auth = next((c for base, c in CREDENTIALS.items() if url.startswith(base + "/")), None)
+    if auth and not any(k.lower() == "authorization" for k in (headers or {})):
+        req.add_header("Authorization", f"Bearer {auth}")
     for k, v in (headers or {}).items():
         req.add_header(k, v)
     try:
@@ -117,6 +130,7 @@ class Stack:
         }
         self.procs: dict[str, list[subprocess.Popen[bytes]]] = {}
         self.api = f"http://127.0.0.1:{self.api_port}"
+        self.key: str | None = None  # admin API key (domains `*`), made by start()
 
     def settings(self) -> Any:
         from mailflow.config import Settings
@@ -155,12 +169,28 @@ class Stack:
         from streams.topics import ensure_topics
 
         ensure_topics(self.settings())
+        self.ensure_key()
         for s in stages:
             self.start_stage(s)
         self.start_api()
         for s in stages:
             self.wait_stage(s)
         return self
+
+    def ensure_key(self) -> str:
+        """This stack's admin key (domains `*`), which `http()` sends by default."""
+        if self.key is None:
+            from mailflow.api.auth import create_key
+
+            self.key, _ = create_key(self.settings(), ["*"], name="tests")
+            CREDENTIALS[self.api] = self.key
+        return self.key
+
+    def token(self, address: str) -> str:
+        """A new mailbox token for `address` on this stack."""
+        from mailflow.api.auth import create_token
+
+        return create_token(self.settings(), address)[0]
 
     def wait_stage(self, stage: str, timeout: float = 120) -> None:
         """Until a replica of `stage` has registered (its consumer is running)."""
@@ -208,15 +238,15 @@ class Stack:
     def submit(self, doc: Any, **kw: Any) -> tuple[int, Any, dict[str, str]]:
         return http("POST", f"{self.api}/v1/messages", doc, **kw)
 
-    def status(self, msg_id: str) -> Any:
-        code, body, _ = http("GET", f"{self.api}/v1/messages/{msg_id}")
+    def status(self, msg_id: str, auth: str | bool | None = True) -> Any:
+        code, body, _ = http("GET", f"{self.api}/v1/messages/{msg_id}", auth=auth)
         return body if code == 200 else None
 
-    def mailbox(self, address: str, folder: str = "inbox", **q: Any) -> Any:
+    def mailbox(self, address: str, folder: str = "inbox", auth: str | bool | None = True, **q: Any) -> Any:
         from urllib.parse import urlencode
 
         code, body, _ = http("GET", f"{self.api}/v1/mailboxes/{address}/messages?"
-                             + urlencode({"folder": folder, **q}))
+                             + urlencode({"folder": folder, **q}), auth=auth)
         assert code == 200, body
         return body
 

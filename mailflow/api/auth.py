@@ -33,7 +33,7 @@ import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
@@ -223,11 +223,11 @@ class Authenticator:
     def record(self, cred_id: str) -> dict[str, Any] | None:
         return self.reader.values[self.topic].get(cred_id)
 
-    def verify(self, header: str | None) -> tuple[Principal | None, str]:
+    def verify(self, header: str | None, wait: bool = True) -> tuple[Principal | None, str]:
         """(principal, "") or (None, why): why is safe to show (never the secret).
 
-        Blocking only when the credential's id is unknown (it may have been created
-        a moment ago): then it waits until the reader has caught up.
+        With `wait`, an unknown id (created a moment ago?) blocks until the reader
+        has caught up with the topic; call it from a thread then.
         """
         if self.mode == "off":
             return ANONYMOUS, ""
@@ -241,9 +241,11 @@ class Authenticator:
             return None, "the credential is malformed"
         kind, cred_id, secret = parsed
         rec = self.record(cred_id)
-        if rec is None:
+        if rec is None and wait:
             self.reader.sync(self.topic, timeout=3.0, min_interval=0.5)
             rec = self.record(cred_id)
+        if rec is None and not wait:
+            return None, "unknown credential?"
         if rec is None or rec.get("kind") != kind:
             return None, "unknown credential"
         if not hmac.compare_digest(hash_secret(secret), str(rec.get("hash", ""))):
@@ -341,13 +343,6 @@ def revoke(settings: Settings, cred_id: str) -> dict[str, Any] | None:
 
 
 # ---- demo credentials for `mailflow up` --------------------------------------------
-@dataclass
-class _Demo:
-    key: str = ""
-    token: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def ensure_demo_credentials(settings: Settings) -> tuple[str, str]:
     """(demo API key, demo mailbox token), created once and kept in
     ``DATA_DIR/demo-credentials.json`` (mode 0600) so every `mailflow up` prints the

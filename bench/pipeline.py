@@ -1,0 +1,89 @@
+"""The whole path, HTTP submission to a message received by an SMTP peer.
+
+Starts Postfix's `smtp-sink` as the peer (fast, so it is not the bottleneck), then
+alternates `mailflow bench --start all` runs with scanning off and on (and the
+submission half alone: local mailboxes), each on a fresh topic prefix on the
+running broker, and prints the medians. Ends with one JSON line.
+
+    .venv/bin/python bench/pipeline.py --count 5000 --runs 3
+
+Needs a broker on MAILFLOW_KAFKA_BOOTSTRAP (`mailflow broker`), and clamd and
+rspamd (`python -m mailflow.services up`) for the scanning runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import orjson
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one(mode: str, count: int, sink_port: int) -> dict:
+    env = {**os.environ, "MAILFLOW_SMTP_ROUTES": f"*=127.0.0.1:{sink_port}"}
+    args = [sys.executable, "-m", "mailflow.cli", "bench", "--start", "all", "--count", str(count)]
+    if mode == "local":
+        env["MAILFLOW_SCANNERS"] = "none"
+    else:
+        args += ["--remote-share", "1.0"]
+        env["MAILFLOW_SCANNERS"] = "none" if mode == "scan-off" else "clamd,rspamd"
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
+    lines = [x for x in out.stdout.strip().splitlines() if x.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"bench {mode} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    doc = orjson.loads(lines[-1])
+    doc["mode"] = mode
+    print(f"{mode:9} accepted/s {doc['accepted_per_s']:7.1f}  final/s {doc['finished_per_s']:7.1f}  "
+          f"p50 {doc['latency_p50_ms']:8.1f} ms  p99 {doc['latency_p99_ms']:8.1f} ms  "
+          f"states {doc['states']}", flush=True)
+    return doc
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--count", type=int, default=5000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--modes", default="local,scan-off,scan-on")
+    a = p.parse_args()
+    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    port = free_port()
+    # -c: count, 1000: listen backlog; it answers 250 to everything and keeps nothing.
+    peer = subprocess.Popen([sink, "-u", "nobody", "-c", f"127.0.0.1:{port}", "1000"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    results: dict[str, list[dict]] = {}
+    try:
+        for _ in range(a.runs):
+            for mode in a.modes.split(","):
+                results.setdefault(mode, []).append(one(mode, a.count, port))
+    finally:
+        peer.terminate()
+    summary = {}
+    for mode, docs in results.items():
+        def med(key: str, docs: list[dict] = docs) -> float:
+            return round(statistics.median(d[key] for d in docs), 1)
+
+        summary[mode] = {
+            "runs": len(docs), "accepted_per_s": med("accepted_per_s"), "final_per_s": med("finished_per_s"),
+            "p50_ms": med("latency_p50_ms"), "p99_ms": med("latency_p99_ms"),
+            "final_per_s_range": [min(d["finished_per_s"] for d in docs), max(d["finished_per_s"] for d in docs)],
+            "peak_rss_mb": med("peak_rss_mb"),
+        }
+    print(orjson.dumps({"count": a.count, "modes": summary}).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
