@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def claim_port(settings: Settings, start: int) -> tuple[int, int]:
     Workers starting side by side would all see the same port free; a flock per
     port under the data dir makes the choice exclusive until this process exits.
     """
-    locks = settings.data_dir / "run" / "ports"
+    # Machine-wide, not per data dir: stacks with different data dirs share the ports.
+    locks = Path(tempfile.gettempdir()) / "mailflow-ports"
     locks.mkdir(parents=True, exist_ok=True)
     for port in range(start, start + 1000):
         fd = os.open(locks / f"{port}.lock", os.O_CREAT | os.O_RDWR, 0o644)

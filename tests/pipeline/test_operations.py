@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+from harness import ScriptedPeer, Stack, free_port, http, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import ScriptedPeer, Stack, free_port, http, wait_for
 from schemas.records import Message
 
 
