@@ -5,9 +5,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-DEBIAN_PKGS := clamav clamav-daemon rspamd dnsmasq-base postfix prometheus openjdk-17-jre-headless maven
+DEBIAN_PKGS := clamav clamav-daemon rspamd dnsmasq-base postfix prometheus chromium openjdk-17-jre-headless maven
 # Executables that tell whether the Debian packages above are installed.
-DEBIAN_BINS := clamd sigtool rspamd dnsmasq smtp-sink promtool java mvn
+DEBIAN_BINS := clamd sigtool rspamd dnsmasq smtp-sink promtool chromium java mvn
 
 export MAILFLOW_SMTP_ROUTES ?= *=127.0.0.1:2525
 

@@ -73,6 +73,21 @@ def build(settings: Settings, scanners: bool = True) -> Supervisor:
     return sup
 
 
+def print_demo_credentials(settings: Settings) -> None:
+    """A ready demo key and mailbox token, so the first send works at once."""
+    from mailflow.api.auth import auth_mode, ensure_demo_credentials
+
+    if auth_mode() != "required":
+        return
+    key, token = ensure_demo_credentials(settings)
+    first = sorted(settings.local_domains)[0]
+    print(f"mailflow: demo API key (sends as {', '.join(sorted(settings.local_domains))}): {key}\n"
+          f"mailflow: demo mailbox token for demo@{first} (webmail at "
+          f"http://{settings.api_host}:{settings.api_port}/): {token}\n"
+          f"mailflow: try: MAILFLOW_API_KEY={key} .venv/bin/mailflow send --from demo@{first} "
+          f"--to someone@example.com --text hi", file=sys.stderr, flush=True)
+
+
 def up(settings: Settings, detach: bool = False, scanners: bool = True) -> int:
     pf = pid_file(settings)
     pf.parent.mkdir(parents=True, exist_ok=True)
@@ -92,11 +107,13 @@ def up(settings: Settings, detach: bool = False, scanners: bool = True) -> int:
             time.sleep(0.5)
         print(f"mailflow: stack running (pid {proc.pid}); API {api.removesuffix('/healthz')}; "
               f"log {log}; stop with `mailflow down`")
+        print_demo_credentials(settings)
         return 0
     pf.write_text(str(os.getpid()))
     sup = build(settings, scanners)
     try:
         sup.start()
+        print_demo_credentials(settings)
         print(f"mailflow: stack ready; API http://{settings.api_host}:{settings.api_port} "
               f"(Ctrl-C stops it)", file=sys.stderr, flush=True)
         return sup.run_forever()

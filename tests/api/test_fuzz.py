@@ -23,7 +23,7 @@ from schemathesis.checks import (  # noqa: E402
 )
 from schemathesis.generation import GenerationMode  # noqa: E402
 
-EXAMPLES = int(os.environ.get("MAILFLOW_FUZZ_EXAMPLES", "70"))
+EXAMPLES = int(os.environ.get("MAILFLOW_FUZZ_EXAMPLES", "150"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 
@@ -63,4 +63,4 @@ def test_openapi_fuzz(submission_stack: Stack) -> None:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             seen = fuzz_operation(op, mode, headers)
             total += seen
-    assert total >= 1000, total
+    assert total >= 10 * EXAMPLES, total  # some operations have few distinct inputs
