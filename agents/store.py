@@ -110,5 +110,5 @@ def _public(meta: dict[str, Any]) -> dict[str, Any]:
 def _error(view: Any, status: int, code: str, message: str, field: str | None = None) -> Any:
     err: dict[str, Any] = {"code": code, "message": message}
     if field:
-        err["fields"] = [field]
+        err["fields"] = {field: message}  # the contract's error shape: field -> what is wrong
     return view.json({"error": err}, status=status)

@@ -178,6 +178,11 @@ def run(data_dir: Path, port: int = 9092, controller_port: int = 9093, loglevel:
     def log(m: str) -> None:
         print(f"mailflow broker: {m}", file=sys.stderr, flush=True)
 
+    if is_ready(f"127.0.0.1:{port}", timeout=1.0):
+        # Otherwise our JVM would fail to bind and the readiness check would be
+        # answered by the other broker.
+        log(f"a Kafka broker already answers on 127.0.0.1:{port}; not starting another")
+        return 3
     try:
         cmd = prepare(data_dir, port, controller_port, loglevel, log)
     except BrokerError as exc:
