@@ -71,6 +71,20 @@ MAX_HISTORY = 30
 MX_PORT = int(os.environ.get("MAILFLOW_MX_PORT", "25"))
 
 
+def may_send(entry: dict[str, Any] | None, meta: dict[str, Any]) -> bool:
+    """Whether a recipient is still to be tried, given its ledger entry.
+
+    Delivered is final for good. A permanent failure is final too, unless an
+    operator replayed the message from ``dead`` after it (`mailflow replay`): then
+    it is tried again, once per replay, since the new outcome updates the entry.
+    """
+    if entry is None:
+        return True
+    if entry.get("kind") == "permanent":
+        return float(meta.get("replayed_at", 0)) > float(entry.get("ts", 0))
+    return False
+
+
 def register(app: faust.App, settings: Settings) -> None:
     io = StageIO(app, settings, STAGE)
     ledger = app.Table("ledger", partitions=settings.partitions, schema=JSON_TABLE)
@@ -126,7 +140,7 @@ def register(app: faust.App, settings: Settings) -> None:
                 del busy[key]
 
     async def handle_locked(msg: Message, domain: str) -> Pending:
-        todo = [r for r in msg.recipients if ledger.get(f"{msg.id}|{r}") is None]
+        todo = [r for r in msg.recipients if may_send(ledger.get(f"{msg.id}|{r}"), msg.meta)]
         if not todo:
             return []  # a replay of mail already finished
         now = time.time()

@@ -133,6 +133,7 @@ class CompactedReader:
 
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
         self.values: dict[str, dict[str, Any]] = {t: {} for t in topics}
+        self.positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._consumer = Consumer({
             "bootstrap.servers": bootstrap,
             "group.id": f"mailflow-reader-{uuid.uuid4().hex[:8]}",  # never commits
@@ -161,9 +162,10 @@ class CompactedReader:
         while self._running and not self._assign():
             time.sleep(1)
         while self._running:
-            msg = self._consumer.poll(0.2)
+            msg = self._consumer.poll(0.1)
             if msg is None or msg.error():
                 continue
+            self.positions[(msg.topic(), msg.partition())] = msg.offset() + 1
             table = self.values[msg.topic()]
             key = (msg.key() or b"").decode("utf-8", "replace")
             if msg.value() is None:

@@ -26,6 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOTSTRAP = os.environ.get("MAILFLOW_TEST_BOOTSTRAP", "127.0.0.1:9092")
 
 
+FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"})
+
+
+def settled(stack: Stack, ids: list[str]) -> bool:
+    """Every recipient of every message in `ids` is in a final state."""
+    for i in ids:
+        st = stack.status(i)
+        if not st or not st["recipients"] or not all(r["state"] in FINAL for r in st["recipients"].values()):
+            return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -156,29 +156,10 @@ class SyncReader(CompactedReader):
     until it has seen everything written before now (`sync`)."""
 
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
-        self.positions: dict[tuple[str, int], int] = {}
         self._bootstrap = bootstrap
         self._sync_lock = threading.Lock()
         self._last_sync: dict[str, float] = {}
         super().__init__(bootstrap, topics)
-
-    def _run(self) -> None:  # as CompactedReader._run, recording positions
-        while self._running and not self._assign():
-            time.sleep(1)
-        while self._running:
-            msg = self._consumer.poll(0.1)
-            if msg is None or msg.error():
-                continue
-            self.positions[(msg.topic(), msg.partition())] = msg.offset() + 1
-            table = self.values[msg.topic()]
-            key = (msg.key() or b"").decode("utf-8", "replace")
-            if msg.value() is None:
-                table.pop(key, None)
-                continue
-            try:
-                table[key] = orjson.loads(msg.value())
-            except orjson.JSONDecodeError:
-                continue
 
     def sync(self, topic: str, timeout: float = 3.0, min_interval: float = 0.0) -> bool:
         """Wait (blocking; call from a thread) until every record on `topic` that

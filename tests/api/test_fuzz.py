@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import orjson
 import pytest
 from harness import Stack, http
 
@@ -28,8 +29,11 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 
 
-def fuzz_operation(op, mode, headers: dict[str, str]) -> int:  # noqa: ANN001
-    """Run EXAMPLES generated cases against one operation; the number run."""
+def fuzz_operation(op, mode, headers: dict[str, str], accepted: set[str]) -> int:  # noqa: ANN001
+    """Run EXAMPLES generated cases against one operation; the number run.
+
+    Ids of submissions answered 202 are added to `accepted`.
+    """
     seen: list[int] = []
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -40,6 +44,8 @@ def fuzz_operation(op, mode, headers: dict[str, str]) -> int:  # noqa: ANN001
             case.headers = {**(case.headers or {}), **headers}
         resp = case.call_and_validate(checks=CHECKS, timeout=30)
         seen.append(resp.status_code)
+        if resp.status_code == 202 and case.method.upper() == "POST":
+            accepted.add(resp.json()["id"])
 
     try:
         run()
@@ -57,10 +63,16 @@ def test_openapi_fuzz(submission_stack: Stack) -> None:
     schema = schemathesis.openapi.from_dict(doc)
     schema.config.update(base_url=s.api)
     headers = {"Authorization": f"Bearer {s.key}"}
+    before = {orjson.loads(v)["id"] for _, v in s.read_topic("submissions")}
+    accepted: set[str] = set()
     total = 0
     for result in schema.get_all_operations():
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            seen = fuzz_operation(op, mode, headers)
+            seen = fuzz_operation(op, mode, headers, accepted)
             total += seen
     assert total >= 10 * EXAMPLES, total  # some operations have few distinct inputs
+    # Afterwards the pipeline holds exactly what was accepted: every 202 is on
+    # `submissions` (idempotent repeats share an id), and nothing else was added.
+    after = {orjson.loads(v)["id"] for _, v in s.read_topic("submissions")}
+    assert after - before == accepted - before

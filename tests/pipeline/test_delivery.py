@@ -26,11 +26,10 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import Producer
-from harness import ScriptedPeer, Stack, free_port, http, wait_for
+from harness import ScriptedPeer, Stack, free_port, http, settled, wait_for
 
 from schemas.records import Message
 
-FINAL = {"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"}
 SCHEDULE = (0.2, 0.4, 0.8)
 MAX_AGE = 6.0
 ALL_STAGES = ["ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status"]
@@ -92,14 +91,6 @@ def produce_submission(p: Producer, stack: Stack, sender: str, rcpts: list[str],
     msg = Message(id=msg_id, sender=sender, recipients=rcpts, received_at=time.time(),
                   size=len(raw), body=raw, source="kafka")
     p.produce(f"{stack.prefix}submissions", key=sender.encode(), value=msg.to_json())
-
-
-def settled(stack: Stack, ids: list[str]) -> bool:
-    for i in ids:
-        st = stack.status(i)
-        if not st or not st["recipients"] or not all(r["state"] in FINAL for r in st["recipients"].values()):
-            return False
-    return True
 
 
 def inbox_raw(stack: Stack, address: str) -> list[bytes]:

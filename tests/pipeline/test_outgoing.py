@@ -14,13 +14,12 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Producer
-from harness import ScriptedPeer, Stack, http, wait_for
+from harness import ScriptedPeer, Stack, http, settled, wait_for
 
 from mailflow.services import EICAR
 from schemas.records import Message
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-FINAL = {"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"}
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +44,6 @@ def full_stack(kafka: str, work_dir: Path, scanners: None, peers) -> Iterator[St
                            "retry", "status"])
     finally:
         stack.stop()
-
-
-def settled(stack: Stack, ids: list[str]) -> bool:
-    for i in ids:
-        st = stack.status(i)
-        if not st or not st["recipients"] or not all(r["state"] in FINAL for r in st["recipients"].values()):
-            return False
-    return True
 
 
 def test_clean_message_is_delivered_and_in_sent(full_stack: Stack, peers):

@@ -12,11 +12,9 @@ from email.utils import format_datetime
 import orjson
 import pytest
 from confluent_kafka import Producer
-from harness import Broker, Stack, free_port, http, wait_for
+from harness import FINAL, Broker, Stack, free_port, http, wait_for
 
 from schemas.submission import make_submission
-
-FINAL = {"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"}
 
 
 def raw_message(sender: str, to: list[str], subject: str, n: int) -> bytes:
