@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", default="", help="start these stages (comma list or all) and an API first")
     p.add_argument("--api-workers", type=int, default=1, help="with --start: API processes")
     p.add_argument("--rate", type=float, default=0.0, help="messages per second to hold (0: as fast as accepted)")
+    p.add_argument("--duration", default="", help="a soak run: hold --rate for this long (e.g. 10m); "
+                   "sets --count and samples each stage's lag")
+    p.add_argument("--lag-every", type=float, default=5.0, help="seconds between lag samples")
 
 
 def message(n: int, sender: str, rcpt: str, size: int) -> bytes:
@@ -163,6 +166,57 @@ class MemorySampler(threading.Thread):
         return dict(sorted(out.items()))
 
 
+class LagSampler(threading.Thread):
+    """Lag per stage every few seconds, for the soak report (lag over time)."""
+
+    def __init__(self, settings: Settings, every: float) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.every = settings, every
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self.running = True
+
+    def run(self) -> None:
+        from mailflow.lag import measure
+
+        while self.running:
+            try:
+                lags = measure(self.settings, timeout=5)
+                self.samples.append((time.time(), {s.stage: s.total for s in lags}))
+                worst = max(lags, key=lambda s: s.total)
+                print(f"bench: lag {', '.join(f'{s.stage} {s.total}' for s in lags if s.total)}"
+                      f" (largest: {worst.stage})", file=sys.stderr, flush=True)
+            except Exception as exc:  # the report says how many samples it has
+                print(f"bench: lag sample failed: {exc}", file=sys.stderr, flush=True)
+            time.sleep(self.every)
+
+    def report(self, submit_end: float, rate: float, path: Path) -> dict[str, Any]:
+        """Max lag, lag when submission ended, and which stages fell behind.
+
+        A stage fell behind when, at the end of submission, more than ten seconds of
+        traffic waited on it, or its lag grew through the second half of the run.
+        """
+        if not self.samples:
+            return {"samples": 0}
+        stages = sorted({k for _, d in self.samples for k in d})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.write("ts," + ",".join(stages) + "\n")
+            for ts, d in self.samples:
+                f.write(f"{ts:.1f}," + ",".join(str(d.get(k, 0)) for k in stages) + "\n")
+        during = [(t, d) for t, d in self.samples if t <= submit_end] or self.samples
+        half = during[len(during) // 2:]
+        at_end = during[-1][1]
+        behind = []
+        for k in stages:
+            grew = len(half) >= 3 and half[-1][1].get(k, 0) > 2 * max(1, half[0][1].get(k, 0))
+            if at_end.get(k, 0) > max(100, rate * 10) or (grew and at_end.get(k, 0) > rate):
+                behind.append(k)
+        return {"samples": len(self.samples), "csv": str(path),
+                "max": {k: max(d.get(k, 0) for _, d in self.samples) for k in stages},
+                "at_end_of_submission": {k: at_end.get(k, 0) for k in stages},
+                "fell_behind": behind}
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -216,6 +270,13 @@ async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> d
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     sup = None
+    if args.duration:
+        from mailflow.config import parse_duration
+
+        if not args.rate:
+            print("mailflow bench: --duration needs --rate (messages per second to hold)", file=sys.stderr)
+            return 2
+        args.count = int(args.rate * parse_duration(args.duration))
     if args.start:
         settings, sup, api = start_stack(settings, args)
     else:
@@ -225,8 +286,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     follower.start()
     mem = MemorySampler()
     mem.start()
+    sampler = LagSampler(settings, args.lag_every) if args.duration else None
+    if sampler:
+        sampler.start()
     try:
         sub = asyncio.run(submit_all(api, args, local_domain))
+        submit_end = time.time()
         accepted = sub["accepted"]
         want = {(i, r) for i, rs in accepted.items() for r in rs}
         print(f"bench: {len(accepted)} accepted in {sub['elapsed']:.1f}s; waiting for them to finish",
@@ -245,6 +310,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         follower.stop()
         mem.running = False
+        if sampler:
+            sampler.running = False
         if sup is not None:
             sup.stop()
     with follower.lock:
@@ -278,6 +345,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         "cpu_seconds": mem.cpu_by_role(),
         "drain_seconds_after_submit": round(last_done - first_done, 2) if done else None,
     }
+    if sampler:
+        csv = settings.data_dir / "bench" / f"lag-{int(time.time())}.csv"
+        result["lag"] = sampler.report(submit_end, args.rate, csv)
+        print(f"lag over time in {csv}; max per stage {result['lag'].get('max')}; "
+              f"fell behind: {', '.join(result['lag'].get('fell_behind') or []) or 'none'}")
     print(f"accepted {result['accepted']}/{args.count} at {result['accepted_per_s']}/s; "
           f"{result['finished']}/{result['expected']} recipients final at {result['finished_per_s']}/s; "
           f"p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms; "
