@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import faust
+from faust.exceptions import PartitionsMismatch
 
 from mailflow import metrics
 from mailflow.config import Settings
@@ -38,7 +39,10 @@ Pending = list[Awaitable[Any]]
 JSON_TABLE = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
 
 # Failures that are the world's, not the record's: wait and try again.
-TRANSIENT = (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError, BrokerUnavailable)
+# PartitionsMismatch: on a fresh broker a table's new changelog topic can be missing
+# from the client's metadata for a moment; it resolves with the next refresh.
+TRANSIENT = (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError, BrokerUnavailable,
+             PartitionsMismatch)
 
 
 class StageIO:
@@ -121,9 +125,10 @@ class StageIO:
                 delay = min(delay * 2, 30.0)
                 continue
             except Exception as exc:  # a bug or an unforeseen input: park, never stall
-                if attempts < 3:
+                if attempts < 6:  # about 6 s of backoff before a record is parked
                     log.exception("%s: failed, trying again", self.stage)
                     await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
                     continue
                 log.exception("%s: failed %d times, parking the record", self.stage, attempts)
                 pending = [await self.park("stage_failure", "poison", raw, detail=repr(exc))]

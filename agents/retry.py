@@ -129,7 +129,7 @@ class RetryStage:
 
     def heartbeat(self) -> None:
         """Say on ``registry`` that this replica is alive, like the Faust stages do."""
-        if time.monotonic() - self.last_beat < 5:
+        if time.monotonic() - self.last_beat < 5 or not self.consumer.assignment():
             return
         self.last_beat = time.monotonic()
         self.producer.produce(self.registry, key=f"{STAGE}|{self.url}".encode(), value=orjson.dumps(

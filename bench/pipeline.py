@@ -6,6 +6,7 @@ submission half alone: local mailboxes), each on a fresh topic prefix on the
 running broker, and prints the medians. Ends with one JSON line.
 
     .venv/bin/python bench/pipeline.py --count 5000 --runs 3
+    .venv/bin/python bench/pipeline.py --count 5000 --runs 3 --modes healthy,tenpct451
 
 Needs a broker on MAILFLOW_KAFKA_BOOTSTRAP (`mailflow broker`), and clamd and
 rspamd (`python -m mailflow.services up`) for the scanning runs.
@@ -31,10 +32,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one(mode: str, count: int, sink_port: int) -> dict:
+DEFERRING = [f"d{i}.bench.test" for i in range(5)]  # 5 of the bench's 50 domains: 10 % of the mail
+
+
+def one(mode: str, count: int, sink_port: int, defer_port: int) -> dict:
     env = {**os.environ, "MAILFLOW_SMTP_ROUTES": f"*=127.0.0.1:{sink_port}"}
     args = [sys.executable, "-m", "mailflow.cli", "bench", "--start", "all", "--count", str(count)]
-    if mode == "local":
+    if mode in ("healthy", "tenpct451"):
+        # The retry benchmark: scanning off; in `tenpct451` 10 % of the mail goes to a
+        # server that always answers 451, and only the rest is waited for.
+        env["MAILFLOW_SCANNERS"] = "none"
+        args += ["--remote-share", "1.0", "--skip-domains", ",".join(DEFERRING)]
+        if mode == "tenpct451":
+            env["MAILFLOW_SMTP_ROUTES"] = ",".join(
+                [f"{d}=127.0.0.1:{defer_port}" for d in DEFERRING] + [f"*=127.0.0.1:{sink_port}"])
+    elif mode == "local":
         env["MAILFLOW_SCANNERS"] = "none"
     else:
         args += ["--remote-share", "1.0"]
@@ -51,6 +63,19 @@ def one(mode: str, count: int, sink_port: int) -> dict:
     return doc
 
 
+class Always451:
+    """An SMTP server that defers every recipient (a greylisting or broken domain)."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+        return "451 4.7.1 try again later"
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--count", type=int, default=5000)
@@ -63,13 +88,16 @@ def main() -> int:
     peer = subprocess.Popen([sink, "-u", "nobody", "-c", f"127.0.0.1:{port}", "1000"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     time.sleep(0.5)
+    defer = Always451()
+    defer.controller.start()
     results: dict[str, list[dict]] = {}
     try:
         for _ in range(a.runs):
             for mode in a.modes.split(","):
-                results.setdefault(mode, []).append(one(mode, a.count, port))
+                results.setdefault(mode, []).append(one(mode, a.count, port, defer.port))
     finally:
         peer.terminate()
+        defer.controller.stop()
     summary = {}
     for mode, docs in results.items():
         def med(key: str, docs: list[dict] = docs) -> float:
@@ -83,7 +111,12 @@ def main() -> int:
             "cpu_seconds": {k: round(statistics.median(d["cpu_seconds"].get(k, 0) for d in docs), 1)
                             for k in docs[0]["cpu_seconds"]},
         }
-    print(orjson.dumps({"count": a.count, "modes": summary}).decode())
+    out: dict = {"count": a.count, "modes": summary}
+    if "healthy" in summary and "tenpct451" in summary:
+        pairs = zip(results["healthy"], results["tenpct451"], strict=False)
+        out["tenpct451_vs_healthy"] = round(statistics.median(
+            b["finished_per_s"] / h["finished_per_s"] for h, b in pairs if h["finished_per_s"]), 2)
+    print(orjson.dumps(out).decode())
     return 0
 
 

@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", default="", help="a soak run: hold --rate for this long (e.g. 10m); "
                    "sets --count and samples each stage's lag")
     p.add_argument("--lag-every", type=float, default=5.0, help="seconds between lag samples")
+    p.add_argument("--skip-domains", default="",
+                   help="comma-separated recipient domains not to wait for (e.g. ones that always defer)")
 
 
 def message(n: int, sender: str, rcpt: str, size: int) -> bytes:
@@ -293,7 +295,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         sub = asyncio.run(submit_all(api, args, local_domain))
         submit_end = time.time()
         accepted = sub["accepted"]
-        want = {(i, r) for i, rs in accepted.items() for r in rs}
+        skip = {d.strip() for d in args.skip_domains.split(",") if d.strip()}
+        want = {(i, r) for i, rs in accepted.items() for r in rs if r.rpartition("@")[2] not in skip}
         print(f"bench: {len(accepted)} accepted in {sub['elapsed']:.1f}s; waiting for them to finish",
               file=sys.stderr, flush=True)
         deadline = time.monotonic() + args.timeout

@@ -53,7 +53,11 @@ def build_app(stage: str, settings: Settings) -> faust.App:
 
     @app.timer(HEARTBEAT_SECONDS)
     async def heartbeat() -> None:
-        # The ingress routes mailbox and status reads to a live replica it finds here.
+        # The ingress routes mailbox and status reads to a live replica it finds here;
+        # only once it holds partitions and is not rebalancing, so "registered" also
+        # means "consuming" (tests and `mailflow up` wait on it).
+        if app.rebalancing or not app.consumer.assignment():
+            return
         await registry.send(key=f"{stage}|{url}".encode(), value=orjson.dumps(
             {"stage": stage, "url": url, "pid": os.getpid(), "replica": replica.index,
              "ts": time.time()}))
