@@ -18,9 +18,7 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
-import struct
 import sys
 import threading
 import time
@@ -29,13 +27,7 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
-try:  # the PyPI "clamd" package
-    import clamd as clamd_client  # type: ignore[import-not-found]
-except ImportError:  # PyPI "python-clamd" installs the same API as python_clamd
-    try:
-        import python_clamd as clamd_client  # type: ignore[import-not-found,no-redef]
-    except ImportError:
-        clamd_client = None  # type: ignore[assignment]
+import clamd  # python-clamd, the client the scan stage uses
 
 
 def make_message(size: int = 4096) -> bytes:
@@ -136,38 +128,16 @@ def rspamd_worker(url: str, message: bytes, keepalive: bool) -> Callable[[], Cal
     return make
 
 
-def instream_raw(host: str, port: int, data: bytes) -> bytes:
-    with socket.create_connection((host, port), timeout=30) as s:
-        s.sendall(b"zINSTREAM\0" + struct.pack("!L", len(data)) + data + struct.pack("!L", 0))
-        reply = b""
-        while not reply.endswith(b"\0"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-    return reply.rstrip(b"\0")
-
-
-def clamd_worker(
-    host: str, port: int, message: bytes, client: str
-) -> Callable[[], Callable[[], None]]:
+def clamd_worker(host: str, port: int, message: bytes) -> Callable[[], Callable[[], None]]:
     import io
 
     def make() -> Callable[[], None]:
-        if client == "module":
-            cd = clamd_client.ClamdNetworkSocket(host=host, port=port, timeout=30)
+        cd = clamd.ClamdNetworkSocket(host=host, port=port, timeout=30)
 
-            def call() -> None:
-                res = cd.instream(io.BytesIO(message))
-                if res.get("stream", ("",))[0] != "OK":
-                    raise RuntimeError(f"clamd: {res!r}")
-
-        else:
-
-            def call() -> None:
-                res = instream_raw(host, port, message)
-                if not res.endswith(b"OK"):
-                    raise RuntimeError(f"clamd: {res!r}")
+        def call() -> None:
+            res = cd.instream(io.BytesIO(message))
+            if res.get("stream", ("",))[0] != "OK":
+                raise RuntimeError(f"clamd: {res!r}")
 
         return call
 
@@ -217,12 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-rspamd", action="store_true")
     ap.add_argument("--no-clamd", action="store_true")
-    ap.add_argument(
-        "--clamd-client",
-        choices=["module", "raw"],
-        default="module" if clamd_client else "raw",
-        help="clamd client: the clamd/python_clamd module or a raw socket",
-    )
     args = ap.parse_args(argv)
 
     message = make_message(args.size)
@@ -247,11 +211,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_clamd:
         host, _, port = args.clamd.rpartition(":")
-        client = args.clamd_client
-        out["clamd_client"] = clamd_client.__name__ if client == "module" else "raw-socket"
+        out["clamd_client"] = "clamd"
         for n in levels:
             print(f"clamd {host}:{port} INSTREAM, {n} client(s), client={out['clamd_client']}")
-            w = clamd_worker(host or "127.0.0.1", int(port), message, client)
+            w = clamd_worker(host or "127.0.0.1", int(port), message)
             r = median_runs("clamd", args.runs, lambda w=w, n=n: run_parallel(w, n, args.duration))
             out[f"clamd_c{n}_scans_per_s"] = round(r["per_s"], 1)
             out[f"clamd_c{n}_p50_ms"] = round(r["p50_ms"], 2)
