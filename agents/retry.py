@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from mailflow import metrics
 from mailflow.config import Settings
+from schemas.records import ErrorRecord
 from streams.topics import full_name
 
 STAGE = "retry"
@@ -83,9 +84,9 @@ class RetryStage:
             result["err"] = err
 
         target = self.delivery if due_at(msg.value()) is not None else self.errors
-        value = msg.value() if target == self.delivery else orjson.dumps(
-            {"stage": STAGE, "reason": "not_json", "state": "poison", "detail": "unreadable retry record",
-             "record": (msg.value() or b"").decode("utf-8", "replace"), "ts": time.time()})
+        value = msg.value() if target == self.delivery else ErrorRecord(
+            stage=STAGE, reason="not_json", state="poison", detail="unreadable retry record",
+            record=(msg.value() or b"").decode("utf-8", "replace")).to_json()
         while True:
             self.producer.produce(target, key=msg.key(), value=value, on_delivery=done)
             self.producer.flush(30)

@@ -16,7 +16,7 @@ import faust
 
 from agents.common import Pending, StageIO
 from mailflow.config import Settings
-from mailflow.mailrules import check_message, split_recipients, summarize
+from mailflow.mailrules import check_message, parse_headers, split_recipients, summarize
 from mailflow.objstore import body_key, put_body
 from schemas.records import parse_message
 
@@ -29,7 +29,8 @@ def register(app: faust.App, settings: Settings) -> None:
     async def handle(raw: bytes | None) -> Pending:
         msg = parse_message(raw)
         body = await io.body(msg)
-        problems = check_message(msg.sender, msg.recipients, body,
+        headers = parse_headers(body)  # once, for the checks and the listing summary
+        problems = check_message(msg.sender, msg.recipients, body, headers=headers,
                                  max_bytes=settings.max_message_bytes,
                                  max_recipients=settings.max_recipients)
         if problems:
@@ -41,7 +42,7 @@ def register(app: faust.App, settings: Settings) -> None:
                                {"reason": first.code, "message": detail}),
             ]
         local, remote = split_recipients(msg.recipients, settings.local_domains)
-        meta = {**msg.meta, "summary": summarize(body)}
+        meta = {**msg.meta, "summary": summarize(body, headers)}
         pending: Pending = []
         if local:
             ref = msg.body_ref

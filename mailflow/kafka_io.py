@@ -180,3 +180,32 @@ class CompactedReader:
         self._running = False
         self._thread.join(2)
         self._consumer.close()
+
+
+def read_to_end(bootstrap: str, topic: str, idle_timeout: float = 10.0) -> list[tuple[bytes | None, bytes | None]]:
+    """Every (key, value) on `topic` up to its end offsets when called, from the start.
+
+    Gives up on a partition that stays silent for `idle_timeout` seconds (a broker
+    that went away). Values are None for tombstones.
+    """
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"mailflow-read-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=10)
+        parts = list(md.topics[topic].partitions)
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        remaining = {p for p, e in ends.items() if e > 0}
+        out: list[tuple[bytes | None, bytes | None]] = []
+        last_seen = time.monotonic()
+        while remaining and time.monotonic() - last_seen < idle_timeout:
+            m = c.poll(0.5)
+            if m is None or m.error():
+                continue
+            last_seen = time.monotonic()
+            out.append((m.key(), m.value()))
+            if m.offset() + 1 >= ends[m.partition()]:
+                remaining.discard(m.partition())
+        return out
+    finally:
+        c.close()

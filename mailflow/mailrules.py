@@ -115,8 +115,12 @@ def parse_headers(raw: bytes) -> Message:
 
 def check_message(
     sender: str, recipients: list[str], raw: bytes, *, max_bytes: int, max_recipients: int,
+    headers: Message | None = None,
 ) -> list[Problem]:
-    """Every reason this message cannot be accepted; empty when it is fine."""
+    """Every reason this message cannot be accepted; empty when it is fine.
+
+    `headers`: `parse_headers(raw)`, when the caller has it already.
+    """
     problems: list[Problem] = []
     if len(raw) > max_bytes:
         problems.append(Problem("too_large", f"message is {len(raw)} bytes, limit {max_bytes}", "size"))
@@ -145,7 +149,8 @@ def check_message(
         problems.append(Problem("bare_cr", "a bare CR in the header section", "headers"))
     if b"\0" in head:
         problems.append(Problem("nul_in_headers", "NUL in the header section", "headers"))
-    headers = parse_headers(raw)
+    if headers is None:
+        headers = parse_headers(raw)
     from_values = headers.get_all("From") or []
     if len(from_values) != 1:
         problems.append(Problem("bad_from_header", "exactly one From header is required", "from"))
@@ -156,13 +161,14 @@ def check_message(
     return problems
 
 
-def summarize(raw: bytes) -> dict[str, str | bool]:
+def summarize(raw: bytes, headers: Message | None = None) -> dict[str, str | bool]:
     """What a mailbox listing shows of a message, from its headers alone.
 
     compat32 parsing plus RFC 2047 decoding: several times cheaper than the
     modern header registry, and this runs once per stored message.
     """
-    headers = parse_headers(raw)
+    if headers is None:
+        headers = parse_headers(raw)
 
     def get(name: str) -> str:
         value = headers.get(name)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from mailflow.config import Settings, parse_duration
+from mailflow.kafka_io import read_to_end
 from mailflow.mailrules import domain_of, group_by_domain
 from schemas.records import Event, PoisonPill, parse_error, parse_message
 from streams.topics import full_name
@@ -76,33 +77,9 @@ def plan_dead(raw: bytes, reason: str | None, since: float | None, now: float) -
 
 
 def read_all(settings: Settings, short: str) -> list[bytes]:
-    """Every record on a topic up to its current end."""
-    topic = full_name(settings, short)
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "mailflow-replay",
-                  "enable.auto.commit": False})
-    try:
-        md = c.list_topics(topic, timeout=10)
-        parts = list(md.topics[topic].partitions)
-        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        remaining = {p for p, e in ends.items() if e > 0}
-        out: list[bytes] = []
-        idle = 0
-        while remaining and idle < 20:
-            m = c.poll(0.5)
-            if m is None:
-                idle += 1
-                continue
-            idle = 0
-            if m.error():
-                continue
-            if m.value() is not None:
-                out.append(m.value())
-            if m.offset() + 1 >= ends[m.partition()]:
-                remaining.discard(m.partition())
-        return out
-    finally:
-        c.close()
+    """Every record on a topic up to its current end (tombstones left out)."""
+    records = read_to_end(settings.kafka_bootstrap, full_name(settings, short))
+    return [v for _, v in records if v is not None]
 
 
 def run(settings: Settings, source: str, reason: str | None, since_text: str | None,

@@ -264,29 +264,10 @@ class Stack:
 
     def read_topic(self, short: str, timeout: float = 5.0) -> list[tuple[bytes | None, bytes]]:
         """Every record now on a topic of this stack (all partitions, from the start)."""
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from mailflow.kafka_io import read_to_end
 
-        c = Consumer({"bootstrap.servers": self.env["MAILFLOW_KAFKA_BOOTSTRAP"],
-                      "group.id": f"test-{uuid.uuid4().hex[:6]}", "enable.auto.commit": False})
-        try:
-            name = f"{self.prefix}{short}"
-            md = c.list_topics(name, timeout=10)
-            parts = list(md.topics[name].partitions)
-            ends = {p: c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts}
-            c.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in parts])
-            out: list[tuple[bytes | None, bytes]] = []
-            remaining = {p for p, e in ends.items() if e > 0}
-            deadline = time.monotonic() + timeout
-            while remaining and time.monotonic() < deadline:
-                m = c.poll(0.5)
-                if m is None or m.error():
-                    continue
-                out.append((m.key(), m.value()))
-                if m.offset() + 1 >= ends[m.partition()]:
-                    remaining.discard(m.partition())
-            return out
-        finally:
-            c.close()
+        return read_to_end(self.env["MAILFLOW_KAFKA_BOOTSTRAP"], f"{self.prefix}{short}",
+                           idle_timeout=timeout)  # type: ignore[return-value]
 
 
 class ScriptedPeer:
