@@ -104,7 +104,7 @@ def register(app: faust.App, settings: Settings) -> None:
 
 
 def _public(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in meta.items() if k != "body_ref"}
+    return {k: v for k, v in meta.items() if k not in ("body_ref", "pos")}
 
 
 def _error(view: Any, status: int, code: str, message: str, field: str | None = None) -> Any:

@@ -35,20 +35,36 @@ def meta_key(mailbox: str, folder: str, msg_id: str) -> str:
 
 def append(table: MutableMapping[str, Any], mailbox: str, folder: str, msg_id: str,
            meta: dict[str, Any]) -> bool:
-    """Add a message to a folder once; False if it was there already."""
+    """Add a message to a folder once; False if it was listed already.
+
+    The three writes (metadata, page, count) are not atomic: a worker killed between
+    them leaves a torn append, and a replay of the same record repairs it. The
+    metadata records the message's position, so "already there" means listed at that
+    position, not merely present; a page holding ids past the count (page written,
+    count not) is cut back to the count before the id is added.
+    """
     mk = meta_key(mailbox, folder, msg_id)
-    if table.get(mk) is not None:
+    hk = head_key(mailbox, folder)
+    count = table.get(hk) or 0
+    old = table.get(mk)
+    if old is not None and _listed_at(table, mailbox, folder, msg_id, old.get("pos"), count):
         return False
-    count = table.get(head_key(mailbox, folder)) or 0
     pk = page_key(mailbox, folder, count // PAGE)
-    ids = list(table.get(pk) or [])
+    ids = list(table.get(pk) or [])[: count % PAGE]
     ids.append(msg_id)
-    # Metadata first: a crash between the writes leaves the message findable by id
-    # and the retry (same id) finishes the listing, never a listed id without data.
-    table[mk] = meta
+    # Metadata first: a crash between the writes leaves the message findable by id.
+    table[mk] = {**meta, "pos": count}
     table[pk] = ids
-    table[head_key(mailbox, folder)] = count + 1
+    table[hk] = count + 1
     return True
+
+
+def _listed_at(table: MutableMapping[str, Any], mailbox: str, folder: str, msg_id: str,
+               pos: int | None, count: int) -> bool:
+    if pos is None or pos >= count:
+        return False
+    page = table.get(page_key(mailbox, folder, pos // PAGE)) or []
+    return pos % PAGE < len(page) and page[pos % PAGE] == msg_id
 
 
 def list_ids(table: MutableMapping[str, Any], mailbox: str, folder: str, limit: int,

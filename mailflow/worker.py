@@ -13,12 +13,20 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import faust
 import orjson
 
 from mailflow.config import Settings
-from streams.app import STAGES, claim_replica, make_app
+from streams.app import (
+    STAGES,
+    claim_replica,
+    internal_topics,
+    make_app,
+    mark_clean_shutdown,
+    reset_tables_after_crash,
+)
 from streams.topics import ensure_topics
 
 log = logging.getLogger("mailflow.worker")
@@ -66,21 +74,29 @@ def build_app(stage: str, settings: Settings) -> faust.App:
 
 
 def run_stage(stage: str, settings: Settings, loglevel: str = "warning") -> int:
-    ensure_topics(settings)
     module = importlib.import_module(f"agents.{stage}")
     if not hasattr(module, "register"):  # a stage that is not a Faust app (retry)
+        ensure_topics(settings)
         from prometheus_client import start_http_server
-
-        from streams.app import claim_replica
 
         replica = claim_replica(settings, stage)
         start_http_server(replica.web_port, addr=settings.api_host)
         return int(module.run(settings, f"http://{settings.web_advertise_host}:{replica.web_port}"))
     app = build_app(stage, settings)
+    ensure_topics(settings, extra=internal_topics(app))
+    datadir = Path(app.conf.datadir)
+    if reset_tables_after_crash(datadir, Path(app.conf.tabledir)):
+        print(f"mailflow: stage {stage} did not stop cleanly last time; "
+              "restoring its tables from their changelogs", file=sys.stderr, flush=True)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     print(f"mailflow: stage {stage} starting, web {app.conf.canonical_url}, "
           f"data {app.conf.datadir}", file=sys.stderr, flush=True)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code in (0, None):  # stopped by a signal after flushing and committing
+            mark_clean_shutdown(datadir)
+        raise
     return 0
 
 

@@ -15,7 +15,10 @@ come from the settings (``MAILFLOW_PARTITIONS``, ``MAILFLOW_REPLICATION``).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mailflow.config import Settings
 
@@ -48,23 +51,30 @@ def full_name(settings: Settings, short: str) -> str:
     return f"{settings.topic_prefix}{short}"
 
 
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
-    """Create every missing topic; return the names created."""
+def ensure_topics(settings: Settings, timeout: float = 30.0,
+                  extra: Sequence[tuple[str, int, dict[str, str]]] = ()) -> list[str]:
+    """Create every missing topic of the graph, and `extra` (full name, partitions,
+    config); return the names created, once the broker reports a leader for each."""
+    wanted: list[tuple[str, int, dict[str, str]]] = []
+    for spec in topic_specs(settings):
+        config = {"cleanup.policy": "compact"} if spec.compacted else {}
+        config.update(dict(spec.config))
+        wanted.append((full_name(settings, spec.name), spec.partitions or settings.partitions,
+                       config))
+    return create_topics(settings, [*wanted, *extra], timeout)
+
+
+def create_topics(settings: Settings, wanted: Sequence[tuple[str, int, dict[str, str]]],
+                  timeout: float = 30.0) -> list[str]:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     existing = set(admin.list_topics(timeout=timeout).topics)
-    new = []
-    for spec in topic_specs(settings):
-        name = full_name(settings, spec.name)
-        if name in existing:
-            continue
-        config = {"min.insync.replicas": str(min(2, settings.replication))}
-        if spec.compacted:
-            config["cleanup.policy"] = "compact"
-        config.update(dict(spec.config))
-        new.append(NewTopic(name, num_partitions=spec.partitions or settings.partitions,
-                            replication_factor=settings.replication, config=config))
+    new = [
+        NewTopic(name, num_partitions=partitions, replication_factor=settings.replication,
+                 config={"min.insync.replicas": str(min(2, settings.replication)), **config})
+        for name, partitions, config in wanted if name not in existing
+    ]
     if not new:
         return []
     created = []
@@ -75,4 +85,20 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         except Exception as exc:  # another process created it first
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+    _wait_for_leaders(admin, [t.topic for t in new], timeout)
     return created
+
+
+def _wait_for_leaders(admin: Any, names: list[str], timeout: float) -> None:
+    """A created topic is not usable until every partition has a leader in metadata;
+    a Faust worker that looks earlier can stay convinced the topic is missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        waiting = [n for n in names if n not in topics or topics[n].error is not None
+                   or any(p.leader < 0 for p in topics[n].partitions.values())]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics without a leader after {timeout:.0f} s: {', '.join(waiting)}")
+        time.sleep(0.1)
