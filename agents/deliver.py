@@ -39,13 +39,12 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 
-from agents.common import JSON_TABLE, Pending, StageIO
+from agents.common import JSON_TABLE, Pending, StageIO, table_write
 from mailflow import metrics
 from mailflow.config import Settings
 from mailflow.delivery import (
@@ -140,20 +139,30 @@ def register(app: faust.App, settings: Settings) -> None:
                 del busy[key]
 
     async def handle_locked(msg: Message, domain: str) -> Pending:
-        todo = [r for r in msg.recipients if may_send(ledger.get(f"{msg.id}|{r}"), msg.meta)]
+        entries = {r: ledger.get(f"{msg.id}|{r}") for r in msg.recipients}
+        todo = [r for r in msg.recipients if may_send(entries[r], msg.meta)]
+        pending: Pending = []
+        if msg.meta.get("replayed_at"):
+            # The replay reopened these recipients in the status; those the ledger
+            # says are finished get their final state again, not a second send.
+            for r in (r for r in msg.recipients if r not in todo):
+                entry = entries[r] or {}
+                state = "delivered" if entry.get("kind") == DELIVERED else "bounced"
+                pending.append(await io.event(msg.id, state, [r], {
+                    "reply": entry.get("reply"), "note": "finished before this replay; not sent again"}))
         if not todo:
-            return []  # a replay of mail already finished
+            return pending
         now = time.time()
         first = float(msg.meta.get("first_attempt", now))
         if expired(first, now, settings.max_queue_age):
             last = msg.meta.get("last_error", "no attempt succeeded")
             outcomes = [Outcome(r, PERMANENT, None, f"expired after {settings.max_queue_age:g}s; last error: {last}")
                         for r in todo]
-            return await finish(msg, domain, outcomes, first, now, expired_=True)
+            return pending + await finish(msg, domain, outcomes, first, now, expired_=True)
         if not shaper.try_acquire(domain):
             # The destination is at its bound: step aside to the first retry tier
             # without spending an attempt, so the partition keeps moving.
-            return await to_retry(msg, domain, todo, first, now, "destination busy (shaped)",
+            return pending + await to_retry(msg, domain, todo, first, now, "destination busy (shaped)",
                                   count_attempt=False)
         try:
             body = await io.body(msg)
@@ -166,20 +175,7 @@ def register(app: faust.App, settings: Settings) -> None:
             shaper.release(domain)
         # The retry delay counts from the end of this attempt, not its start: an
         # attempt that took its whole SMTP timeout must not make the next one early.
-        return await finish(msg, domain, outcomes, first, time.time())
-
-    def remember(key: str, value: dict[str, Any]) -> Awaitable[Any]:
-        """Write a ledger entry; the result is awaited with the record's other outputs.
-
-        ``ledger[key] = value`` would queue the changelog record in Faust's
-        producer buffer and forget it, so the ``delivered`` event could be on
-        Kafka while the entry that stops a second send is not: a worker killed
-        then sent that mail again. Here the changelog record's future (acks=all)
-        joins the pending outputs, which the input's commit waits for.
-        """
-        fut = ledger.send_changelog(ledger.partition_for_key(key), key, value)
-        ledger.data[key] = value  # the local store; send_changelog did the rest of __setitem__
-        return fut
+        return pending + await finish(msg, domain, outcomes, first, time.time())
 
     async def finish(msg: Message, domain: str, outcomes: list[Outcome], first: float, now: float,
                      expired_: bool = False) -> Pending:
@@ -188,7 +184,8 @@ def register(app: faust.App, settings: Settings) -> None:
             metrics.SMTP_REPLIES.labels(reply_class(o), "routed" if settings.smtp_routes else "mx").inc()
             if o.kind != TEMPORARY:
                 # Written before anything else: the record that stops a second send.
-                pending.append(remember(f"{msg.id}|{o.recipient}", {"kind": o.kind, "reply": o.reply, "ts": now}))
+                pending.append(table_write(ledger, f"{msg.id}|{o.recipient}",
+                                           {"kind": o.kind, "reply": o.reply, "ts": now}))
         delivered = [o for o in outcomes if o.kind == DELIVERED]
         failed = [o for o in outcomes if o.kind == PERMANENT]
         temporary = [o for o in outcomes if o.kind == TEMPORARY]

@@ -15,7 +15,7 @@ from typing import Any
 
 import faust
 
-from agents.common import JSON_TABLE, Pending, StageIO
+from agents.common import JSON_TABLE, Pending, StageIO, table_write
 from mailflow import metrics
 from mailflow.config import Settings
 from schemas.records import Event, parse_event
@@ -90,10 +90,10 @@ def register(app: faust.App, settings: Settings) -> None:
     async def handle(raw: bytes | None) -> Pending:
         ev = parse_event(raw)
         st, finalized = apply_event(table.get(ev.id), ev)
-        table[ev.id] = st
+        ack = table_write(table, ev.id, st)
         if finalized and "accepted_at" in st:
             metrics.END_TO_END_SECONDS.labels(ev.state).observe(max(0.0, ev.ts - st["accepted_at"]))
-        return []
+        return [ack]
 
     @app.agent(io.topic("events"), name=f"{settings.topic_prefix}{STAGE}")
     async def status(stream: faust.StreamT) -> None:

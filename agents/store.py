@@ -23,7 +23,7 @@ from typing import Any
 
 import faust
 
-from agents.common import JSON_TABLE, Pending, StageIO
+from agents.common import JSON_TABLE, DurableWrites, Pending, StageIO
 from mailflow import mailbox as mb
 from mailflow.config import Settings
 from mailflow.objstore import get_body
@@ -47,12 +47,15 @@ def register(app: faust.App, settings: Settings) -> None:
             "received_at": msg.received_at, "stored_at": time.time(), "size": msg.size,
             "body_ref": msg.body_ref, **(msg.meta.get("summary") or {}),
         }
-        if mb.append(table, msg.mailbox, msg.folder, msg.id, meta):
+        writes = DurableWrites(table)
+        if mb.append(writes, msg.mailbox, msg.folder, msg.id, meta):
             cache.drop_prefix((msg.mailbox, msg.folder))
         # The event is repeated on a replay; the status stage applies it once.
         if msg.folder == "inbox":
-            return [await io.event(msg.id, "stored", [msg.mailbox], {"mailbox": msg.mailbox})]
-        return [await io.event(msg.id, "sent_folder", [], {"mailbox": msg.mailbox})]
+            event = await io.event(msg.id, "stored", [msg.mailbox], {"mailbox": msg.mailbox})
+        else:
+            event = await io.event(msg.id, "sent_folder", [], {"mailbox": msg.mailbox})
+        return [*writes.acks, event]
 
     @app.agent(io.topic("local"), name=f"{settings.topic_prefix}{STAGE}", concurrency=16)
     async def store(stream: faust.StreamT) -> None:

@@ -107,7 +107,7 @@ def main() -> int:
             "runs": len(docs), "accepted_per_s": med("accepted_per_s"), "final_per_s": med("finished_per_s"),
             "p50_ms": med("latency_p50_ms"), "p99_ms": med("latency_p99_ms"),
             "final_per_s_range": [min(d["finished_per_s"] for d in docs), max(d["finished_per_s"] for d in docs)],
-            "peak_rss_mb": med("peak_rss_mb"),
+            "peak_pss_mb": med("peak_pss_mb"),
             "cpu_seconds": {k: round(statistics.median(d["cpu_seconds"].get(k, 0) for d in docs), 1)
                             for k in docs[0]["cpu_seconds"]},
         }

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", default="", help="a soak run: hold --rate for this long (e.g. 10m); "
                    "sets --count and samples each stage's lag")
     p.add_argument("--lag-every", type=float, default=5.0, help="seconds between lag samples")
+    p.add_argument("--submit-log", default="",
+                   help="write {n: submission start, epoch seconds} of accepted messages to this JSON file "
+                        "(bench/compare_postfix matches it with what the peer received)")
     p.add_argument("--skip-domains", default="",
                    help="comma-separated recipient domains not to wait for (e.g. ones that always defer)")
 
@@ -125,8 +128,21 @@ def _role(cmd: bytes) -> str | None:
     return "other"
 
 
+def pss_bytes(pid: int) -> int:
+    """A process's proportional set size: shared pages split among their users, so a
+    sum over many processes (Postfix's daemons, the stages) is not inflated by
+    shared libraries the way a sum of RSS is. 0 if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class MemorySampler(threading.Thread):
-    """Peak summed RSS of the stack's processes, and CPU seconds per role."""
+    """Peak summed memory (PSS) of the stack's processes, and CPU seconds per role."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -153,9 +169,7 @@ class MemorySampler(threading.Thread):
                     self.cpu_start.setdefault(int(pid), (role, cpu))
                     self.cpu_last[int(pid)] = (role, cpu)
                     if role != "bench client":
-                        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                            if line.startswith("VmRSS:"):
-                                total += int(line.split()[1]) * 1024
+                        total += pss_bytes(int(pid))
                 except (OSError, ValueError, IndexError):
                     continue
             self.peak = max(self.peak, total)
@@ -231,6 +245,7 @@ async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> d
     accepted: dict[str, list[str]] = {}
     refused: dict[int, int] = {}
     latencies: list[float] = []
+    submitted: dict[int, float] = {}  # n -> epoch time the request started, if accepted
     started = time.perf_counter()
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     headers = {"Content-Type": "message/rfc822"}
@@ -247,12 +262,13 @@ async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> d
             async with sem:
                 if args.rate:
                     await asyncio.sleep(max(0.0, started + n / args.rate - time.perf_counter()))
-                t0 = time.perf_counter()
+                t0, wall = time.perf_counter(), time.time()
                 async with http.post(f"{api}/v1/messages", data=body, headers=headers) as resp:
                     doc = await resp.read()
                 latencies.append(time.perf_counter() - t0)
                 if resp.status == 202:
                     accepted[orjson.loads(doc)["id"]] = [rcpt]
+                    submitted[n] = wall
                 else:
                     refused[resp.status] = refused.get(resp.status, 0) + 1
 
@@ -267,7 +283,8 @@ async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> d
         await asyncio.gather(*(one(n) for n in range(args.count)))
         ticker.cancel()
     elapsed = time.perf_counter() - started
-    return {"accepted": accepted, "refused": refused, "elapsed": elapsed, "latencies": latencies}
+    return {"accepted": accepted, "refused": refused, "elapsed": elapsed, "latencies": latencies,
+            "submitted": submitted}
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -294,6 +311,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         sub = asyncio.run(submit_all(api, args, local_domain))
         submit_end = time.time()
+        if args.submit_log:
+            Path(args.submit_log).write_bytes(orjson.dumps({str(n): t for n, t in sub["submitted"].items()}))
         accepted = sub["accepted"]
         skip = {d.strip() for d in args.skip_domains.split(",") if d.strip()}
         want = {(i, r) for i, rs in accepted.items() for r in rs if r.rpartition("@")[2] not in skip}
@@ -344,7 +363,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         "latency_p50_ms": round(pct(lat, 0.5) * 1000, 1),
         "latency_p99_ms": round(pct(lat, 0.99) * 1000, 1),
         "events_per_s_by_stage": stage_rates,
-        "peak_rss_mb": round(mem.peak / 2**20, 1),
+        "peak_pss_mb": round(mem.peak / 2**20, 1),
         "cpu_seconds": mem.cpu_by_role(),
         "drain_seconds_after_submit": round(last_done - first_done, 2) if done else None,
     }
@@ -356,7 +375,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     print(f"accepted {result['accepted']}/{args.count} at {result['accepted_per_s']}/s; "
           f"{result['finished']}/{result['expected']} recipients final at {result['finished_per_s']}/s; "
           f"p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms; "
-          f"peak RSS {result['peak_rss_mb']} MB")
+          f"peak memory (PSS) {result['peak_pss_mb']} MB")
     print(orjson.dumps(result).decode())
     return 0 if len(done) == len(want) else 1
 

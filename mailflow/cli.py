@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("replay", help="put parked messages back into the flow")
     rp.add_argument("source", choices=["errors", "dead"])
     rp.add_argument("--reason")
-    rp.add_argument("--since")
+    rp.add_argument("--since", help="only what was parked this recently (e.g. 2h)")
+    rp.add_argument("--id", action="append", dest="ids", metavar="MESSAGE_ID",
+                    help="only this message (repeatable)")
     rp.add_argument("--dry-run", action="store_true")
 
     bn = sub.add_parser("bench", help="load generator and report")
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "replay":
         from mailflow import replay
 
-        return replay.run(settings, args.source, args.reason, args.since, args.dry_run)
+        return replay.run(settings, args.source, args.reason, args.since, args.dry_run, args.ids)
     if args.cmd == "bench":
         from mailflow import bench
 

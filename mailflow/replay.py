@@ -83,7 +83,7 @@ def read_all(settings: Settings, short: str) -> list[bytes]:
 
 
 def run(settings: Settings, source: str, reason: str | None, since_text: str | None,
-        dry_run: bool = False) -> int:
+        dry_run: bool = False, ids: list[str] | None = None) -> int:
     now = time.time()
     since = now - parse_duration(since_text) if since_text else None
     records = read_all(settings, source)
@@ -91,6 +91,8 @@ def run(settings: Settings, source: str, reason: str | None, since_text: str | N
     for raw in records:
         plans += plan_dead(raw, reason, since, now) if source == "dead" else (
             [p] if (p := plan_error(raw, reason, since)) else [])
+    if ids:
+        plans = [p for p in plans if p.msg_id in ids]
     print(f"replay: {len(records)} records on {source}, {len(plans)} to put back"
           + (" (dry run)" if dry_run else ""), file=sys.stderr)
     counts: dict[str, int] = {}

@@ -165,7 +165,8 @@ class Stack:
         return proc
 
     def start_stage(self, stage: str) -> subprocess.Popen[bytes]:
-        return self._spawn(stage, ["worker", "--stages", stage])
+        # Info level: a stage that stalls in CI leaves its rebalance and recovery in the log.
+        return self._spawn(stage, ["worker", "--stages", stage, "--loglevel", "info"])
 
     def start_api(self) -> None:
         self._spawn("api", ["api"])

@@ -15,6 +15,8 @@ through, which keeps the 2-core test machine's CPU for the stages under test.
 from __future__ import annotations
 
 import email
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import Producer
-from harness import ScriptedPeer, Stack, free_port, http, settled, wait_for
+from harness import ROOT, ScriptedPeer, Stack, free_port, http, settled, wait_for
 
 from schemas.records import Message
 
@@ -138,9 +140,22 @@ def timeline(stack: Stack, msg_id: str, state: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- fixtures
 
 
+class Fixable(ScriptedPeer):
+    """Refuses every recipient with 550 until the test "fixes" it."""
+
+    refuse = True
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
+        if self.refuse:
+            return f"550 5.1.1 <{address}>: no such user (yet)"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+
 @pytest.fixture(scope="module")
 def peers() -> Iterator[dict[str, ScriptedPeer]]:
     ps = {
+        "fixable": Fixable(),
         "retry": ScriptedPeer(fail_first=3),   # 451 to the first three transactions
         "split": ScriptedPeer(),               # 550 for reject*, 250 for the others
         "home": ScriptedPeer(),                # the remote sender's own server (bounces land here)
@@ -166,6 +181,7 @@ def dstack(kafka: str, work_dir: Path, scanners: None, peers: dict[str, Scripted
         f"split.test=127.0.0.1:{peers['split'].port}",
         f"down.test=127.0.0.1:{closed}",
         f"remote-sender.test=127.0.0.1:{peers['home'].port}",
+        f"fixable.test=127.0.0.1:{peers['fixable'].port}",
     ])  # no "*": every other domain goes by MX through the test DNS
     stack = Stack(work_dir, kafka, smtp_routes=routes, retry_schedule="200ms,400ms,800ms",
                   max_queue_age=f"{MAX_AGE:g}s", rate_limit="100000/60s", dns="127.0.0.1:5353",
@@ -238,6 +254,38 @@ def test_refused_recipient_bounces_with_dsn_to_local_sender(dstack: Stack, peers
     assert dead[0]["recipients"] == ["reject1@split.test"]
     assert dead[0]["meta"]["dead"]["reason"] == "permanent"
     assert dead[0]["meta"]["history"] and dead[0]["meta"]["history"][-1]["failed"] == ["reject1@split.test"]
+
+
+def replay(stack: Stack, *args: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "mailflow.cli", "replay", *args], env=stack.env,
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return orjson.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_replaying_dead_twice_delivers_once(dstack: Stack, peers):
+    s, peer = dstack, peers["fixable"]
+    mid = "<fix-1@t.test>"
+    msg_id = submit_raw(s, raw_mail("fred@mailflow.test", "fix1@fixable.test", "fix me", mid))
+    wait_for(lambda: settled(s, [msg_id]), 90, what="the refusal")
+    assert s.status(msg_id)["recipients"]["fix1@fixable.test"]["state"] == "bounced"
+    wait_for(lambda: [d for d in topic_json(s, "dead") if d["id"] == msg_id], 30, what="the dead record")
+
+    peer.refuse = False  # the operator fixed the cause
+    assert replay(s, "dead", "--id", msg_id)["replayed"] == 1
+    assert replay(s, "dead", "--id", msg_id)["replayed"] == 1  # an impatient second run
+    wait_for(lambda: s.status(msg_id)["recipients"]["fix1@fixable.test"]["state"] == "delivered", 60,
+             what="delivery after the replay")
+    time.sleep(2)  # the second replay's record has been through the deliver stage by now
+    assert len(peer.with_id(mid)) == 1
+    # once more after the delivery: closed again from the ledger, still one copy
+    assert replay(s, "dead", "--id", msg_id)["replayed"] == 1
+    wait_for(lambda: settled(s, [msg_id]), 60, what="the third replay closed")
+    time.sleep(2)
+    assert len(peer.with_id(mid)) == 1
+    st = s.status(msg_id)
+    assert st["recipients"]["fix1@fixable.test"]["state"] == "delivered"
+    assert len([e for e in st["timeline"] if e["state"] == "replayed"]) == 3
 
 
 # --------------------------------------------------------------------------- 3. expiry

@@ -1,0 +1,321 @@
+"""Chaos run: steady mail while stage replicas, the broker, the SMTP peer and clamd fail.
+
+Everything is real and private to the run: its own Kafka broker (so restarting it
+disturbs nothing else), its own clamd, every stage as its own process (deliver with
+two replicas), the API, and an aiosmtpd peer. While messages are submitted at a
+steady rate:
+
+- every `--kill-every` seconds a random stage replica gets SIGKILL and is restarted;
+- the broker is restarted once (SIGKILL, so it recovers its log like after a crash);
+- the SMTP peer stops listening for `--peer-down` seconds (mail defers, then drains);
+- clamd is stopped for `--clamd-down` seconds (the scanner waits: SCAN_FAILURE=closed).
+
+Then it waits for the pipeline to drain and checks, from the ``events`` topic, the
+peer and the mailboxes: every accepted recipient in exactly one final state, every
+delivered message at the peer exactly once (by Message-ID), nothing there that was
+not accepted, each local mailbox holding exactly its messages. It prints the counts
+and the longest delay any message saw, ends with one JSON line, and exits 1 if a
+check failed.
+
+    .venv/bin/python bench/chaos.py --duration 5m --rate 200
+
+Needs rspamd and the loopback DNS server (`python -m mailflow.services up`), and
+the broker's jars (`make test` or `mailflow broker` fetched them once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The test harness drives real processes over real sockets; the chaos run is the
+# same machinery under a schedule of faults.
+_spec = importlib.util.spec_from_file_location("harness", ROOT / "tests" / "harness.py")
+assert _spec and _spec.loader
+harness = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("harness", harness)
+_spec.loader.exec_module(harness)
+
+from mailflow.config import parse_duration  # noqa: E402
+from mailflow.services import ServiceGroup, prepare_clamd  # noqa: E402
+
+FINAL = harness.FINAL
+STAGES = ["ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "deliver", "retry", "status"]
+LOCAL_BOXES = [f"box{i}@mailflow.test" for i in range(10)]
+
+
+def say(msg: str) -> None:
+    print(f"chaos {time.strftime('%H:%M:%S')}: {msg}", file=sys.stderr, flush=True)
+
+
+class Clamd:
+    """A private clamd that can be stopped and started again on the same port."""
+
+    def __init__(self, base: Path) -> None:
+        self.base, self.port = base, harness.free_port()
+        self.group: ServiceGroup | None = None
+
+    def start(self) -> None:
+        self.group = ServiceGroup([prepare_clamd(self.base, port=self.port)], log=lambda _m: None)
+        self.group.start()
+
+    def stop(self) -> None:
+        if self.group:
+            self.group.stop()
+            self.group = None
+
+
+class Load(threading.Thread):
+    """Submits JSON messages at a steady rate; remembers what was accepted."""
+
+    def __init__(self, api: str, key: str, rate: float, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.api, self.key, self.rate, self.seconds = api, key, rate, seconds
+        self.accepted: dict[str, list[str]] = {}  # message id -> recipients
+        self.refused: Counter[str] = Counter()
+
+    def run(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        import aiohttp
+
+        total = int(self.rate * self.seconds)
+        start = time.monotonic()
+        headers = {"Authorization": f"Bearer {self.key}"}
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+            async def one(n: int) -> None:
+                # One in five local (straight to a mailbox), the rest to ten remote domains,
+                # some with two recipients at one domain.
+                if n % 5 == 0:
+                    to = [LOCAL_BOXES[n % len(LOCAL_BOXES)]]
+                elif n % 7 == 0:
+                    to = [f"a{n}@d{n % 10}.chaos.test", f"b{n}@d{n % 10}.chaos.test"]
+                else:
+                    to = [f"u{n}@d{n % 10}.chaos.test"]
+                doc = {"from": f"s{n % 50}@mailflow.test", "to": to, "subject": f"chaos {n}",
+                       "text": "x" * 1500}
+                try:
+                    async with http.post(f"{self.api}/v1/messages", json=doc) as resp:
+                        body = await resp.read()
+                    if resp.status == 202:
+                        self.accepted[orjson.loads(body)["id"]] = to
+                    else:
+                        self.refused[str(resp.status)] += 1
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.refused[type(exc).__name__] += 1
+
+            tasks = []
+            for n in range(total):
+                await asyncio.sleep(max(0.0, start + n / self.rate - time.monotonic()))
+                tasks.append(asyncio.create_task(one(n)))
+            await asyncio.gather(*tasks)
+
+
+def final_states(stack: Any) -> tuple[dict[tuple[str, str], set[str]], dict[str, float], dict[str, float]]:
+    """(id, recipient) -> final states seen; id -> accepted time; id -> last final time."""
+    states: dict[tuple[str, str], set[str]] = defaultdict(set)
+    accepted: dict[str, float] = {}
+    last: dict[str, float] = {}
+    recipients: dict[str, list[str]] = {}
+    for _, value in stack.read_topic("events", timeout=5):
+        ev = orjson.loads(value)
+        if ev["state"] == "accepted":
+            accepted.setdefault(ev["id"], ev["ts"])
+            recipients[ev["id"]] = ev.get("recipients") or []
+        if ev["state"] in FINAL:
+            for r in ev.get("recipients") or recipients.get(ev["id"], []):
+                states[(ev["id"], r)].add(ev["state"])
+            last[ev["id"]] = max(last.get(ev["id"], 0.0), ev["ts"])
+    return states, accepted, last
+
+
+def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float) -> dict[str, Any]:
+    want = {(i, r) for i, rs in accepted.items() for r in rs}
+
+    def drained() -> bool:
+        states, _, _ = final_states(stack)
+        done = sum(1 for k in want if states.get(k))
+        say(f"{done}/{len(want)} recipients final")
+        return done >= len(want)
+
+    try:
+        harness.wait_for(drained, timeout, interval=5, what="every accepted recipient final")
+    except Exception as exc:  # report what did not finish instead of only failing
+        say(str(exc))
+    time.sleep(3)  # anything replayed by a late restart lands now
+    states, acc_ts, last = final_states(stack)
+    problems: list[str] = []
+    missing = sorted(k for k in want if not states.get(k))
+    twice = sorted(k for k in want if len(states.get(k, ())) > 1)
+    if missing:
+        problems.append(f"{len(missing)} recipients in no final state, e.g. {missing[:3]}")
+    if twice:
+        problems.append(f"{len(twice)} recipients in two final states, e.g. {[(k, states[k]) for k in twice[:3]]}")
+    by_state = Counter(next(iter(v)) for k, v in states.items() if k in want and len(v) == 1)
+
+    # The peer: each delivered message exactly once, nothing that was not accepted.
+    ehlo = stack.settings().ehlo_name
+    arrived = Counter(peer.message_ids())
+    expected_ids = {f"<{i}@{ehlo}>" for (i, r), v in states.items()
+                    if (i, r) in want and v == {"delivered"}}
+    dup = {m: c for m, c in arrived.items() if m in expected_ids and c > 1}
+    stray = [m for m in arrived if m not in expected_ids]
+    lost = [m for m in expected_ids if m not in arrived]
+    if dup:
+        problems.append(f"{len(dup)} messages delivered more than once, e.g. {list(dup.items())[:3]}")
+    if stray:
+        problems.append(f"{len(stray)} messages at the peer not delivered per status, e.g. {stray[:3]}")
+    if lost:
+        problems.append(f"{len(lost)} messages delivered per status but not at the peer, e.g. {lost[:3]}")
+
+    # Local mailboxes: exactly their messages, each once.
+    for box in LOCAL_BOXES:
+        mine = sorted(i for i, rs in accepted.items() if box in rs)
+        listing = stack.mailbox(box, limit=500) or {"messages": [], "total": -1}
+        got = [m["id"] for m in listing["messages"]]
+        if sorted(got) != mine or listing["total"] != len(mine):
+            problems.append(f"{box}: holds {len(got)} (total {listing['total']}), expected {len(mine)}; "
+                            f"extra {sorted(set(got) - set(mine))[:3]}, "
+                            f"missing {sorted(set(mine) - set(got))[:3]}, "
+                            f"twice {[i for i, c in Counter(got).items() if c > 1][:3]}")
+    delays = [last[i] - acc_ts[i] for i in accepted if i in last and i in acc_ts]
+    return {
+        "accepted_messages": len(accepted), "recipients": len(want), "final": dict(by_state),
+        "at_peer": sum(arrived.values()), "longest_delay_s": round(max(delays, default=0.0), 1),
+        "problems": problems, "ok": not problems,
+    }
+
+
+def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd_down: float,
+        work: Path, drain_timeout: float = 600, seed: int | None = None) -> dict[str, Any]:
+    rng = random.Random(seed)
+    broker = harness.Broker(work / "kafka", harness.free_port(), harness.free_port())
+    (work / "kafka").mkdir(parents=True, exist_ok=True)
+    clamd = Clamd(work / "clamd")
+    peer = harness.ScriptedPeer().start()
+    stack = None
+    faults: list[str] = []
+    try:
+        broker.start()
+        clamd.start()
+        say(f"broker {broker.bootstrap}, clamd :{clamd.port}, peer :{peer.port}")
+        stack = harness.Stack(
+            work, broker.bootstrap, scanners="clamd,rspamd", clamd=f"127.0.0.1:{clamd.port}",
+            scan_failure="closed", smtp_routes=f"*=127.0.0.1:{peer.port}", rate_limit="1000000/60s",
+            retry_schedule="1s,2s,4s,8s", max_queue_age="1h")
+        stack.start([s for s in dict.fromkeys(STAGES)])
+        stack.start_stage("deliver")  # the second replica
+        load = Load(stack.api, stack.ensure_key(), rate, duration)
+        t0 = time.monotonic()
+        load.start()
+        # When each one-off fault starts, as a share of the run.
+        plan = {"broker": 0.25, "peer": 0.45, "clamd": 0.7}
+        next_kill = kill_every
+        peer_back = clamd_back = None
+        while load.is_alive() or peer_back or clamd_back:
+            now = time.monotonic() - t0
+            if now >= next_kill and load.is_alive():
+                name = rng.choice(STAGES)
+                live = [p for p in stack.procs.get(name, []) if p.poll() is None]
+                if live:
+                    p = rng.choice(live)
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(60)
+                    stack.procs[name].remove(p)
+                    stack.start_stage(name)
+                    faults.append(f"{now:.0f}s kill -9 {name}")
+                    say(faults[-1])
+                next_kill += kill_every
+            # Like the supervisor (`mailflow up`) or an orchestrator: a replica that exited
+            # on its own (e.g. while the broker was away) is started again.
+            for name, procs in stack.procs.items():
+                for p in [p for p in procs if p.poll() is not None]:
+                    procs.remove(p)
+                    stack.start_api() if name == "api" else stack.start_stage(name)
+                    faults.append(f"{now:.0f}s {name} exited with {p.returncode}; restarted")
+                    say(faults[-1])
+            if "broker" in plan and now >= plan["broker"] * duration:
+                del plan["broker"]
+                say("broker: kill -9 and restart")
+                broker.stop(kill=True)
+                broker.start()
+                faults.append(f"{now:.0f}s broker restarted ({time.monotonic() - t0 - now:.0f}s down)")
+                say(faults[-1])
+            if "peer" in plan and now >= plan["peer"] * duration:
+                del plan["peer"]
+                peer.stop()
+                peer_back = now + peer_down
+                faults.append(f"{now:.0f}s SMTP peer down for {peer_down:.0f}s")
+                say(faults[-1])
+            if peer_back and now >= peer_back:
+                peer.controller.start()
+                peer_back = None
+                say("SMTP peer back")
+            if "clamd" in plan and now >= plan["clamd"] * duration:
+                del plan["clamd"]
+                clamd.stop()
+                clamd_back = now + clamd_down
+                faults.append(f"{now:.0f}s clamd down for {clamd_down:.0f}s")
+                say(faults[-1])
+            if clamd_back and now >= clamd_back:
+                clamd.start()
+                clamd_back = None
+                say("clamd back")
+            time.sleep(0.2)
+        load.join()
+        say(f"load done: {len(load.accepted)} accepted, refused {dict(load.refused)}; draining")
+        report = check(stack, peer, load.accepted, drain_timeout)
+        report.update({"duration_s": duration, "rate": rate, "refused": dict(load.refused), "faults": faults})
+        return report
+    finally:
+        if stack is not None:
+            stack.stop()
+        peer.stop()
+        clamd.stop()
+        broker.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", default="5m", help="how long to submit (e.g. 5m)")
+    p.add_argument("--rate", type=float, default=200, help="messages per second")
+    p.add_argument("--kill-every", default="30s", help="kill -9 a random stage replica this often")
+    p.add_argument("--peer-down", default="60s", help="how long the SMTP peer is down")
+    p.add_argument("--clamd-down", default="30s", help="how long clamd is down")
+    p.add_argument("--drain-timeout", default="15m", help="how long to wait for the pipeline to drain")
+    p.add_argument("--seed", type=int, help="random seed for the choice of replicas to kill")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mailflow-chaos-") as tmp:
+        report = run(parse_duration(a.duration), a.rate, parse_duration(a.kill_every),
+                     parse_duration(a.peer_down), parse_duration(a.clamd_down), Path(tmp),
+                     parse_duration(a.drain_timeout), a.seed)
+    print(f"accepted {report['accepted_messages']} messages ({report['recipients']} recipients); "
+          f"final {report['final']}; at the peer {report['at_peer']}; "
+          f"longest delay {report['longest_delay_s']} s")
+    for line in report["problems"]:
+        print(f"PROBLEM: {line}")
+    print("all checks passed" if report["ok"] else "CHECKS FAILED")
+    print(orjson.dumps(report).decode())
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The chaos run (bench/chaos.py) as tests: a short one in the default suite, the
+several-minute one marked slow. Real broker (private to the run, since it gets
+restarted), real clamd, rspamd, stage processes and SMTP peer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "chaos", Path(__file__).resolve().parents[2] / "bench" / "chaos.py")
+assert _spec and _spec.loader
+chaos: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(chaos)
+
+
+def _assert_survived(report: dict[str, Any], duration: float, rate: float) -> None:
+    assert report["ok"], report["problems"]
+    # Refusals are expected only while the broker is away (503); most mail gets in.
+    assert report["accepted_messages"] >= 0.6 * duration * rate, report
+    assert report["final"].get("delivered", 0) > 0 and report["final"].get("stored", 0) > 0, report
+    kinds = " ".join(report["faults"])
+    for fault in ("kill -9", "broker restarted", "SMTP peer down", "clamd down"):
+        assert fault in kinds, report["faults"]
+
+
+def test_short_chaos_run_loses_and_duplicates_nothing(scanners: None, work_dir: Path):
+    report = chaos.run(duration=50, rate=15, kill_every=10, peer_down=12, clamd_down=8,
+                       work=work_dir / "chaos-short", drain_timeout=420, seed=7)
+    _assert_survived(report, 50, 15)
+
+
+@pytest.mark.slow
+def test_chaos_run_of_five_minutes(scanners: None, work_dir: Path):
+    report = chaos.run(duration=300, rate=150, kill_every=30, peer_down=60, clamd_down=30,
+                       work=work_dir / "chaos-long", drain_timeout=1500, seed=11)
+    _assert_survived(report, 300, 150)
