@@ -82,13 +82,23 @@ class Clamd:
 
 
 class Load(threading.Thread):
-    """Submits JSON messages at a steady rate; remembers what was accepted."""
+    """Submits JSON messages at a steady rate; remembers what was accepted.
+
+    Like a careful client: each message has its own Idempotency-Key, and a 503 or a
+    broken connection (the broker or the API restarting) is retried with the same
+    key for up to `patience` seconds, so a message Kafka took but whose answer was
+    lost is neither lost to the check nor sent twice.
+    """
+
+    patience = 120.0
 
     def __init__(self, api: str, key: str, rate: float, seconds: float) -> None:
         super().__init__(daemon=True)
         self.api, self.key, self.rate, self.seconds = api, key, rate, seconds
         self.accepted: dict[str, list[str]] = {}  # message id -> recipients
-        self.refused: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()  # given up on, by last answer
+        self.retried: Counter[str] = Counter()  # answers that were tried again
+        self.run_tag = f"{time.time_ns():x}"
 
     def run(self) -> None:
         asyncio.run(self._run())
@@ -112,15 +122,26 @@ class Load(threading.Thread):
                     to = [f"u{n}@d{n % 10}.chaos.test"]
                 doc = {"from": f"s{n % 50}@mailflow.test", "to": to, "subject": f"chaos {n}",
                        "text": "x" * 1500}
-                try:
-                    async with http.post(f"{self.api}/v1/messages", json=doc) as resp:
-                        body = await resp.read()
-                    if resp.status == 202:
-                        self.accepted[orjson.loads(body)["id"]] = to
-                    else:
-                        self.refused[str(resp.status)] += 1
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    self.refused[type(exc).__name__] += 1
+                key = {"Idempotency-Key": f"chaos-{self.run_tag}-{n}"}
+                give_up = time.monotonic() + self.patience
+                while True:
+                    try:
+                        async with http.post(f"{self.api}/v1/messages", json=doc, headers=key) as resp:
+                            body = await resp.read()
+                        if resp.status == 202:
+                            self.accepted[orjson.loads(body)["id"]] = to
+                            return
+                        answer = str(resp.status)
+                        if resp.status < 500:
+                            self.refused[answer] += 1
+                            return
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        answer = type(exc).__name__
+                    if time.monotonic() > give_up:
+                        self.refused[answer] += 1
+                        return
+                    self.retried[answer] += 1
+                    await asyncio.sleep(1.0)
 
             tasks = []
             for n in range(total):
@@ -266,7 +287,7 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
                 faults.append(f"{now:.0f}s SMTP peer down for {peer_down:.0f}s")
                 say(faults[-1])
             if peer_back and now >= peer_back:
-                peer.controller.start()
+                peer.up()
                 peer_back = None
                 say("SMTP peer back")
             if "clamd" in plan and now >= plan["clamd"] * duration:
@@ -281,9 +302,11 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
                 say("clamd back")
             time.sleep(0.2)
         load.join()
-        say(f"load done: {len(load.accepted)} accepted, refused {dict(load.refused)}; draining")
+        say(f"load done: {len(load.accepted)} accepted, retried {dict(load.retried)}, "
+            f"refused {dict(load.refused)}; draining")
         report = check(stack, peer, load.accepted, drain_timeout)
-        report.update({"duration_s": duration, "rate": rate, "refused": dict(load.refused), "faults": faults})
+        report.update({"duration_s": duration, "rate": rate, "refused": dict(load.refused),
+                       "retried": dict(load.retried), "faults": faults})
         return report
     finally:
         if stack is not None:

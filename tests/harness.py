@@ -289,6 +289,7 @@ class ScriptedPeer:
         self.attempt_times: list[float] = []
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port,
                                      enable_SMTPUTF8=True, decode_data=False)
+        self.listening = False
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
         local = address.split("@")[0]
@@ -314,10 +315,22 @@ class ScriptedPeer:
 
     def start(self) -> ScriptedPeer:
         self.controller.start()
+        self.listening = True
         return self
 
     def stop(self) -> None:
-        self.controller.stop()
+        if self.listening:
+            self.controller.stop()
+            self.listening = False
+
+    def up(self) -> None:
+        """Listen again on the same port after `stop()` (an outage ends); what arrived
+        before is kept. aiosmtpd's controller closes its loop on stop: a new one."""
+        from aiosmtpd.controller import Controller
+
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port,
+                                     enable_SMTPUTF8=True, decode_data=False)
+        self.start()
 
     def count_ids(self) -> dict[str, int]:
         """How many times each Message-ID arrived."""

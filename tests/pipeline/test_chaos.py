@@ -19,8 +19,8 @@ _spec.loader.exec_module(chaos)
 
 def _assert_survived(report: dict[str, Any], duration: float, rate: float) -> None:
     assert report["ok"], report["problems"]
-    # Refusals are expected only while the broker is away (503); most mail gets in.
-    assert report["accepted_messages"] >= 0.6 * duration * rate, report
+    # The client retries 503s (the broker away) with its Idempotency-Key: all gets in.
+    assert report["accepted_messages"] >= 0.95 * duration * rate, report
     assert report["final"].get("delivered", 0) > 0 and report["final"].get("stored", 0) > 0, report
     kinds = " ".join(report["faults"])
     for fault in ("kill -9", "broker restarted", "SMTP peer down", "clamd down"):
