@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,18 +31,47 @@ from streams.topics import full_name
 ProducerBuffer.max_messages = 10_000
 
 
-async def _no_gaps(self: Any, tp: Any, offset_from: int, offset_to: int) -> None:
-    """Faust treats a jump in fetched offsets as a gap and counts the missing offsets
-    (and the fetched one) as acknowledged, so the next commit passes them. That is
-    for compacted or transactional input; ours has neither, and the only jumps are
-    Faust's own after a rebalance, when the fetcher resumes before it seeks back to
-    the committed offset (faust-streaming issues #221, #606): the chaos run lost a
-    delivery record that way, committed past without ever being handled. Without
-    gaps a jump holds the commit back until the skipped records are processed,
-    which turns a loss into a replay."""
+class _NoReadOffsets(MutableMapping[Any, Any]):
+    """Stands in for Faust's per-partition "read offset", which it uses to drop any
+    fetched record below the highest offset it has seen, and to call a jump a "gap"
+    whose offsets count as acknowledged.
+
+    After a rebalance Faust resumes fetching a stream partition before it seeks it
+    back to the committed offset (faust-streaming #221, #606). Records fetched early
+    raise the read offset; the queue they sat in is cleared; the re-fetch after the
+    seek is then dropped as old. A CI run's store skipped 103 records that way and
+    its commit stopped for good; a chaos run's deliver stage had the offsets of a
+    skipped record counted as a gap and committed past it: mail lost. Without read
+    offsets nothing is dropped and nothing is assumed: a record fetched twice is
+    handled twice, which every stage is idempotent for, and Faust's ack still
+    ignores offsets below the committed one.
+    """
+
+    def __getitem__(self, tp: Any) -> None:
+        return None
+
+    def __setitem__(self, tp: Any, offset: Any) -> None:
+        pass
+
+    def __delitem__(self, tp: Any) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
-Consumer._add_gap = _no_gaps
+_consumer_init = Consumer.__init__
+
+
+def _init_without_read_offsets(self: Any, *args: Any, **kwargs: Any) -> None:
+    _consumer_init(self, *args, **kwargs)
+    self._read_offset = _NoReadOffsets()
+
+
+Consumer.__init__ = _init_without_read_offsets
 
 STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status")
 

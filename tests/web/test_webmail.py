@@ -11,10 +11,11 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from harness import Stack
+from harness import ScriptedPeer, Stack
 
 CHROMIUM = os.environ.get("MAILFLOW_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -36,20 +37,41 @@ def browser() -> Iterator[object]:
             b.close()
 
 
-@pytest.fixture
-def page(browser, submission_stack: Stack):  # noqa: ANN001
+@contextmanager
+def open_page(browser, api: str) -> Iterator[object]:  # noqa: ANN001
     ctx = browser.new_context(accept_downloads=True, viewport={"width": 1100, "height": 900})
     pg = ctx.new_page()
     pg.set_default_timeout(30000)
     pg.offsite = []  # requests leaving the API's origin: must stay empty
     pg.dialogs = []
-    pg.on("request", lambda r: None if r.url.startswith((submission_stack.api, "data:", "blob:", "about:"))
+    pg.on("request", lambda r: None if r.url.startswith((api, "data:", "blob:", "about:"))
           else pg.offsite.append(r.url))
     pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
     try:
         yield pg
     finally:
         ctx.close()
+
+
+@pytest.fixture
+def page(browser, submission_stack: Stack):  # noqa: ANN001
+    with open_page(browser, submission_stack.api) as pg:
+        yield pg
+
+
+@pytest.fixture(scope="module")
+def outgoing(kafka: str, work_dir: Path) -> Iterator[tuple[Stack, ScriptedPeer]]:
+    """Every stage, remote mail routed to an SMTP peer (scanning off: the scanners
+    have their own tests, and this one is about the page)."""
+    peer = ScriptedPeer().start()
+    stack = Stack(work_dir, kafka, smtp_routes=f"*=127.0.0.1:{peer.port}", scanners="none",
+                  rate_limit="1000/60s")
+    try:
+        yield stack.start(["ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry",
+                           "status"]), peer
+    finally:
+        stack.stop()
+        peer.stop()
 
 
 def shot(pg, name: str) -> None:  # noqa: ANN001
@@ -159,3 +181,26 @@ def test_html_mail_is_inert_and_remote_content_not_loaded(page, submission_stack
     shot(pg, "5-html-inert")
     assert pg.title() == "mailflow webmail"
     assert pg.dialogs == [] and pg.offsite == []
+
+
+def test_send_to_a_local_and_a_remote_address_shows_both_outcomes(browser, outgoing) -> None:  # noqa: ANN001
+    s, peer = outgoing
+    me, local, remote = (f"m{uuid.uuid4().hex[:6]}@mailflow.test", f"l{uuid.uuid4().hex[:6]}@local.test",
+                         f"r{uuid.uuid4().hex[:6]}@far-away.test")
+    subject = f"two ways {uuid.uuid4().hex[:8]}"
+    with open_page(browser, s.api) as pg:
+        sign_in(pg, s.api, s.token(me), me)
+        pg.get_by_role("button", name="Compose").click()
+        pg.locator("#c-to").fill(f"{local}, {remote}")
+        pg.locator("#c-subject").fill(subject)
+        pg.locator("#c-text").fill("One copy stays here, one goes out over SMTP.")
+        pg.get_by_role("button", name="Send").click()
+        # live from the status API: the local copy stored, the remote one delivered by the peer
+        items = pg.locator("#send-recipients li")
+        sync_api.expect(items.filter(has_text=remote)).to_contain_text(f"{remote}: delivered", timeout=90000)
+        sync_api.expect(items.filter(has_text=local)).to_have_text(f"{local}: stored")
+        sync_api.expect(pg.locator("#send-timeline")).to_contain_text("delivered")
+        shot(pg, "6-remote-delivered")
+        assert pg.offsite == [] and pg.dialogs == []
+    got = [m for m in list(peer.messages) if f"Subject: {subject}".encode() in m[2]]
+    assert len(got) == 1 and got[0][1] == [remote] and got[0][0] == me
