@@ -328,7 +328,7 @@ def run_postfix(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def set_broker_flush(bootstrap: str, value: str | None) -> None:
-    """Cluster-wide dynamic broker config; None deletes the override."""
+    """Dynamic per-broker config on every broker; None deletes the override."""
     from confluent_kafka.admin import (
         AdminClient,
         AlterConfigOpType,
@@ -337,10 +337,12 @@ def set_broker_flush(bootstrap: str, value: str | None) -> None:
         ResourceType,
     )
 
-    entry = ConfigEntry("log.flush.interval.messages", value or "",
-                        incremental_operation=AlterConfigOpType.DELETE if value is None else AlterConfigOpType.SET)
-    res = ConfigResource(ResourceType.BROKER, "", incremental_configs=[entry])
-    for fut in AdminClient({"bootstrap.servers": bootstrap}).incremental_alter_configs([res]).values():
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    op = AlterConfigOpType.DELETE if value is None else AlterConfigOpType.SET
+    resources = [ConfigResource(ResourceType.BROKER, str(broker_id), incremental_configs=[
+        ConfigEntry("log.flush.interval.messages", value or "", incremental_operation=op)])
+        for broker_id in admin.list_topics(timeout=10).brokers]
+    for fut in admin.incremental_alter_configs(resources).values():
         fut.result()
 
 

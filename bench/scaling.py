@@ -83,7 +83,7 @@ def main() -> int:
         docs.sort(key=lambda d: d["delivered_per_s"])
         mid = docs[len(docs) // 2]
         summary.append({"partitions": parts, "deliver_replicas": reps,
-                        "delivered_per_s": statistics.median(d["delivered_per_s"] for d in docs),
+                        "delivered_per_s": round(statistics.median(d["delivered_per_s"] for d in docs), 1),
                         "range": [docs[0]["delivered_per_s"], docs[-1]["delivered_per_s"]],
                         "cpu_ms_per_message": mid["cpu_ms_per_message"]})
     for row in summary:

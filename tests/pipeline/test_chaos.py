@@ -35,6 +35,8 @@ def test_short_chaos_run_loses_and_duplicates_nothing(scanners: None, work_dir: 
 
 @pytest.mark.slow
 def test_chaos_run_of_five_minutes(scanners: None, work_dir: Path):
-    report = chaos.run(duration=300, rate=150, kill_every=30, peer_down=60, clamd_down=30,
+    # 50/s: under what this 2-core machine delivers with scanning on (~60/s), so the
+    # run measures recovery, not a backlog.
+    report = chaos.run(duration=300, rate=50, kill_every=30, peer_down=60, clamd_down=30,
                        work=work_dir / "chaos-long", drain_timeout=1500, seed=11)
-    _assert_survived(report, 300, 150)
+    _assert_survived(report, 300, 50)
