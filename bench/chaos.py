@@ -250,8 +250,11 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
         # When each one-off fault starts, as a share of the run.
         plan = {"broker": 0.25, "peer": 0.45, "clamd": 0.7}
         next_kill = kill_every
-        peer_back = clamd_back = None
-        while load.is_alive() or peer_back or clamd_back:
+        # Outages that end on their own: what goes down, for how long, how, and back.
+        outages = {"peer": ("SMTP peer", peer_down, peer.stop, peer.up),
+                   "clamd": ("clamd", clamd_down, clamd.stop, clamd.start)}
+        back: dict[str, float] = {}  # outage -> when it ends
+        while load.is_alive() or back:
             now = time.monotonic() - t0
             if now >= next_kill and load.is_alive():
                 name = rng.choice(STAGES)
@@ -270,7 +273,10 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
             for name, procs in stack.procs.items():
                 for p in [p for p in procs if p.poll() is not None]:
                     procs.remove(p)
-                    stack.start_api() if name == "api" else stack.start_stage(name)
+                    if name == "api":
+                        stack.start_api()
+                    else:
+                        stack.start_stage(name)
                     faults.append(f"{now:.0f}s {name} exited with {p.returncode}; restarted")
                     say(faults[-1])
             if "broker" in plan and now >= plan["broker"] * duration:
@@ -280,26 +286,17 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
                 broker.start()
                 faults.append(f"{now:.0f}s broker restarted ({time.monotonic() - t0 - now:.0f}s down)")
                 say(faults[-1])
-            if "peer" in plan and now >= plan["peer"] * duration:
-                del plan["peer"]
-                peer.stop()
-                peer_back = now + peer_down
-                faults.append(f"{now:.0f}s SMTP peer down for {peer_down:.0f}s")
-                say(faults[-1])
-            if peer_back and now >= peer_back:
-                peer.up()
-                peer_back = None
-                say("SMTP peer back")
-            if "clamd" in plan and now >= plan["clamd"] * duration:
-                del plan["clamd"]
-                clamd.stop()
-                clamd_back = now + clamd_down
-                faults.append(f"{now:.0f}s clamd down for {clamd_down:.0f}s")
-                say(faults[-1])
-            if clamd_back and now >= clamd_back:
-                clamd.start()
-                clamd_back = None
-                say("clamd back")
+            for name, (label, length, down, up) in outages.items():
+                if name in plan and now >= plan[name] * duration:
+                    del plan[name]
+                    down()
+                    back[name] = now + length
+                    faults.append(f"{now:.0f}s {label} down for {length:.0f}s")
+                    say(faults[-1])
+                if name in back and now >= back[name]:
+                    up()
+                    del back[name]
+                    say(f"{label} back")
             time.sleep(0.2)
         load.join()
         say(f"load done: {len(load.accepted)} accepted, retried {dict(load.retried)}, "

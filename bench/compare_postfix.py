@@ -312,8 +312,9 @@ anvil_rate_time_unit = 60s
 
 def run_postfix(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     peer = Peer(work)
-    pf = Postfix(work, peer.port, args.concurrency)
+    pf = None
     try:
+        pf = Postfix(work, peer.port, args.concurrency)
         sampler = TreeSampler(pf.master_pid)
         sampler.start()
         sub = asyncio.run(smtp_submit(pf.port, args.count, args.concurrency, args.size, args.domains))
@@ -323,7 +324,8 @@ def run_postfix(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         return {**figures(sub["submitted"], sub["elapsed"], peer.received()), **usage,
                 "refused": sub["refused"]}
     finally:
-        pf.stop()
+        if pf is not None:
+            pf.stop()
         peer.stop()
 
 
@@ -357,9 +359,9 @@ def run_mailflow(args: argparse.Namespace, work: Path, system: str) -> dict[str,
            "--size", str(args.size), "--concurrency", str(args.concurrency), "--domains", str(args.domains),
            "--remote-share", "1.0", "--submit-log", str(log), "--timeout", str(args.timeout)]
     bootstrap = Settings.from_env().kafka_bootstrap
-    if system == "mailflow-fsync":
-        set_broker_flush(bootstrap, "1")
     try:
+        if system == "mailflow-fsync":
+            set_broker_flush(bootstrap, "1")
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout + 600, cwd=ROOT)
         lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
         if not lines or not log.exists():
