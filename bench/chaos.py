@@ -212,6 +212,9 @@ def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float)
         mine = sorted(i for i, rs in accepted.items() if box in rs)
         listing = stack.mailbox(box, limit=500) or {"messages": [], "total": -1}
         got = [m["id"] for m in listing["messages"]]
+        while listing.get("next_cursor"):  # 500 per page at most
+            listing = stack.mailbox(box, limit=500, cursor=listing["next_cursor"])
+            got += [m["id"] for m in listing["messages"]]
         if sorted(got) != mine or listing["total"] != len(mine):
             problems.append(f"{box}: holds {len(got)} (total {listing['total']}), expected {len(mine)}; "
                             f"extra {sorted(set(got) - set(mine))[:3]}, "
