@@ -33,7 +33,6 @@ import itertools
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,26 +47,18 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mailflow.bench import message, pct, pss_bytes  # noqa: E402
+from mailflow.bench import (  # noqa: E402
+    free_port,
+    message,
+    pct,
+    proc_stat,
+    pss_bytes,
+    start_smtp_sink,
+    wait_port,
+)
 
 SUBJECT = re.compile(rb"\nSubject: bench (\d+)\r?\n")
 SYSTEMS = ("postfix", "mailflow", "mailflow-scan", "mailflow-fsync")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 class Peer:
@@ -77,12 +68,8 @@ class Peer:
         self.dir = root / f"peer-{time.monotonic_ns()}"
         self.dir.mkdir(parents=True)
         self.dir.chmod(0o777)  # smtp-sink drops to `nobody` before it writes
-        self.port = free_port()
-        sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-        # 1000: listen backlog. -d: one file per message (the name gets a random suffix).
-        self.proc = subprocess.Popen([sink, "-u", "nobody", "-d", f"{self.dir}/m.", f"127.0.0.1:{self.port}",
-                                      "1000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        # -d: one file per message (the name gets a random suffix).
+        self.proc, self.port = start_smtp_sink("-d", f"{self.dir}/m.")
 
     def received(self) -> dict[int, list[float]]:
         """n -> mtimes of the files holding message `n` (more than one: a duplicate)."""
@@ -183,7 +170,7 @@ class TreeSampler(threading.Thread):
         children: dict[int, list[int]] = {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                ppid = int(proc_stat(int(pid))[1])
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(pid))
@@ -198,7 +185,7 @@ class TreeSampler(threading.Thread):
         total = 0.0
         for pid in self._tree():
             try:
-                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                f = proc_stat(pid)
             except OSError:
                 continue
             # utime, stime; the root also carries its reaped children's times.

@@ -16,21 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import time
 
 import orjson
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from mailflow.bench import free_port, start_smtp_sink
 
 DEFERRING = [f"d{i}.bench.test" for i in range(5)]  # 5 of the bench's 50 domains: 10 % of the mail
 
@@ -82,12 +74,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--modes", default="local,scan-off,scan-on")
     a = p.parse_args()
-    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-    port = free_port()
-    # -c: count, 1000: listen backlog; it answers 250 to everything and keeps nothing.
-    peer = subprocess.Popen([sink, "-u", "nobody", "-c", f"127.0.0.1:{port}", "1000"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
+    peer, port = start_smtp_sink("-c")  # keeps nothing
     defer = Always451()
     defer.controller.start()
     results: dict[str, list[dict]] = {}

@@ -17,24 +17,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from mailflow.bench import start_smtp_sink
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one(count: int, partitions: int, replicas: int, sink_port: int) -> dict[str, Any]:
@@ -61,11 +54,7 @@ def main() -> int:
     p.add_argument("--partitions", default="1,2,4,8")
     p.add_argument("--replicas", default="1,2", help="deliver replicas to try at each partition count")
     a = p.parse_args()
-    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-    port = free_port()
-    peer = subprocess.Popen([sink, "-u", "nobody", f"127.0.0.1:{port}", "1000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
+    peer, port = start_smtp_sink()
     points = [(int(x), int(r)) for x, r in itertools.product(a.partitions.split(","), a.replicas.split(","))
               if int(r) <= int(x)]  # a replica without a partition would idle
     runs: dict[tuple[int, int], list[dict[str, Any]]] = {pt: [] for pt in points}

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -55,6 +58,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(bench/compare_postfix matches it with what the peer received)")
     p.add_argument("--skip-domains", default="",
                    help="comma-separated recipient domains not to wait for (e.g. ones that always defer)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def start_smtp_sink(*options: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Postfix's smtp-sink as `nobody` on a free loopback port, once it listens:
+    (process, port). It answers 250 to everything; `options` go before the address
+    (``-c`` to count, ``-d TEMPLATE`` to keep each message in a file)."""
+    port = free_port()
+    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    # 1000: listen backlog, so the peer never refuses a burst of connections.
+    proc = subprocess.Popen([sink, "-u", "nobody", *options, f"127.0.0.1:{port}", "1000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first): utime and
+    stime are [11] and [12], cutime and cstime [13] and [14], ppid [1]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def message(n: int, sender: str, rcpt: str, size: int) -> bytes:
@@ -164,7 +202,7 @@ class MemorySampler(threading.Thread):
                         continue
                     if int(pid) == os.getpid():
                         role = "bench client"
-                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    fields = proc_stat(int(pid))
                     cpu = (int(fields[11]) + int(fields[12])) / self.tick
                     self.cpu_start.setdefault(int(pid), (role, cpu))
                     self.cpu_last[int(pid)] = (role, cpu)
