@@ -280,16 +280,20 @@ class ScriptedPeer:
     """
 
     def __init__(self, fail_first: int = 0, delay: float = 0.0, code: int = 451) -> None:
-        from aiosmtpd.controller import Controller
 
         self.port = free_port()
         self.fail_first, self.delay, self.code = fail_first, delay, code
         self.transactions = 0
         self.messages: list[tuple[str, list[str], bytes, float]] = []
         self.attempt_times: list[float] = []
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port,
-                                     enable_SMTPUTF8=True, decode_data=False)
+        self.controller = self._controller()
         self.listening = False
+
+    def _controller(self) -> Any:
+        from aiosmtpd.controller import Controller
+
+        return Controller(self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True,
+                          decode_data=False)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
         local = address.split("@")[0]
@@ -326,10 +330,7 @@ class ScriptedPeer:
     def up(self) -> None:
         """Listen again on the same port after `stop()` (an outage ends); what arrived
         before is kept. aiosmtpd's controller closes its loop on stop: a new one."""
-        from aiosmtpd.controller import Controller
-
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port,
-                                     enable_SMTPUTF8=True, decode_data=False)
+        self.controller = self._controller()
         self.start()
 
     def count_ids(self) -> dict[str, int]:
