@@ -280,7 +280,6 @@ class ScriptedPeer:
     """
 
     def __init__(self, fail_first: int = 0, delay: float = 0.0, code: int = 451) -> None:
-
         self.port = free_port()
         self.fail_first, self.delay, self.code = fail_first, delay, code
         self.transactions = 0
