@@ -5,6 +5,13 @@ the handler produced is acknowledged by Kafka (acks=all) before the input event
 is acked, so a crash at any point means the input is read again, never that an
 output is missing (at-least-once; the stages downstream are idempotent per id).
 
+`StageIO.run_batches` feeds a stage its input in batches (Faust's ``take_events``):
+the records of a batch run concurrently, so their outputs leave in a few produce
+requests instead of one each, and the batch's offsets are acked only after every
+record of it is done. A batch's records start in offset order and a handler's
+work up to its first wait runs uninterrupted, which keeps per-key order for the
+stages that read and write a table.
+
 A record that does not parse is a poison pill: it goes to ``errors`` with a
 reason and the stage carries on. A transient failure (object store, scanner,
 network) is retried with backoff for as long as it lasts, so lag grows instead of
@@ -16,11 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from functools import partial
 from typing import Any
 
 import faust
 from faust.exceptions import PartitionsMismatch
+from faust.streams import _current_event
+from faust.types import EventT
 
 from mailflow import metrics
 from mailflow.config import Settings
@@ -34,12 +45,17 @@ log = logging.getLogger("mailflow.stage")
 
 Pending = list[Awaitable[Any]]
 
+# Up to BATCH_MAX records per batch, and a batch waits at most BATCH_WITHIN for
+# more: under load batches fill at once; when idle a record waits at most 20 ms.
+BATCH_MAX = 256
+BATCH_WITHIN = 0.02
+
 # Tables: string keys as UTF-8 (so a key hashes to the partition its input record
 # did), JSON values.
 JSON_TABLE = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
 
 
-def table_write(table: Any, key: str, value: Any) -> Awaitable[Any]:
+def table_write(table: Any, key: str, value: Any, event: EventT | None = None) -> Awaitable[Any]:
     """``table[key] = value``, returning the changelog record's ack to await with the
     record's other outputs.
 
@@ -48,9 +64,18 @@ def table_write(table: Any, key: str, value: Any) -> Awaitable[Any]:
     (it gives up after 0.1 s without progress), so an input offset can be committed
     while its table writes are still in memory; a kill -9 then loses them for good (a
     CI run lost 131 of 300 mailbox appends that way). Awaited, the commit waits.
+
+    The write belongs to the input record's partition (Faust's rule: a replica that
+    owns an input partition owns that table partition, changelog and local store):
+    `event`'s, or by default the current event's.
     """
-    fut = table.send_changelog(table.partition_for_key(key), key, value)
-    table.data[key] = value  # the local store; send_changelog did the rest of __setitem__
+    token = _current_event.set(weakref.ref(event)) if event is not None else None
+    try:
+        fut = table.send_changelog(table.partition_for_key(key), key, value)
+        table.data[key] = value  # the local store; send_changelog did the rest of __setitem__
+    finally:
+        if token is not None:
+            _current_event.reset(token)
     return fut
 
 
@@ -141,10 +166,30 @@ class StageIO:
         assert msg.body_ref is not None
         return await get_body(self.settings.object_store_url, msg.body_ref)
 
-    async def process(
-        self, raw: bytes | None, handler: Callable[[bytes | None], Awaitable[Pending]]
+    async def run_batches(
+        self, stream: faust.StreamT, handler: Callable[..., Awaitable[Pending]],
+        max_: int = BATCH_MAX, within: float = BATCH_WITHIN, with_event: bool = False,
     ) -> None:
-        """Run `handler` on one record until it succeeds, is parked, or is poison."""
+        """Handle the stream a batch at a time; see the module docstring.
+
+        `handler(raw)`, or `handler(raw, event)` with `with_event` (for the Kafka
+        timestamp or a windowed table, which outside Faust's own per-event loop
+        must be told the event)."""
+        async def one(ev: EventT) -> None:
+            # Each record runs as its own task; tell Faust which event it is, as its
+            # own per-event loop does, so table writes land in the record's partition.
+            _current_event.set(weakref.ref(ev))
+            await self.process(ev.value, partial(handler, event=ev) if with_event else handler)
+
+        async for events in stream.take_events(max_, within):
+            await asyncio.gather(*(one(ev) for ev in events))
+
+    async def process(
+        self, raw: Any, handler: Callable[[Any], Awaitable[Pending]]
+    ) -> None:
+        """Run `handler` on one record's value, or on a list of Faust events (parked
+        together on a failure), until it succeeds, is parked, or is poison."""
+        raws = [ev.value for ev in raw] if isinstance(raw, list) else [raw]
         started = time.perf_counter()
         delay = 0.2
         attempts = 0
@@ -158,7 +203,7 @@ class StageIO:
                 outcome = "ok"
             except PoisonPill as pill:
                 log.warning("%s: poison pill (%s)", self.stage, pill)
-                pending = [await self.park(pill.reason, "poison", raw, detail=pill.detail)]
+                pending = [await self.park(pill.reason, "poison", r, detail=pill.detail) for r in raws]
                 outcome = "poison"
             except TRANSIENT as exc:
                 log.warning("%s: transient failure, retrying in %.1fs: %r", self.stage, delay, exc)
@@ -173,7 +218,7 @@ class StageIO:
                     delay = min(delay * 2, 30.0)
                     continue
                 log.exception("%s: failed %d times, parking the record", self.stage, attempts)
-                pending = [await self.park("stage_failure", "poison", raw, detail=repr(exc))]
+                pending = [await self.park("stage_failure", "poison", r, detail=repr(exc)) for r in raws]
                 outcome = "failed"
             if outcome != "ok":
                 try:

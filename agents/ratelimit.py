@@ -49,15 +49,17 @@ def register(app: faust.App, settings: Settings) -> None:
         .relative_to_stream()
     )
 
-    async def handle(raw: bytes | None, ts: float) -> Pending:
+    async def handle(raw: bytes | None, event: faust.EventT) -> Pending:
         msg = parse_message(raw)
         pending: Pending = [await io.event(msg.id, "accepted", msg.recipients,
                                            sender=msg.sender, ts=msg.received_at)]
-        # No await between the read and the write: concurrent actors cannot interleave.
-        counts[msg.sender] += 1
-        count = counts[msg.sender].current()
+        # No await between the read and the write: the batch's records cannot
+        # interleave here. The window is the one of this record's Kafka timestamp.
+        window_set = counts[msg.sender][event]
+        window_set += 1
+        count = window_set.current()
         if should_throttle(count, limit):
-            _, until = window_bounds(ts, window)
+            _, until = window_bounds(event.message.timestamp or time.time(), window)
             pending.append(await io.send(
                 "throttle", msg.sender,
                 orjson.dumps({"sender": msg.sender, "until": until, "limit": limit}),
@@ -72,8 +74,6 @@ def register(app: faust.App, settings: Settings) -> None:
             pending.append(await io.send("admitted", msg.sender, raw))
         return pending
 
-    @app.agent(io.topic("submissions"), name=f"{settings.topic_prefix}{STAGE}", concurrency=16)
+    @app.agent(io.topic("submissions"), name=f"{settings.topic_prefix}{STAGE}")
     async def ratelimit(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            ts = event.message.timestamp or time.time()
-            await io.process(event.value, lambda raw, ts=ts: handle(raw, ts))
+        await io.run_batches(stream, handle, with_event=True)

@@ -43,7 +43,6 @@ def register(app: faust.App, settings: Settings) -> None:
                                       {"sent_copy": local_sender}))
         return pending
 
-    @app.agent(io.topic("clean"), name=f"{settings.topic_prefix}{STAGE}", concurrency=16)
+    @app.agent(io.topic("clean"), name=f"{settings.topic_prefix}{STAGE}")
     async def sentfolder(stream: faust.StreamT) -> None:
-        async for value in stream:
-            await io.process(value, handle)
+        await io.run_batches(stream, handle)

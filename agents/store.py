@@ -57,10 +57,9 @@ def register(app: faust.App, settings: Settings) -> None:
             event = await io.event(msg.id, "sent_folder", [], {"mailbox": msg.mailbox})
         return [*writes.acks, event]
 
-    @app.agent(io.topic("local"), name=f"{settings.topic_prefix}{STAGE}", concurrency=16)
+    @app.agent(io.topic("local"), name=f"{settings.topic_prefix}{STAGE}")
     async def store(stream: faust.StreamT) -> None:
-        async for value in stream:
-            await io.process(value, handle)
+        await io.run_batches(stream, handle)
 
     def find(address: str, msg_id: str) -> dict[str, Any] | None:
         for folder in mb.FOLDERS:

@@ -64,7 +64,6 @@ def register(app: faust.App, settings: Settings) -> None:
             pending.append(await io.event(msg.id, "validated", remote, {"next": "scan"}))
         return pending
 
-    @app.agent(io.topic("admitted"), name=f"{settings.topic_prefix}{STAGE}", concurrency=16)
+    @app.agent(io.topic("admitted"), name=f"{settings.topic_prefix}{STAGE}")
     async def validate(stream: faust.StreamT) -> None:
-        async for value in stream:
-            await io.process(value, handle)
+        await io.run_batches(stream, handle)

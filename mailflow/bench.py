@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--submit-log", default="",
                    help="write {n: submission start, epoch seconds} of accepted messages to this JSON file "
                         "(bench/compare_postfix matches it with what the peer received)")
+    p.add_argument("--keep", action="store_true",
+                   help="with --start: keep the stack's topics and data dir afterwards "
+                        "(by default they are deleted, so runs do not pile up on the broker)")
     p.add_argument("--skip-domains", default="",
                    help="comma-separated recipient domains not to wait for (e.g. ones that always defer)")
 
@@ -374,6 +377,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             sampler.running = False
         if sup is not None:
             sup.stop()
+            if not args.keep:
+                remove_stack(settings)
     with follower.lock:
         done = {k: v for k, v in follower.done.items() if k in want}
         acc = follower.accepted
@@ -416,6 +421,21 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
           f"peak memory (PSS) {result['peak_pss_mb']} MB")
     print(orjson.dumps(result).decode())
     return 0 if len(done) == len(want) else 1
+
+
+def remove_stack(settings: Settings) -> None:
+    """Delete a --start stack's topics and data dir (kept with --keep)."""
+    from streams.topics import delete_prefix_topics
+
+    try:
+        names = delete_prefix_topics(settings)
+    except Exception as exc:  # the figures are in; say what is left behind
+        print(f"bench: could not delete the stack's topics ({exc!r}); "
+              f"they start with {settings.topic_prefix}", file=sys.stderr, flush=True)
+        return
+    shutil.rmtree(settings.data_dir, ignore_errors=True)
+    print(f"bench: removed {len(names)} topics of {settings.topic_prefix} and {settings.data_dir}",
+          file=sys.stderr, flush=True)
 
 
 def start_stack(settings: Settings, args: argparse.Namespace) -> tuple[Settings, Any, str]:

@@ -49,6 +49,10 @@ class AsyncProducer:
         })
         self._down = False
         self._running = True
+        # Delivery reports settled since the last hand-over, per event loop: handed to
+        # each loop in one call per poll, not one wake-up (a pipe write) per record.
+        self._settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, bool]]] = {}
+        self._settled_lock = threading.Lock()
         self._thread = threading.Thread(target=self._poll, name="kafka-producer", daemon=True)
         self._thread.start()
 
@@ -65,6 +69,7 @@ class AsyncProducer:
         last_probe = 0.0
         while self._running:
             self._producer.poll(0.05)
+            self._hand_over()
             # While the broker looks down, ask it now and then, so the flag clears
             # without waiting for a submission to succeed.
             if self._down and time.monotonic() - last_probe > 1.0:
@@ -74,6 +79,20 @@ class AsyncProducer:
                         self._down = False
                 except KafkaException:
                     pass
+
+    def _settle(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], value: Any,
+                ok: bool) -> None:
+        with self._settled_lock:
+            self._settled.setdefault(loop, []).append((fut, value, ok))
+
+    def _hand_over(self) -> None:
+        with self._settled_lock:
+            settled, self._settled = self._settled, {}
+        for loop, batch in settled.items():
+            try:
+                loop.call_soon_threadsafe(_settle_all, batch)
+            except RuntimeError:  # that loop is closed: nobody waits on these any more
+                pass
 
     def produce(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[tuple[int, int]]:
         """Queue a record; the future resolves to (partition, offset) once acknowledged.
@@ -89,10 +108,10 @@ class AsyncProducer:
 
         def done(err: KafkaError | None, msg: Any) -> None:
             if err is not None:
-                loop.call_soon_threadsafe(_fail, fut, BrokerUnavailable(str(err)))
+                self._settle(loop, fut, BrokerUnavailable(str(err)), False)
             else:
                 self._down = False
-                loop.call_soon_threadsafe(_ok, fut, (msg.partition(), msg.offset()))
+                self._settle(loop, fut, (msg.partition(), msg.offset()), True)
 
         try:
             self._producer.produce(topic, value=value, key=key, on_delivery=done)
@@ -116,16 +135,17 @@ class AsyncProducer:
         self._producer.flush(timeout)
         self._running = False
         self._thread.join(2)
+        self._hand_over()  # reports served by flush() in this thread
 
 
-def _ok(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+def _settle_all(batch: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
+    for fut, value, ok in batch:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 class CompactedReader:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -74,9 +74,12 @@ class Message:
     meta: dict[str, Any] = field(default_factory=dict)  # stage annotations (scan verdict...)
 
     def to_json(self) -> bytes:
-        d = asdict(self)
-        d["body"] = base64.b64encode(self.body).decode() if self.body is not None else None
-        return orjson.dumps({k: v for k, v in d.items() if v is not None})
+        # A shallow view, not dataclasses.asdict: asdict deep-copies meta and the
+        # recipient list on every record, a tenth of a simple stage's CPU.
+        d = {k: v for k, v in self.__dict__.items() if v is not None}
+        if self.body is not None:
+            d["body"] = base64.b64encode(self.body).decode()
+        return orjson.dumps(d)
 
     def with_(self, **changes: Any) -> Message:
         d = {**self.__dict__, **changes}
@@ -137,7 +140,7 @@ class Event:
     sender: str | None = None
 
     def to_json(self) -> bytes:
-        return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None})
+        return orjson.dumps({k: v for k, v in self.__dict__.items() if v is not None})
 
 
 def parse_event(raw: bytes | str | None) -> Event:
@@ -171,7 +174,7 @@ class ErrorRecord:
     record: str | None = None  # the original record (JSON text), to replay it
 
     def to_json(self) -> bytes:
-        return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None})
+        return orjson.dumps({k: v for k, v in self.__dict__.items() if v is not None})
 
 
 def parse_error(raw: bytes | str | None) -> ErrorRecord:
