@@ -44,7 +44,7 @@ from typing import Any
 
 import faust
 
-from agents.common import JSON_TABLE, Pending, StageIO, table_write
+from agents.common import JSON_TABLE, Pending, StageIO
 from mailflow import metrics
 from mailflow.config import Settings
 from mailflow.delivery import (
@@ -85,7 +85,9 @@ def may_send(entry: dict[str, Any] | None, meta: dict[str, Any]) -> bool:
 
 
 def register(app: faust.App, settings: Settings) -> None:
-    io = StageIO(app, settings, STAGE)
+    # No linger: the ledger entry's trip to the broker is the window in which a
+    # kill -9 after the remote 250 means a second copy (see above).
+    io = StageIO(app, settings, STAGE, linger_ms=0)
     ledger = app.Table("ledger", partitions=settings.partitions, schema=JSON_TABLE)
     pool = Pool(ehlo=settings.ehlo_name, timeout=settings.smtp_timeout, tls=settings.smtp_tls,
                 max_per_host=settings.max_connections_per_host)
@@ -184,7 +186,7 @@ def register(app: faust.App, settings: Settings) -> None:
             metrics.SMTP_REPLIES.labels(reply_class(o), "routed" if settings.smtp_routes else "mx").inc()
             if o.kind != TEMPORARY:
                 # Written before anything else: the record that stops a second send.
-                pending.append(table_write(ledger, f"{msg.id}|{o.recipient}",
+                pending.append(io.table_write(ledger, f"{msg.id}|{o.recipient}",
                                            {"kind": o.kind, "reply": o.reply, "ts": now}))
         delivered = [o for o in outcomes if o.kind == DELIVERED]
         failed = [o for o in outcomes if o.kind == PERMANENT]

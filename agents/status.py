@@ -15,7 +15,7 @@ from typing import Any
 
 import faust
 
-from agents.common import BATCH_MAX, BATCH_WITHIN, JSON_TABLE, Pending, StageIO, table_write
+from agents.common import BATCH_MAX, BATCH_WITHIN, JSON_TABLE, Pending, StageIO
 from mailflow import metrics
 from mailflow.config import Settings
 from schemas.records import Event, PoisonPill, parse_event
@@ -102,7 +102,7 @@ def register(app: faust.App, settings: Settings) -> None:
             changed[ev.id] = (st, event)
             if finalized and "accepted_at" in st:
                 metrics.END_TO_END_SECONDS.labels(ev.state).observe(max(0.0, ev.ts - st["accepted_at"]))
-        pending += [table_write(table, msg_id, st, event) for msg_id, (st, event) in changed.items()]
+        pending += [io.table_write(table, msg_id, st, event) for msg_id, (st, event) in changed.items()]
         return pending
 
     # A batch at a time, applied in offset order without an await in between, so a

@@ -47,7 +47,7 @@ def register(app: faust.App, settings: Settings) -> None:
             "received_at": msg.received_at, "stored_at": time.time(), "size": msg.size,
             "body_ref": msg.body_ref, **(msg.meta.get("summary") or {}),
         }
-        writes = DurableWrites(table)
+        writes = DurableWrites(io, table)
         if mb.append(writes, msg.mailbox, msg.folder, msg.id, meta):
             cache.drop_prefix((msg.mailbox, msg.folder))
         # The event is repeated on a replay; the status stage applies it once.

@@ -94,8 +94,12 @@ class AsyncProducer:
             except RuntimeError:  # that loop is closed: nobody waits on these any more
                 pass
 
-    def produce(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[tuple[int, int]]:
+    def produce(self, topic: str, key: bytes | None, value: bytes,
+                partition: int | None = None) -> asyncio.Future[tuple[int, int]]:
         """Queue a record; the future resolves to (partition, offset) once acknowledged.
+
+        `partition` overrides the key's partition (a table's changelog record goes
+        to the partition of the input record that wrote it).
 
         Must be called from the event loop's thread. Lets a caller queue several
         records and wait for them together.
@@ -114,7 +118,11 @@ class AsyncProducer:
                 self._settle(loop, fut, (msg.partition(), msg.offset()), True)
 
         try:
-            self._producer.produce(topic, value=value, key=key, on_delivery=done)
+            if partition is None:
+                self._producer.produce(topic, value=value, key=key, on_delivery=done)
+            else:
+                self._producer.produce(topic, value=value, key=key, partition=partition,
+                                       on_delivery=done)
         except BufferError:
             fut.set_exception(BrokerUnavailable("the producer queue is full"))
         except KafkaException as exc:

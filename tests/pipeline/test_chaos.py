@@ -27,6 +27,16 @@ def _assert_survived(report: dict[str, Any], duration: float, rate: float) -> No
         assert fault in kinds, report["faults"]
 
 
+def test_only_a_copy_just_before_a_deliver_kill_counts_as_the_smtp_window():
+    kills = [100.0]
+    assert chaos.in_kill_window([99.7, 130.0], kills)  # first copy 0.3 s before the kill
+    assert not chaos.in_kill_window([95.0, 130.0], kills)  # long before: a real duplicate
+    assert not chaos.in_kill_window([100.5, 130.0], kills)  # after the kill: a real duplicate
+    assert not chaos.in_kill_window([99.7, 130.0], [])  # no deliver kill at all
+    assert chaos.in_kill_window([99.7, 99.9, 130.0], kills)  # both early copies in the window
+    assert not chaos.in_kill_window([90.0, 99.9, 130.0], kills)  # one of them not
+
+
 def test_short_chaos_run_loses_and_duplicates_nothing(scanners: None, work_dir: Path):
     report = chaos.run(duration=50, rate=15, kill_every=10, peer_down=12, clamd_down=8,
                        work=work_dir / "chaos-short", drain_timeout=420, seed=7)
