@@ -8,6 +8,10 @@ Each round runs every system once, alternating, so both see the same machine:
 - ``mailflow``: ``mailflow bench --start all`` with scanning off, submitted over the
   HTTP API, delivered by the deliver stage to the peer.
 - ``mailflow-scan``: the same with clamd and rspamd on.
+- ``mailflow-flow`` (optional): scanning off with in-flow control tightened
+  (``MAILFLOW_IN_FLOW_BACKLOG``, ``--flow-backlog``): the ingress holds a submission
+  back (up to 1 s) while more than that many messages wait in the pipeline, as
+  Postfix's ``in_flow_delay`` does, so the queue, and with it latency, stays short.
 - ``mailflow-fsync`` (optional): scanning off with the broker fsyncing every append
   (``log.flush.interval.messages=1``, set cluster-wide for the run and reset after),
   Postfix's durability: it fsyncs each queue file before it answers 250.
@@ -58,7 +62,7 @@ from mailflow.bench import (  # noqa: E402
 )
 
 SUBJECT = re.compile(rb"\nSubject: bench (\d+)\r?\n")
-SYSTEMS = ("postfix", "mailflow", "mailflow-scan", "mailflow-fsync")
+SYSTEMS = ("postfix", "mailflow", "mailflow-scan", "mailflow-flow", "mailflow-fsync")
 
 
 class Peer:
@@ -342,6 +346,8 @@ def run_mailflow(args: argparse.Namespace, work: Path, system: str) -> dict[str,
     log = work / f"submit-{time.monotonic_ns()}.json"
     env = {**os.environ, "MAILFLOW_SMTP_ROUTES": f"*=127.0.0.1:{peer.port}",
            "MAILFLOW_SCANNERS": "clamd,rspamd" if system == "mailflow-scan" else "none"}
+    if system == "mailflow-flow":
+        env["MAILFLOW_IN_FLOW_BACKLOG"] = str(args.flow_backlog)
     cmd = [sys.executable, "-m", "mailflow.cli", "bench", "--start", "all", "--count", str(args.count),
            "--size", str(args.size), "--concurrency", str(args.concurrency), "--domains", str(args.domains),
            "--remote-share", "1.0", "--submit-log", str(log), "--timeout", str(args.timeout)]
@@ -390,6 +396,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--domains", type=int, default=50)
     p.add_argument("--concurrency", type=int, default=64, help="client connections / requests in flight")
+    p.add_argument("--flow-backlog", type=int, default=500,
+                   help="mailflow-flow: MAILFLOW_IN_FLOW_BACKLOG for that system")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for delivery per run")
     args = p.parse_args()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]

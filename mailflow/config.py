@@ -92,6 +92,10 @@ class Settings:
     inline_max_bytes: int = 256 * 1024
     max_recipients: int = 1000
     ehlo_name: str = "mailflow.localhost"
+    # In-flow control (mailflow.api.inflow): above this many messages waiting in the
+    # pipeline a submission waits up to in_flow_delay seconds first. 0 turns it off.
+    in_flow_backlog: int = 5000
+    in_flow_delay: float = 1.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -132,6 +136,8 @@ class Settings:
             advertise_host=_env("ADVERTISE_HOST", ""),
             inline_max_bytes=parse_size(_env("INLINE_MAX_BYTES", str(d.inline_max_bytes))),
             ehlo_name=_env("EHLO_NAME", d.ehlo_name),
+            in_flow_backlog=int(_env("IN_FLOW_BACKLOG", str(d.in_flow_backlog))),
+            in_flow_delay=parse_duration(_env("IN_FLOW_DELAY", "1s")),
         )
 
     @property

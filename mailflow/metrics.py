@@ -25,6 +25,11 @@ END_TO_END_SECONDS = Histogram(
 API_REQUESTS = Counter(
     "mailflow_api_requests_total", "HTTP API requests by route and status", ["route", "status"],
 )
+PIPELINE_BACKLOG = Gauge("mailflow_pipeline_backlog",
+                         "Messages waiting on the stages before a final state, as the ingress last saw it")
+IN_FLOW_WAIT = Histogram("mailflow_api_in_flow_wait_seconds",
+                         "How long submissions waited for the pipeline's backlog to fall",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0))
 API_ACCEPTED = Counter("mailflow_api_accepted_total", "Messages acknowledged by Kafka and accepted")
 SMTP_REPLIES = Counter(
     "mailflow_smtp_replies_total", "SMTP outcomes per recipient by reply class (2xx/4xx/5xx/conn)",

@@ -44,6 +44,7 @@ from aiohttp import web
 from mailflow import metrics
 from mailflow.api.auth import Authenticator, Principal, SyncReader, header_from_addresses
 from mailflow.api.compose import Composed, InputError, compose_json, prepare_raw
+from mailflow.api.inflow import InFlow
 from mailflow.api.sanitize import sanitize_html
 from mailflow.config import Settings
 from mailflow.ids import new_id
@@ -135,6 +136,7 @@ class Ingress:
         self.auth: Authenticator | None = None
         self.http: aiohttp.ClientSession | None = None
         self._idem_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.inflow = InFlow(settings)
 
     # ---- lifecycle -------------------------------------------------------
     async def on_startup(self, _app: web.Application) -> None:
@@ -145,8 +147,10 @@ class Ingress:
                                   full_name(s, "auth"), self.idem_topic])
         self.auth = Authenticator(s, self.reader)
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        self.inflow.start()
 
     async def on_cleanup(self, _app: web.Application) -> None:
+        await self.inflow.stop()
         if self.http:
             await self.http.close()
         if self.producer:
@@ -310,6 +314,9 @@ class Ingress:
         if wait > 0:
             return error(429, "rate_limited", f"{c.sender} is over its sending rate; retry later",
                          headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        # Checked and within its sender's rate: now wait, briefly, if the pipeline
+        # is behind (in-flow control; never a refusal).
+        await self.inflow.admit()
         rec = Message(id=msg_id, sender=c.sender, recipients=c.recipients,
                       received_at=time.time(), size=len(c.raw))
         ref = None
