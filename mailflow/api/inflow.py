@@ -5,9 +5,10 @@ of the stages a message passes before it is final (ratelimit, validate, store,
 scan, sentfolder, deliver; not retry, where mail waits on purpose, nor status),
 sampled from Kafka every half second; it counts records, about one per message
 and stage. Above ``IN_FLOW_BACKLOG`` a submission waits until the backlog falls
-below it, for at most ``IN_FLOW_DELAY``, and is then accepted anyway: the ingress never refuses mail for being busy, it only
-stops racing ahead of delivery, so a closed-loop client's submissions follow
-the delivery rate and a queue (and every message's wait in it) stays bounded.
+below it, for at most ``IN_FLOW_DELAY``, and is then accepted anyway: the
+ingress never refuses mail for being busy, it only stops racing ahead of
+delivery, so a closed-loop client's submissions follow the delivery rate and a
+queue (and every message's wait in it) stays bounded.
 """
 
 from __future__ import annotations
