@@ -17,8 +17,10 @@ import asyncio
 import logging
 import time
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
+from aiokafka.structs import TopicPartition
 
 from mailflow import metrics
 from mailflow.config import Settings
@@ -35,30 +37,55 @@ def must_wait(backlog: int, limit: int, waited: float, max_delay: float) -> bool
     return limit > 0 and backlog > limit and waited < max_delay
 
 
-def pipeline_backlog(admin: AdminClient, settings: Settings, timeout: float = 5.0) -> int:
+class BacklogReader:
     """Records written to the pipeline stages' inputs that their groups have not
     committed. A group that never committed on a partition counts nothing there:
-    at first start nothing has been accepted yet to wait for."""
-    topics = {s: input_topics(settings, s) for s in PIPELINE}
-    md = admin.list_topics(timeout=timeout).topics
-    tps = [TopicPartition(t, p) for ts in topics.values() for t in ts if t in md
-           for p in md[t].partitions]
-    if not tps:
-        return 0
-    ends = {(tp.topic, tp.partition): f.result().offset for tp, f in
-            admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=timeout).items()}
-    total = 0
-    for stage, ts in topics.items():
-        mine = [tp for tp in tps if tp.topic in ts]
-        if not mine:
-            continue
-        group = f"{settings.topic_prefix}{stage}"
-        result = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, mine)],
-                                                   request_timeout=timeout)[group].result()
-        for tp in result.topic_partitions:
-            if tp.offset >= 0:
-                total += max(0, ends[(tp.topic, tp.partition)] - tp.offset)
-    return total
+    at first start nothing has been accepted yet to wait for.
+
+    aiokafka (Python), not confluent-kafka's AdminClient: librdkafka's OffsetFetch
+    from a client that is not a group member can crash its main thread when the
+    group's coordinator answers NOT_COORDINATOR (a NULL group handle; confluent-kafka
+    -javascript #374). A long-running sampler met it within minutes in the test suite.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                         enable_auto_commit=False)
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        self._started = False
+
+    async def read(self) -> int:
+        if not self._started:
+            await self.consumer.start()
+            await self.admin.start()
+            self._started = True
+        wanted = {s: input_topics(self.settings, s) for s in PIPELINE}
+        partitions = {
+            d["topic"]: sorted(p["partition"] for p in d["partitions"])
+            for d in await self.admin.describe_topics([t for ts in wanted.values() for t in ts])
+            if d.get("error_code", 0) == 0
+        }
+        total = 0
+        for stage, topics in wanted.items():
+            tps = [TopicPartition(t, p) for t in topics for p in partitions.get(t, [])]
+            if not tps:
+                continue
+            ends = await self.consumer.end_offsets(tps)
+            try:
+                committed = await self.admin.list_consumer_group_offsets(
+                    f"{self.settings.topic_prefix}{stage}", partitions=tps)
+            except GroupCoordinatorNotAvailableError:
+                continue  # a broker whose offsets topic is not made yet: nothing committed
+            for tp, meta in committed.items():
+                if meta.offset >= 0 and tp in ends:
+                    total += max(0, ends[tp] - meta.offset)
+        return total
+
+    async def close(self) -> None:
+        if self._started:
+            await self.consumer.stop()
+            await self.admin.close()
 
 
 class InFlow:
@@ -79,16 +106,18 @@ class InFlow:
             self._task.cancel()
 
     async def _sample(self) -> None:
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                self.backlog = await loop.run_in_executor(None, pipeline_backlog, admin, self.settings)
-                metrics.PIPELINE_BACKLOG.set(self.backlog)
-            except Exception as exc:  # broker away: stop holding submissions back
-                self.backlog = 0
-                log.debug("in-flow: backlog unknown (%r)", exc)
-            await asyncio.sleep(self.interval)
+        reader = BacklogReader(self.settings)
+        try:
+            while True:
+                try:
+                    self.backlog = await asyncio.wait_for(reader.read(), 10)
+                    metrics.PIPELINE_BACKLOG.set(self.backlog)
+                except Exception as exc:  # broker away: stop holding submissions back
+                    self.backlog = 0
+                    log.debug("in-flow: backlog unknown (%r)", exc)
+                await asyncio.sleep(self.interval)
+        finally:
+            await reader.close()
 
     async def admit(self) -> float:
         """Wait while the pipeline is behind (at most the delay); the seconds waited."""
