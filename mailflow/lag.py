@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from mailflow.config import Settings
@@ -69,10 +69,8 @@ def measure(settings: Settings, stages: list[str] | None = None, timeout: float 
         starts = {(tp.topic, tp.partition): f.result().offset for tp, f in
                   admin.list_offsets({tp: OffsetSpec.earliest() for tp in tps},
                                      request_timeout=timeout).items()}
-        fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
-                                                request_timeout=timeout)[group]
         committed = {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
-                     for tp in fut.result().topic_partitions}
+                     for tp in _committed(settings, group, tps, timeout)}
         parts = []
         for tp in tps:
             key = (tp.topic, tp.partition)
@@ -84,6 +82,22 @@ def measure(settings: Settings, stages: list[str] | None = None, timeout: float 
     _oldest_ages(settings, out, timeout)
     _members(admin, out, timeout)
     return out
+
+
+def _committed(settings: Settings, group: str, tps: list[TopicPartition],
+               timeout: float) -> list[TopicPartition]:
+    """The group's committed offsets, asked by a consumer of that group that never
+    joins it. Not AdminClient.list_consumer_group_offsets: librdkafka can crash its
+    main thread when an admin client's OffsetFetch meets NOT_COORDINATOR (a NULL group
+    handle; confluent-kafka-javascript #374), which a long-running `--serve` would."""
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
+                  "enable.auto.commit": False})
+    try:
+        return c.committed(tps, timeout=timeout)
+    finally:
+        c.close()
 
 
 def _oldest_ages(settings: Settings, lags: list[StageLag], timeout: float) -> None:
