@@ -123,3 +123,46 @@ def delete_prefix_topics(settings: Settings, timeout: float = 30.0) -> list[str]
     for fut in admin.delete_topics(names, operation_timeout=timeout).values():
         fut.result()
     return names
+
+
+def init_group_offsets(settings: Settings, group: str, topics: Sequence[str],
+                       timeout: float = 10.0) -> int:
+    """Commit the log start offset for every partition of `topics` on which `group`
+    has no committed offset yet; return how many were set.
+
+    A stage's group must read its input from the beginning. A member that is given
+    a partition the group never committed on falls back to a reset policy, and a
+    chaos run lost three delivery records that way: a second deliver replica joined
+    while mail flowed, the first had handled but not yet committed the partition,
+    and the newcomer began at the log's end. With an offset committed before any
+    member consumes, there is nothing to fall back on. Only an empty group accepts
+    this commit; once members are consuming, they commit and this does nothing.
+    """
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
+                  "enable.auto.commit": False})
+    try:
+        md = c.list_topics(timeout=timeout)
+        tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions]
+        deadline = time.monotonic() + 3 * timeout
+        while True:
+            try:
+                committed = c.committed(tps, timeout=timeout)
+                break
+            except KafkaException:  # a fresh broker's offsets topic is still being made
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        missing = [tp for tp in committed if tp.offset < 0]
+        if not missing:
+            return 0
+        starts = [TopicPartition(tp.topic, tp.partition, c.get_watermark_offsets(tp, timeout=timeout)[0])
+                  for tp in missing]
+        try:
+            c.commit(offsets=starts, asynchronous=False)
+        except KafkaException:  # the group has members by now: they commit
+            return 0
+        return len(starts)
+    finally:
+        c.close()
