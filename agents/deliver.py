@@ -144,14 +144,17 @@ def register(app: faust.App, settings: Settings) -> None:
         entries = {r: ledger.get(f"{msg.id}|{r}") for r in msg.recipients}
         todo = [r for r in msg.recipients if may_send(entries[r], msg.meta)]
         pending: Pending = []
-        if msg.meta.get("replayed_at"):
-            # The replay reopened these recipients in the status; those the ledger
-            # says are finished get their final state again, not a second send.
-            for r in (r for r in msg.recipients if r not in todo):
-                entry = entries[r] or {}
-                state = "delivered" if entry.get("kind") == DELIVERED else "bounced"
-                pending.append(await io.event(msg.id, state, [r], {
-                    "reply": entry.get("reply"), "note": "finished before this replay; not sent again"}))
+        # Recipients the ledger says are finished get their final state again, never a
+        # second send: after a replay (which reopened them in the status), and after a
+        # crash between the ledger entry's ack and its events' (a chaos run left a
+        # delivered message without its `delivered` event that way). The status
+        # stage keeps the first final state; a repeat only joins the timeline.
+        note = ("finished before this replay; not sent again" if msg.meta.get("replayed_at")
+                else "finished by an earlier copy of this record; not sent again")
+        for r in (r for r in msg.recipients if r not in todo):
+            entry = entries[r] or {}
+            state = "delivered" if entry.get("kind") == DELIVERED else "bounced"
+            pending.append(await io.event(msg.id, state, [r], {"reply": entry.get("reply"), "note": note}))
         if not todo:
             return pending
         now = time.time()
