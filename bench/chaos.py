@@ -209,12 +209,15 @@ def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
 
     # The peer: each delivered message exactly once, nothing that was not accepted.
     ehlo = stack.settings().ehlo_name
-    arrived = Counter(peer.message_ids())
+    # One snapshot of what arrived (the peer keeps receiving while this runs).
+    ids = peer.message_ids()
+    arrival_times = [m[3] for m in peer.messages[:len(ids)]]
+    arrived = Counter(ids)
     expected_ids = {f"<{i}@{ehlo}>" for (i, r), v in states.items()
                     if (i, r) in want and v == {"delivered"}}
     dup = {m: c for m, c in arrived.items() if m in expected_ids and c > 1}
     times: dict[str, list[float]] = defaultdict(list)
-    for mid, (_, _, _, ts) in zip(peer.message_ids(), list(peer.messages), strict=False):
+    for mid, ts in zip(ids, arrival_times, strict=True):
         times[mid].append(ts)
     at_kill = {m: c for m, c in dup.items() if in_kill_window(times[m], deliver_kills or [])}
     dup = {m: c for m, c in dup.items() if m not in at_kill}

@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from mailflow.config import Settings
 from streams.app import STAGE_INPUT, STAGES
-from streams.topics import full_name, topic_specs
+from streams.topics import full_name, group_client, topic_specs
 
 
 @dataclass
@@ -86,14 +86,8 @@ def measure(settings: Settings, stages: list[str] | None = None, timeout: float 
 
 def _committed(settings: Settings, group: str, tps: list[TopicPartition],
                timeout: float) -> list[TopicPartition]:
-    """The group's committed offsets, asked by a consumer of that group that never
-    joins it. Not AdminClient.list_consumer_group_offsets: librdkafka can crash its
-    main thread when an admin client's OffsetFetch meets NOT_COORDINATOR (a NULL group
-    handle; confluent-kafka-javascript #374), which a long-running `--serve` would."""
-    from confluent_kafka import Consumer
-
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
-                  "enable.auto.commit": False})
+    """The group's committed offsets (through `group_client`: `--serve` runs for days)."""
+    c = group_client(settings, group)
     try:
         return c.committed(tps, timeout=timeout)
     finally:

@@ -125,6 +125,17 @@ def delete_prefix_topics(settings: Settings, timeout: float = 30.0) -> list[str]
     return names
 
 
+def group_client(settings: Settings, group: str) -> Any:
+    """A consumer of `group` that never joins it: to read or set the group's committed
+    offsets. Not AdminClient.list_consumer_group_offsets: librdkafka can crash its main
+    thread when an admin client's OffsetFetch meets NOT_COORDINATOR (a NULL group
+    handle; confluent-kafka-javascript #374); a consumer has its group handle."""
+    from confluent_kafka import Consumer
+
+    return Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
+                     "enable.auto.commit": False})
+
+
 def init_group_offsets(settings: Settings, group: str, topics: Sequence[str],
                        timeout: float = 10.0) -> int:
     """Commit the log start offset for every partition of `topics` on which `group`
@@ -138,10 +149,9 @@ def init_group_offsets(settings: Settings, group: str, topics: Sequence[str],
     member consumes, there is nothing to fall back on. Only an empty group accepts
     this commit; once members are consuming, they commit and this does nothing.
     """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import KafkaException, TopicPartition
 
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
-                  "enable.auto.commit": False})
+    c = group_client(settings, group)
     try:
         md = c.list_topics(timeout=timeout)
         tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions]
