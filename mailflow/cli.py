@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import urllib.error
@@ -226,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"mailflow: bad setting: {exc}", file=sys.stderr)
         return 2
+    if settings.event_loop == "uvloop":
+        # Before any loop exists: Faust's worker, aiohttp's run_app and asyncio.run
+        # all take their loop from the policy.
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     if args.cmd == "broker":
         from mailflow import broker

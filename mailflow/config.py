@@ -96,6 +96,9 @@ class Settings:
     # pipeline a submission waits up to in_flow_delay seconds first. 0 turns it off.
     in_flow_backlog: int = 5000
     in_flow_delay: float = 1.0
+    # uvloop (libuv) unless set to asyncio: Faust's per-event futures and aiohttp's
+    # requests spend much of their time in the event loop's scheduling.
+    event_loop: str = "uvloop"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -138,6 +141,7 @@ class Settings:
             ehlo_name=_env("EHLO_NAME", d.ehlo_name),
             in_flow_backlog=int(_env("IN_FLOW_BACKLOG", str(d.in_flow_backlog))),
             in_flow_delay=parse_duration(_env("IN_FLOW_DELAY", "1s")),
+            event_loop=_choice("EVENT_LOOP", _env("EVENT_LOOP", d.event_loop), ("uvloop", "asyncio")),
         )
 
     @property
@@ -157,6 +161,12 @@ class Settings:
 
     def is_local(self, address: str) -> bool:
         return address.rpartition("@")[2].lower() in self.local_domains
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"MAILFLOW_{name} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
 
 
 def _scan_failure(value: str) -> str:
