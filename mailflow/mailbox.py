@@ -3,9 +3,14 @@
 A folder is an append-only list of message ids cut in pages of `PAGE` ids, so an
 append rewrites one small page, never the whole folder:
 
-    h|<mailbox>|<folder>         -> number of messages in the folder
+    t|<mailbox>|<folder>         -> number of the folder's last page (absent: 0)
     p|<mailbox>|<folder>|<page>  -> list of ids, oldest first
     m|<mailbox>|<folder>|<id>    -> the message's metadata
+
+The folder's size is ``last page * PAGE + len(last page)``, so an append writes the
+metadata and one page, and the last-page number only when a new page starts: two
+changelog records per append, not three. Folders written before this layout have
+``h|<mailbox>|<folder>`` (the size) instead of ``t``; their next append writes ``t``.
 
 Listing is newest first; the cursor is the position to continue below.
 """
@@ -22,7 +27,12 @@ SEP = "\x1f"
 
 
 def head_key(mailbox: str, folder: str) -> str:
+    """The size of a folder written before the last-page layout."""
     return SEP.join(("h", mailbox, folder))
+
+
+def tail_key(mailbox: str, folder: str) -> str:
+    return SEP.join(("t", mailbox, folder))
 
 
 def page_key(mailbox: str, folder: str, page: int) -> str:
@@ -33,29 +43,41 @@ def meta_key(mailbox: str, folder: str, msg_id: str) -> str:
     return SEP.join(("m", mailbox, folder, msg_id))
 
 
+def size(table: MutableMapping[str, Any], mailbox: str, folder: str) -> tuple[int, bool]:
+    """(messages listed in the folder, whether it still has the old size key)."""
+    last = table.get(tail_key(mailbox, folder))
+    if last is None:
+        old = table.get(head_key(mailbox, folder))
+        if old is not None:
+            return old, True
+        last = 0
+    return last * PAGE + len(table.get(page_key(mailbox, folder, last)) or []), False
+
+
 def append(table: MutableMapping[str, Any], mailbox: str, folder: str, msg_id: str,
            meta: dict[str, Any]) -> bool:
     """Add a message to a folder once; False if it was listed already.
 
-    The three writes (metadata, page, count) are not atomic: a worker killed between
-    them leaves a torn append, and a replay of the same record repairs it. The
-    metadata records the message's position, so "already there" means listed at that
-    position, not merely present; a page holding ids past the count (page written,
-    count not) is cut back to the count before the id is added.
+    The writes (metadata, last-page number when a page starts, page) are not
+    atomic: a worker killed between them leaves a torn append, and a replay of the
+    same record repairs it. The metadata records the message's position, so "already
+    there" means listed at that position, not merely present. The page is written
+    last, so until it is, the folder's size is what it was before.
     """
     mk = meta_key(mailbox, folder, msg_id)
-    hk = head_key(mailbox, folder)
-    count = table.get(hk) or 0
+    count, old_layout = size(table, mailbox, folder)
     old = table.get(mk)
     if old is not None and _listed_at(table, mailbox, folder, msg_id, old.get("pos"), count):
         return False
     pk = page_key(mailbox, folder, count // PAGE)
+    # An old-layout page may hold ids past its size (page written, size not): cut.
     ids = list(table.get(pk) or [])[: count % PAGE]
     ids.append(msg_id)
     # Metadata first: a crash between the writes leaves the message findable by id.
     table[mk] = {**meta, "pos": count}
+    if old_layout or (count and count % PAGE == 0):
+        table[tail_key(mailbox, folder)] = count // PAGE
     table[pk] = ids
-    table[hk] = count + 1
     return True
 
 
@@ -70,7 +92,7 @@ def _listed_at(table: MutableMapping[str, Any], mailbox: str, folder: str, msg_i
 def list_ids(table: MutableMapping[str, Any], mailbox: str, folder: str, limit: int,
              cursor: int | None) -> tuple[list[str], int | None, int]:
     """(ids newest first, next cursor or None, total)."""
-    total = table.get(head_key(mailbox, folder)) or 0
+    total, _ = size(table, mailbox, folder)
     end = total if cursor is None else max(0, min(cursor, total))
     start = max(0, end - limit)
     ids: list[str] = []

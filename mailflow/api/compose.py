@@ -50,6 +50,9 @@ class Composed:
     raw: bytes
     header_from: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # A raw submission's parsed header block (Bcc still in it), kept so the sender
+    # checks do not parse it a second time.
+    headers: Any = None
 
 
 def _addresses(value: Any, name: str, errors: dict[str, str]) -> list[tuple[str, str]]:
@@ -227,7 +230,7 @@ def prepare_raw(raw: bytes, *, message_id: str, date: Any, env_from: str | None,
     if headers.get("Date") is None:
         added += b"Date: " + format_datetime(date).encode() + eol
     body = _strip_header(raw, b"bcc")
-    return Composed(sender, recipients, added + body, header_from=from_hdr)
+    return Composed(sender, recipients, added + body, header_from=from_hdr, headers=headers)
 
 
 def _strip_header(raw: bytes, name: bytes) -> bytes:

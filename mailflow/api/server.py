@@ -47,6 +47,7 @@ from mailflow.api.compose import Composed, InputError, compose_json, prepare_raw
 from mailflow.api.inflow import InFlow
 from mailflow.api.sanitize import sanitize_html
 from mailflow.config import Settings
+from mailflow.ids import encode as encode_id
 from mailflow.ids import new_id
 from mailflow.kafka_io import AsyncProducer, BrokerUnavailable
 from mailflow.mailrules import AddressError, check_message, normalize_address, parse_headers
@@ -58,7 +59,6 @@ log = logging.getLogger("mailflow.api")
 
 REGISTRY_FRESH_SECONDS = 20.0
 IDEMPOTENCY_WINDOW = 24 * 3600.0
-_ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 WEB_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
 # The webmail page: scripts only from here, nothing remote (srcdoc frames inherit it).
@@ -95,11 +95,8 @@ def forbidden(message: str, fields: dict[str, str] | None = None) -> web.Respons
 def derive_id(*parts: str) -> str:
     """A message id (26 characters of the id alphabet) that is a function of `parts`."""
     value = int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:17], "big")
-    out = []
-    for _ in range(26):
-        value, rem = divmod(value, 32)
-        out.append(_ID_ALPHABET[rem])
-    return "".join(out)
+    # Least significant digit first, as ids derived before an upgrade were written.
+    return encode_id(value)[::-1]
 
 
 def relay(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
@@ -178,7 +175,7 @@ class Ingress:
             return forbidden(f"this credential may not send as {c.sender}",
                              {"from": "not an address this credential may send as"})
         if c.extra.get("raw"):
-            addrs = header_from_addresses(parse_headers(c.raw))
+            addrs = header_from_addresses(c.headers if c.headers is not None else parse_headers(c.raw))
             if not addrs and not who.admin:
                 return forbidden("the message has no From header", {"from": "From header missing"})
             bad = [a for a in addrs if not who.may_send_as(a)]

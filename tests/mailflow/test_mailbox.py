@@ -40,7 +40,7 @@ def test_a_crash_at_any_write_is_repaired_by_replaying_the_records():
         table: dict = {}
         for key, value in full.log[:cut]:
             table[key] = value
-        done = sum(1 for key, _ in full.log[:cut] if key.startswith("h"))
+        done = sum(1 for key, _ in full.log[:cut] if key.startswith("p"))  # page: last write
         for i in ids[max(0, done - 3):]:
             mb.append(table, "a@x.test", "inbox", i, {"id": i})
         listed, cursor, total = mb.list_ids(table, "a@x.test", "inbox", 500, None)
@@ -48,6 +48,30 @@ def test_a_crash_at_any_write_is_repaired_by_replaying_the_records():
         assert listed == ids[::-1], cut
         assert all(table[mb.meta_key("a@x.test", "inbox", i)]["pos"] == n
                    for n, i in enumerate(ids)), cut
+
+
+def test_an_append_writes_two_records_and_a_third_only_when_a_page_starts():
+    table = Recording()
+    for i in range(mb.PAGE + 1):
+        mb.append(table, "a@x.test", "inbox", f"id{i:03d}", {})
+    kinds = [key[0] for key, _ in table.log]
+    assert kinds.count("m") == mb.PAGE + 1 and kinds.count("p") == mb.PAGE + 1
+    assert kinds.count("t") == 1 and table[mb.tail_key("a@x.test", "inbox")] == 1
+
+
+def test_a_folder_of_the_old_layout_keeps_its_listing():
+    # Written before the last-page key: a size key, and a torn page with one id past it.
+    table: dict = {mb.head_key("a@x.test", "inbox"): 65}
+    table[mb.page_key("a@x.test", "inbox", 0)] = [f"id{i:03d}" for i in range(64)]
+    table[mb.page_key("a@x.test", "inbox", 1)] = ["id064", "torn"]
+    for i in range(66):
+        table[mb.meta_key("a@x.test", "inbox", f"id{i:03d}")] = {"pos": i}
+    assert mb.list_ids(table, "a@x.test", "inbox", 3, None) == (["id064", "id063", "id062"], 62, 65)
+    assert not mb.append(table, "a@x.test", "inbox", "id010", {})
+    assert mb.append(table, "a@x.test", "inbox", "id065", {})
+    assert table[mb.tail_key("a@x.test", "inbox")] == 1
+    ids, _, total = mb.list_ids(table, "a@x.test", "inbox", 500, None)
+    assert total == 66 and ids == [f"id{i:03d}" for i in range(65, -1, -1)]
 
 
 def test_lru_evicts_and_invalidates():
