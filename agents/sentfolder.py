@@ -6,7 +6,9 @@ stage like any local mail; ``delivery`` (key: recipient domain) one record per
 recipient domain with that domain's recipients; ``events`` (``sent_folder``).
 
 A message for several domains has its body put in the object store once, so
-the per-domain records carry a reference rather than a copy each.
+the per-domain records carry a reference rather than a copy each; a message for
+one domain keeps its body inline on ``delivery`` (the Sent copy still goes by
+reference), which spares the delivery stage an object-store read per message.
 """
 
 from __future__ import annotations
@@ -29,15 +31,17 @@ def register(app: faust.App, settings: Settings) -> None:
         msg = parse_message(raw)
         groups = group_by_domain(msg.recipients)
         local_sender = bool(msg.sender) and settings.is_local(msg.sender)
+        by_ref = msg
         if msg.body is not None and (local_sender or len(groups) > 1):
             await put_body(settings.object_store_url, body_key(msg.id), msg.body)
-            msg = msg.with_(body=None, body_ref=body_key(msg.id))
+            by_ref = msg.with_(body=None, body_ref=body_key(msg.id))
         pending: Pending = []
         if local_sender and not msg.meta.get("bounce"):
-            copy = msg.with_(mailbox=msg.sender, folder="sent")
+            copy = by_ref.with_(mailbox=msg.sender, folder="sent")
             pending.append(await io.send("local", msg.sender, copy.to_json()))
+        outgoing = msg if len(groups) == 1 else by_ref
         for domain, rcpts in groups.items():
-            rec = msg.with_(recipients=rcpts, meta={**msg.meta, "domain": domain})
+            rec = outgoing.with_(recipients=rcpts, meta={**msg.meta, "domain": domain})
             pending.append(await io.send("delivery", domain, rec.to_json()))
         pending.append(await io.event(msg.id, "sent_folder", msg.recipients,
                                       {"sent_copy": local_sender}))

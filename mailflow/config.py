@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -155,7 +156,7 @@ class Settings:
             return socket.gethostname()
         return self.api_host
 
-    @property
+    @cached_property  # read per message body by several stages
     def object_store_url(self) -> str:
         return self.object_store or (self.data_dir / "objects").absolute().as_uri()
 
