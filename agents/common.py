@@ -25,11 +25,14 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
 import faust
 import orjson
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from faust.exceptions import PartitionsMismatch
 from faust.serializers import codecs
 from faust.streams import _current_event
@@ -60,8 +63,52 @@ JSON_TABLE = faust.Schema(key_type=str, key_serializer="raw", value_serializer="
 # Failures that are the world's, not the record's: wait and try again.
 # PartitionsMismatch: on a fresh broker a table's new changelog topic can be missing
 # from the client's metadata for a moment; it resolves with the next refresh.
+# KafkaConnectionError, KafkaTimeoutError: an `AckedTable` changelog send (Faust's
+# aiokafka producer) that the broker did not take.
 TRANSIENT = (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError, BrokerUnavailable,
-             PartitionsMismatch)
+             PartitionsMismatch, KafkaConnectionError, KafkaTimeoutError)
+
+# The changelog sends of `AckedTable` writes made while one record is handled.
+CHANGELOG_ACKS: ContextVar[list[Awaitable[Any]] | None] = ContextVar("changelog_acks", default=None)
+
+
+class AckedTable(faust.Table):
+    """A Faust table whose changelog sends a stage can await before its commit.
+
+    For writes that go through Faust's own table machinery, such as a windowed
+    table's ``+=`` (window keys, their encoding and expiry are Faust's), where
+    `StageIO.table_write` does not fit. Faust sends the changelog record and
+    forgets it (see `StageIO.table_write` for why that is not durable before the
+    commit); here each send's future also joins the list in `CHANGELOG_ACKS`, which
+    the stage sets around its writes (`acked_writes`) and awaits with the record's
+    other outputs.
+    """
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        fut = super().send_changelog(*args, **kwargs)
+        acks = CHANGELOG_ACKS.get()
+        if acks is not None:
+            acks.append(fut)
+        return fut
+
+
+def acked_table(app: faust.App, name: str, **kwargs: Any) -> AckedTable:
+    """``app.Table(name, **kwargs)``, as an `AckedTable`."""
+    table = AckedTable(app, name=name, beacon=app.tables.beacon, **kwargs)
+    app.tables.add(table)
+    return table
+
+
+@contextmanager
+def acked_writes() -> Iterator[Pending]:
+    """``with acked_writes() as acks:`` collects the changelog sends of the
+    `AckedTable` writes made inside it."""
+    acks: Pending = []
+    token = CHANGELOG_ACKS.set(acks)
+    try:
+        yield acks
+    finally:
+        CHANGELOG_ACKS.reset(token)
 
 
 class StageIO:

@@ -7,7 +7,10 @@ within the sender's limit; ``errors`` with state ``rate_limited`` for mail over 
 
 Counts live in a Faust tumbling windowed table per sender (``RATE_LIMIT``, e.g.
 ``100/60s``), windows taken from the record's Kafka timestamp, so replays and
-restarts count in the window the mail was submitted in.
+restarts count in the window the mail was submitted in. A count's changelog record
+is acknowledged by Kafka before the input offset commits, so a replica killed -9
+comes back with every count it had (a replayed record may count twice: the limit
+errs on the strict side, never the lax one).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 import faust
 import orjson
 
-from agents.common import JSON_TABLE, Pending, StageIO
+from agents.common import JSON_TABLE, Pending, StageIO, acked_table, acked_writes
 from mailflow.config import Settings
 from schemas.records import parse_message
 
@@ -43,8 +46,11 @@ def should_throttle(count: int, limit: int) -> bool:
 def register(app: faust.App, settings: Settings) -> None:
     io = StageIO(app, settings, STAGE)
     limit, window = settings.rate_limit
+    # An AckedTable: each count's changelog record is acknowledged by Kafka before
+    # the input offset commits, so a worker killed -9 restores every count it had.
     counts = (
-        app.Table("sender_counts", default=int, partitions=settings.partitions, schema=JSON_TABLE)
+        acked_table(app, "sender_counts", default=int, partitions=settings.partitions,
+                    schema=JSON_TABLE)
         .tumbling(window, expires=window * 2)
         .relative_to_stream()
     )
@@ -55,8 +61,10 @@ def register(app: faust.App, settings: Settings) -> None:
                                            sender=msg.sender, ts=msg.received_at)]
         # No await between the read and the write: the batch's records cannot
         # interleave here. The window is the one of this record's Kafka timestamp.
-        window_set = counts[msg.sender][event]
-        window_set += 1
+        with acked_writes() as acks:
+            window_set = counts[msg.sender][event]
+            window_set += 1
+        pending += acks
         count = window_set.current()
         if should_throttle(count, limit):
             _, until = window_bounds(event.message.timestamp or time.time(), window)

@@ -7,7 +7,9 @@ reads them. Replicas of a stage share the app id and split its partitions.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import logging
 import os
 import shutil
 import socket
@@ -19,6 +21,7 @@ from typing import Any
 
 import faust
 from faust.transport.consumer import Consumer
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.producer import ProducerBuffer
 
 from mailflow.config import Settings
@@ -72,6 +75,31 @@ def _init_without_read_offsets(self: Any, *args: Any, **kwargs: Any) -> None:
 
 
 Consumer.__init__ = _init_without_read_offsets
+
+# An offset commit that never returns stops a stage for good, with nothing but a
+# Faust log line after five minutes ("Has not committed TP"): a five-minute chaos run's
+# scan stage sent a commit as the broker was killed and waited on it for the rest
+# of the run while every other stage went on. A replica whose commit has not
+# returned after COMMIT_STUCK seconds exits, as if killed; its supervisor (`mailflow
+# up`, an orchestrator, bench/chaos) starts it again and it resumes from its last
+# commit like after any crash, handling a few records twice (every stage is
+# idempotent). Commits wait out a broker restart (15 s in the chaos runs); a broker
+# away for longer makes replicas restart until it is back.
+COMMIT_STUCK = 120.0
+_thread_commit = AIOKafkaConsumerThread.commit
+
+
+async def _commit_or_exit(self: Any, offsets: Any) -> Any:
+    try:
+        return await asyncio.wait_for(_thread_commit(self, offsets), COMMIT_STUCK)
+    except TimeoutError:
+        logging.getLogger("mailflow.stage").critical(
+            "offset commit has not returned in %.0f s; exiting so that this replica is "
+            "started again", COMMIT_STUCK)  # a stream handler flushes each record
+        os._exit(75)  # EX_TEMPFAIL; no clean shutdown: it would wait on the same commit
+
+
+AIOKafkaConsumerThread.commit = _commit_or_exit
 
 STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status")
 

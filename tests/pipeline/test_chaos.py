@@ -44,6 +44,7 @@ def test_short_chaos_run_loses_and_duplicates_nothing(scanners: None, work_dir: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2100)  # 5 min of load, up to 25 min to drain (chaos.run's own bound)
 def test_chaos_run_of_five_minutes(scanners: None, work_dir: Path):
     # 50/s: under what this 2-core machine delivers with scanning on (~60/s), so the
     # run measures recovery, not a backlog.
