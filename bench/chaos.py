@@ -224,7 +224,15 @@ def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
     stray = [m for m in arrived if m not in expected_ids]
     lost = [m for m in expected_ids if m not in arrived]
     if dup:
-        problems.append(f"{len(dup)} messages delivered more than once, e.g. {list(dup.items())[:3]}")
+        # Each copy's arrival and the deliver kills around it, as clock times: what
+        # tells a kill's window from another cause.
+        def clock(t: float) -> str:
+            return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+        seen = [f"{m} x{c} at {', '.join(clock(t) for t in sorted(times[m]))}" for m, c in list(dup.items())[:3]]
+        kills = ", ".join(clock(k) for k in sorted(deliver_kills or []))
+        problems.append(f"{len(dup)} messages delivered more than once: {'; '.join(seen)} "
+                        f"(deliver kills at {kills or 'none'})")
     if stray:
         problems.append(f"{len(stray)} messages at the peer not delivered per status, e.g. {stray[:3]}")
     if lost:
