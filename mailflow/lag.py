@@ -17,8 +17,8 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from mailflow.config import Settings
-from streams.app import STAGE_INPUT, STAGES
-from streams.topics import full_name, group_client, topic_specs
+from streams.app import STAGES, input_topics
+from streams.topics import group_client
 
 
 @dataclass
@@ -42,14 +42,6 @@ class StageLag:
     @property
     def total(self) -> int:
         return sum(p.lag for p in self.partitions)
-
-
-def input_topics(settings: Settings, stage: str) -> list[str]:
-    short = STAGE_INPUT[stage]
-    if short.endswith("*"):
-        prefix = short[:-1]
-        return [full_name(settings, s.name) for s in topic_specs(settings) if s.name.startswith(prefix)]
-    return [full_name(settings, short)]
 
 
 def measure(settings: Settings, stages: list[str] | None = None, timeout: float = 10.0) -> list[StageLag]:

@@ -22,6 +22,7 @@ from mailflow.config import Settings
 from streams.app import (
     STAGES,
     claim_replica,
+    input_topics,
     internal_topics,
     make_app,
     mark_clean_shutdown,
@@ -84,8 +85,6 @@ def run_stage(stage: str, settings: Settings, loglevel: str = "warning") -> int:
         return int(module.run(settings, f"http://{settings.web_advertise_host}:{replica.web_port}"))
     app = build_app(stage, settings)
     ensure_topics(settings, extra=internal_topics(app))
-    from mailflow.lag import input_topics
-
     init_group_offsets(settings, f"{settings.topic_prefix}{stage}", input_topics(settings, stage))
     datadir = Path(app.conf.datadir)
     if reset_tables_after_crash(datadir, Path(app.conf.tabledir)):

@@ -25,7 +25,7 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.producer import ProducerBuffer
 
 from mailflow.config import Settings
-from streams.topics import full_name
+from streams.topics import full_name, topic_specs
 
 # Table writes queue their changelog records in Faust's ProducerBuffer; past 100
 # pending records Faust pauses every stream until the buffer drains one record at
@@ -114,6 +114,15 @@ STAGE_INPUT = {
     "retry": "retry.*",
     "status": "events",
 }
+
+
+def input_topics(settings: Settings, stage: str) -> list[str]:
+    """The full names of `stage`'s input topics (every retry tier for ``retry.*``)."""
+    short = STAGE_INPUT[stage]
+    if short.endswith("*"):
+        prefix = short[:-1]
+        return [full_name(settings, s.name) for s in topic_specs(settings) if s.name.startswith(prefix)]
+    return [full_name(settings, short)]
 
 
 @dataclass

@@ -24,7 +24,7 @@ from aiokafka.structs import TopicPartition
 
 from mailflow import metrics
 from mailflow.config import Settings
-from mailflow.lag import input_topics
+from streams.app import input_topics
 
 log = logging.getLogger("mailflow.inflow")
 
