@@ -124,7 +124,7 @@ class Settings:
             max_queue_age=parse_duration(_env("MAX_QUEUE_AGE", "5d")),
             clamd=_env("CLAMD", d.clamd),
             rspamd=_env("RSPAMD", d.rspamd),
-            scan_failure=_scan_failure(_env("SCAN_FAILURE", d.scan_failure)),
+            scan_failure=_choice("SCAN_FAILURE", _env("SCAN_FAILURE", d.scan_failure), ("closed", "open")),
             scanners=tuple(x.strip() for x in _env("SCANNERS", "clamd,rspamd").split(",")
                            if x.strip() and x.strip() != "none"),
             dns=_env("DNS", ""),
@@ -166,11 +166,6 @@ class Settings:
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ValueError(f"MAILFLOW_{name} must be one of {', '.join(allowed)}, not {value!r}")
+        raise ValueError(f"MAILFLOW_{name} must be {' or '.join(allowed)}, not {value!r}")
     return value
 
-
-def _scan_failure(value: str) -> str:
-    if value not in ("closed", "open"):
-        raise ValueError(f"MAILFLOW_SCAN_FAILURE must be closed or open, not {value!r}")
-    return value
