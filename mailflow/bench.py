@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true",
                    help="with --start: keep the stack's topics and data dir afterwards "
                         "(by default they are deleted, so runs do not pile up on the broker)")
+    p.add_argument("--idempotency", action="store_true",
+                   help="send each message with its own Idempotency-Key, as a careful client does")
     p.add_argument("--skip-domains", default="",
                    help="comma-separated recipient domains not to wait for (e.g. ones that always defer)")
 
@@ -284,15 +286,16 @@ def pct(values: list[float], q: float) -> float:
 async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> dict[str, Any]:
     sem = asyncio.Semaphore(args.concurrency)
     accepted: dict[str, list[str]] = {}
-    refused: dict[int, int] = {}
+    refused: dict[str, int] = {}  # "status code" -> count (JSON keys are strings)
     latencies: list[float] = []
     submitted: dict[int, float] = {}  # n -> epoch time the request started, if accepted
     started = time.perf_counter()
+    run_tag = uuid.uuid4().hex[:12]
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     headers = {"Content-Type": "message/rfc822"}
     if args.key:
         headers["Authorization"] = f"Bearer {args.key}"
-    async with aiohttp.ClientSession(connector=connector) as http:
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
         async def one(n: int) -> None:
             sender = f"sender{n % args.senders}@{local_domain}"
             if args.remote_share and (n % 1000) < args.remote_share * 1000:
@@ -304,14 +307,17 @@ async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> d
                 if args.rate:
                     await asyncio.sleep(max(0.0, started + n / args.rate - time.perf_counter()))
                 t0, wall = time.perf_counter(), time.time()
-                async with http.post(f"{api}/v1/messages", data=body, headers=headers) as resp:
+                extra = {"Idempotency-Key": f"bench-{run_tag}-{n}"} if args.idempotency else None
+                async with http.post(f"{api}/v1/messages", data=body, headers=extra) as resp:
                     doc = await resp.read()
                 latencies.append(time.perf_counter() - t0)
                 if resp.status == 202:
                     accepted[orjson.loads(doc)["id"]] = [rcpt]
                     submitted[n] = wall
                 else:
-                    refused[resp.status] = refused.get(resp.status, 0) + 1
+                    if str(resp.status) not in refused:  # say why, once per status
+                        print(f"bench: {resp.status}: {doc[:300]!r}", file=sys.stderr, flush=True)
+                    refused[str(resp.status)] = refused.get(str(resp.status), 0) + 1
 
         async def progress() -> None:
             while True:

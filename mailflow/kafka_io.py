@@ -162,6 +162,7 @@ class CompactedReader:
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
         self.values: dict[str, dict[str, Any]] = {t: {} for t in topics}
         self.positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
+        self.partitions: dict[str, int] = {}  # partition count per topic, once assigned
         self._consumer = Consumer({
             "bootstrap.servers": bootstrap,
             "group.id": f"mailflow-reader-{uuid.uuid4().hex[:8]}",  # never commits
@@ -184,6 +185,7 @@ class CompactedReader:
         if len(tps) == 0:
             return False
         self._consumer.assign(tps)
+        self.partitions = {t: len(md.topics[t].partitions) for t in self._topics if t in md.topics}
         return True
 
     def _run(self) -> None:

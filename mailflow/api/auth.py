@@ -26,6 +26,7 @@ every request acts as an admin).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiokafka.partitioner import murmur2
 
 from mailflow.config import Settings
 from mailflow.kafka_io import CompactedReader
@@ -159,7 +161,47 @@ class SyncReader(CompactedReader):
         self._bootstrap = bootstrap
         self._sync_lock = threading.Lock()
         self._last_sync: dict[str, float] = {}
+        self._ends: dict[tuple[str, int], _SharedQuery] = {}
         super().__init__(bootstrap, topics)
+
+    def partition_for(self, topic: str, key: bytes) -> int | None:
+        """The partition of `key` on `topic` (Kafka's murmur2, as the producers use),
+        or None before the reader has the topic's metadata."""
+        n = self.partitions.get(topic)
+        return (murmur2(key) & 0x7FFFFFFF) % n if n else None
+
+    async def caught_up(self, topic: str, partition: int, within: float = 3.0) -> bool:
+        """Wait until every record on one partition that existed when called has been
+        read; False on timeout or broker trouble.
+
+        The async, one-partition form of `sync`, for a request's hot path: a key's
+        records live on one partition, so one end-offset query answers it, and the
+        concurrent callers of a partition share their queries (`_SharedQuery`).
+        """
+        shared = self._ends.get((topic, partition))
+        if shared is None:
+            shared = self._ends[(topic, partition)] = _SharedQuery(
+                lambda: self._end_offset(topic, partition, within))
+        try:
+            end = await asyncio.wait_for(shared.get(), within)
+        except Exception:  # KafkaException, TimeoutError: the broker did not answer
+            return False
+        deadline = time.monotonic() + within
+        while self.positions.get((topic, partition), 0) < end:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    def _end_offset(self, topic: str, partition: int, timeout: float) -> int:
+        from confluent_kafka import Consumer, TopicPartition
+
+        with self._sync_lock:
+            if not hasattr(self, "_probe"):
+                self._probe = Consumer({"bootstrap.servers": self._bootstrap,
+                                        "group.id": "mailflow-auth-probe", "enable.auto.commit": False})
+            probe = self._probe
+        return int(probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)[1])
 
     def sync(self, topic: str, timeout: float = 3.0, min_interval: float = 0.0) -> bool:
         """Wait (blocking; call from a thread) until every record on `topic` that
@@ -191,6 +233,48 @@ class SyncReader(CompactedReader):
         super().close()
         if hasattr(self, "_probe"):
             self._probe.close()
+
+
+class _SharedQuery:
+    """One blocking query (run in a thread) answering every concurrent caller.
+
+    A caller needs an answer from a query that started after it asked (one already
+    running may have read the end offset before a record the caller must see was
+    written), so the callers that arrive while a query runs share the next one,
+    which starts as soon as the running one ends: under load one query per round
+    trip serves them all, instead of one query each.
+    """
+
+    def __init__(self, query: Any) -> None:
+        self._query = query
+        self._next: asyncio.Future[Any] | None = None
+        self._running = False
+
+    async def get(self) -> Any:
+        fut = self._next
+        if fut is None:
+            fut = self._next = asyncio.get_running_loop().create_future()
+            if not self._running:
+                self._start()
+        return await asyncio.shield(fut)
+
+    def _start(self) -> None:
+        fut, self._next = self._next, None
+        assert fut is not None
+        self._running = True
+        task = asyncio.get_running_loop().run_in_executor(None, self._query)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._running = False
+            if not fut.done():
+                if t.exception() is not None:
+                    fut.set_exception(t.exception())  # type: ignore[arg-type]
+                else:
+                    fut.set_result(t.result())
+            if self._next is not None:
+                self._start()
+
+        task.add_done_callback(done)
 
 
 class Authenticator:

@@ -76,6 +76,11 @@ def error(status: int, code: str, message: str, fields: dict[str, str] | None = 
                              dumps=lambda o: orjson.dumps(o).decode())
 
 
+def broker_unavailable(why: str) -> web.Response:
+    """503: nothing was accepted; a client may send the same request again."""
+    return error(503, "broker_unavailable", f"{why}; nothing was accepted", headers={"Retry-After": "5"})
+
+
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, headers=headers,
                         content_type="application/json")
@@ -236,14 +241,20 @@ class Ingress:
         req_hash = hashlib.sha256(b"\x00".join([request.content_type.encode(),
                                                  request.query_string.encode(), body])).hexdigest()
         rkey = f"{who.id}:{hashlib.sha256(idem.encode()).hexdigest()[:32]}"
+        # The key's record must be read before it can be called new, and with the
+        # broker away it cannot be: answer at once rather than wait out a timeout.
+        partition = self.reader.partition_for(self.idem_topic, rkey.encode())
+        if self.producer.broker_down or partition is None:
+            return broker_unavailable("Kafka is not reachable")
         lock = self._idem_locks.get(rkey)
         if lock is None:
             lock = self._idem_locks[rkey] = asyncio.Lock()
         async with lock:
             table = self.reader.values[self.idem_topic]
-            if rkey not in table:  # another replica may have it: read up to now
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self.reader.sync, self.idem_topic, 3.0)
+            # Another replica may have it: read its partition up to now. Unread, a
+            # retry could be taken for a new request: refuse instead.
+            if rkey not in table and not await self.reader.caught_up(self.idem_topic, partition):
+                return broker_unavailable("could not read the idempotency records from Kafka")
             rec = table.get(rkey)
             salt = ""
             if rec and time.time() - float(rec.get("ts", 0)) < IDEMPOTENCY_WINDOW:
@@ -261,7 +272,8 @@ class Ingress:
                 entry = {"hash": req_hash, "id": msg_id, "ts": time.time()}
                 table[rkey] = entry
                 try:  # after the ack: a crash before this write re-derives the same id
-                    await self.producer.send(self.idem_topic, rkey.encode(), orjson.dumps(entry))
+                    await self.producer.produce(self.idem_topic, rkey.encode(), orjson.dumps(entry),
+                                                partition=partition)
                 except BrokerUnavailable:
                     log.warning("idempotency record not written; a retry re-derives the same id")
             return resp
@@ -336,8 +348,7 @@ class Ingress:
                     await delete_body(s.object_store_url, ref)
                 except Exception:  # an orphan body is harmless; a lost message is not
                     log.warning("could not delete orphan body %s", ref)
-            return error(503, "broker_unavailable", f"Kafka is not available ({exc}); nothing was accepted",
-                         headers={"Retry-After": "5"})
+            return broker_unavailable(f"Kafka is not available ({exc})")
         metrics.API_ACCEPTED.inc()
         url = f"/v1/messages/{msg_id}"
         return json_response({"id": msg_id, "status_url": url}, 202, {"Location": url})

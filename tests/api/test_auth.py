@@ -6,10 +6,12 @@ store, status) from tests/conftest.py; each test uses its own domains and sender
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import os
 import re
+import threading
 import uuid
 from pathlib import Path
 
@@ -91,6 +93,44 @@ def test_webmail_renders_html_in_an_inert_sandbox() -> None:
     assert "allow-scripts" not in sandbox and "allow-same-origin" not in sandbox
     assert "frame.srcdoc = " in js and "html_safe" in js
     assert ".innerHTML" not in js  # untrusted text only through textContent
+
+
+async def test_shared_query_answers_each_caller_from_a_query_started_after_it() -> None:
+    """Callers that arrive while a query runs share the next one, never the running one."""
+    started: list[int] = []  # the value each query will return, in start order
+    release = threading.Event()
+
+    def query() -> int:
+        n = len(started)
+        started.append(n)
+        release.wait(5)
+        return n
+
+    shared = auth._SharedQuery(query)
+    first = asyncio.create_task(shared.get())
+    await asyncio.sleep(0.05)  # query 0 is running
+    late = [asyncio.create_task(shared.get()) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    assert started == [0]  # the late callers wait for the next query, not a query each
+    release.set()
+    assert await first == 0
+    assert await asyncio.gather(*late) == [1] * 5
+    assert started == [0, 1]  # six callers, two queries
+
+
+async def test_shared_query_hands_a_failure_to_its_callers_and_recovers() -> None:
+    calls = []
+
+    def query() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("broker away")
+        return 7
+
+    shared = auth._SharedQuery(query)
+    with pytest.raises(RuntimeError):
+        await shared.get()
+    assert await shared.get() == 7
 
 
 # ---- the real API ----------------------------------------------------------------------

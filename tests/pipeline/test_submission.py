@@ -226,9 +226,21 @@ def test_broker_down_answers_503_and_recovers(tmp_path):
         assert code == 503 and body["error"]["code"] == "broker_unavailable", body
         assert time.monotonic() - started < 20
         assert http("GET", f"{stack.api}/readyz")[0] == 503
+        # A careful client's request (Idempotency-Key) is refused as fast: its key
+        # cannot be checked, and waiting on it must not hold the client.
+        idem = {"Idempotency-Key": "order-during-outage"}
+        started = time.monotonic()
+        code, body, hdrs = stack.submit(doc, headers=idem)
+        assert code == 503 and body["error"]["code"] == "broker_unavailable", body
+        assert hdrs["Retry-After"] == "5"
+        assert time.monotonic() - started < 5
         broker.start()
         wait_for(lambda: stack.submit(doc)[0] == 202, 90, interval=1, what="accepting again")
         assert http("GET", f"{stack.api}/readyz")[0] == 200
+        code, first, _ = stack.submit(doc, headers=idem)
+        assert code == 202
+        code, again, hdrs = stack.submit(doc, headers=idem)
+        assert code == 202 and again["id"] == first["id"] and hdrs.get("Idempotent-Replayed") == "true"
     finally:
         stack.stop()
         broker.stop()
