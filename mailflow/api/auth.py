@@ -193,31 +193,37 @@ class SyncReader(CompactedReader):
             await asyncio.sleep(0.005)
         return True
 
+    def _probe_consumer(self) -> Any:
+        """The consumer that asks end offsets (never subscribes); call under `_sync_lock`."""
+        from confluent_kafka import Consumer
+
+        if not hasattr(self, "_probe"):
+            self._probe = Consumer({"bootstrap.servers": self._bootstrap,
+                                    "group.id": "mailflow-auth-probe", "enable.auto.commit": False})
+        return self._probe
+
     def _end_offset(self, topic: str, partition: int, timeout: float) -> int:
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import TopicPartition
 
         with self._sync_lock:
-            if not hasattr(self, "_probe"):
-                self._probe = Consumer({"bootstrap.servers": self._bootstrap,
-                                        "group.id": "mailflow-auth-probe", "enable.auto.commit": False})
-            probe = self._probe
+            probe = self._probe_consumer()
+        # Outside the lock: librdkafka takes concurrent queries, and a slow one must
+        # not hold up the other partitions' (nor `sync`'s).
         return int(probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)[1])
 
     def sync(self, topic: str, timeout: float = 3.0, min_interval: float = 0.0) -> bool:
         """Wait (blocking; call from a thread) until every record on `topic` that
         existed when called has been read. False on timeout or broker trouble."""
-        from confluent_kafka import Consumer, KafkaException, TopicPartition
+        from confluent_kafka import KafkaException, TopicPartition
 
         if min_interval and time.monotonic() - self._last_sync.get(topic, 0.0) < min_interval:
             return True
         with self._sync_lock:
-            if not hasattr(self, "_probe"):
-                self._probe = Consumer({"bootstrap.servers": self._bootstrap,
-                                        "group.id": "mailflow-auth-probe", "enable.auto.commit": False})
+            probe = self._probe_consumer()
             try:
-                md = self._probe.list_topics(topic, timeout=timeout)
+                md = probe.list_topics(topic, timeout=timeout)
                 parts = list(md.topics[topic].partitions) if topic in md.topics else []
-                ends = {p: self._probe.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+                ends = {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
                         for p in parts}
             except KafkaException:
                 return False
