@@ -18,6 +18,8 @@ from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime
 
+from mailflow import mime
+
 __all__ = [
     "EXPIRED_STATUS",
     "FailedRecipient",
@@ -158,7 +160,7 @@ def _bare_address(envelope_from: str) -> str:
 
 def _fields(pairs: list[tuple[str, str]]) -> Message:
     """One block of a message/delivery-status body (a header-only Message)."""
-    block = Message(policy=policy.SMTP)
+    block = Message(policy=mime.SMTP)
     for name, value in pairs:
         block[name] = value
     return block
@@ -214,7 +216,7 @@ def build_dsn(
     headers_raw, _body = split_headers(original)
     orig = BytesHeaderParser(policy=policy.compat32).parsebytes(headers_raw)
 
-    msg = EmailMessage(policy=policy.SMTP)
+    msg = EmailMessage(policy=mime.SMTP)
     msg["From"] = Address("Mail Delivery System", addr_spec=postmaster)
     msg["To"] = to
     msg["Subject"] = SUBJECT
@@ -228,7 +230,7 @@ def build_dsn(
     msg["MIME-Version"] = "1.0"
     msg.add_header("Content-Type", "multipart/report", report_type="delivery-status")
 
-    notice = EmailMessage(policy=policy.SMTP)
+    notice = EmailMessage(policy=mime.SMTP)
     subject = _one_line(str(orig.get("Subject", "")))
     notice.set_content(_explanation(failed, reporting_mta, subject))
     del notice["MIME-Version"]  # set_content adds it; only the top level needs it
@@ -253,7 +255,7 @@ def build_dsn(
         if rcpt.diagnostic.strip():
             fields.append(("Diagnostic-Code", f"smtp; {flatten_reply(rcpt.diagnostic)}"))
         blocks.append(_fields(fields))
-    status = EmailMessage(policy=policy.SMTP)
+    status = EmailMessage(policy=mime.SMTP)
     status["Content-Type"] = "message/delivery-status"
     status["Content-Description"] = "Delivery report"
     status.set_payload(blocks)
@@ -261,7 +263,7 @@ def build_dsn(
 
     # The original header block as it was, re-wrapped only for line ends.
     text = headers_raw.decode("utf-8", errors="replace").replace("\r\n", "\n").rstrip("\n")
-    returned = EmailMessage(policy=policy.SMTP)
+    returned = EmailMessage(policy=mime.SMTP)
     returned.set_content(
         text + "\n",
         subtype="rfc822-headers",

@@ -136,9 +136,11 @@ class LRU:
 
 def parts(raw: bytes) -> dict[str, Any]:
     """A message's readable parts: text, html (as sent; the webmail sanitises it), attachments."""
-    from email import message_from_bytes, policy
+    from email import message_from_bytes
 
-    msg = message_from_bytes(raw, policy=policy.default)
+    from mailflow import mime
+
+    msg = message_from_bytes(raw, policy=mime.DEFAULT)
     text = html = None
     attachments = []
     for part in msg.walk():

@@ -176,7 +176,8 @@ class SyncReader(CompactedReader):
 
         The async, one-partition form of `sync`, for a request's hot path: a key's
         records live on one partition, so one end-offset query answers it, and the
-        concurrent callers of a partition share their queries (`_SharedQuery`).
+        concurrent callers of a partition share their queries (`_SharedQuery`; the
+        first caller's `within` bounds each query of that partition).
         """
         shared = self._ends.get((topic, partition))
         if shared is None:
@@ -272,7 +273,9 @@ class _SharedQuery:
 
         def done(t: asyncio.Future[Any]) -> None:
             self._running = False
-            if not fut.done():
+            if t.cancelled():  # the loop is closing
+                fut.cancel()
+            elif not fut.done():
                 if t.exception() is not None:
                     fut.set_exception(t.exception())  # type: ignore[arg-type]
                 else:

@@ -11,12 +11,12 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field
-from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses, parseaddr
 from typing import Any
 
+from mailflow import mime
 from mailflow.mailrules import (
     AddressError,
     bad_header_name,
@@ -128,7 +128,7 @@ def compose_json(doc: Any, *, message_id: str, date: Any, max_recipients: int) -
     if errors:
         raise InputError(errors)
 
-    msg = EmailMessage(policy=policy.SMTP)
+    msg = EmailMessage(policy=mime.SMTP)
     msg["From"] = _addr(*sender[0])
     if to:
         msg["To"] = [_addr(d, a) for d, a in to]
@@ -156,7 +156,7 @@ def compose_json(doc: Any, *, message_id: str, date: Any, max_recipients: int) -
             msg.set_content("")  # an attachment-only message still needs a first part
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
     needs_utf8 = any(not a.isascii() for _, a in sender + to + cc + bcc + reply_to)
-    raw = msg.as_bytes(policy=policy.SMTPUTF8 if needs_utf8 else policy.SMTP)
+    raw = msg.as_bytes(policy=mime.SMTPUTF8 if needs_utf8 else mime.SMTP)
     return Composed(sender[0][1], recipients, raw, header_from=sender[0][1],
                     extra={"smtputf8": needs_utf8})
 

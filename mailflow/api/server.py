@@ -32,7 +32,6 @@ import time
 import weakref
 from datetime import UTC, datetime
 from email import message_from_bytes
-from email import policy as email_policy
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -41,7 +40,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from mailflow import metrics
+from mailflow import metrics, mime
 from mailflow.api.auth import Authenticator, Principal, SyncReader, header_from_addresses
 from mailflow.api.compose import Composed, InputError, compose_json, prepare_raw
 from mailflow.api.inflow import InFlow
@@ -452,7 +451,7 @@ class Ingress:
         raw = await self._raw(request)
         if isinstance(raw, web.Response):
             return raw
-        msg = message_from_bytes(raw, policy=email_policy.default)
+        msg = message_from_bytes(raw, policy=mime.DEFAULT)
         found = [p for p in msg.walk() if not p.is_multipart()
                  and (p.get_filename() or p.get_content_disposition() == "attachment")]
         if not 0 <= n < len(found):
