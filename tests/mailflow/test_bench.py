@@ -1,0 +1,40 @@
+"""The soak report's verdicts (mailflow.bench.LagSampler.report), on made-up samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailflow.bench import LagSampler
+from mailflow.config import Settings
+
+
+def sampler(samples: list[tuple[float, dict[str, int]]]) -> LagSampler:
+    s = LagSampler(Settings.from_env(), every=5.0)  # a thread, never started here
+    s.samples = samples
+    return s
+
+
+def test_a_stage_with_ten_seconds_of_traffic_waiting_fell_behind(tmp_path: Path) -> None:
+    steady = [(float(t), {"deliver": 50, "status": 300}) for t in range(0, 60, 5)]
+    end = [(60.0, {"deliver": 1500, "status": 300})]
+    report = sampler(steady + end).report(submit_end=60.0, rate=100, path=tmp_path / "lag.csv")
+    assert report["fell_behind"] == ["deliver"]
+    assert report["max"] == {"deliver": 1500, "status": 300}
+    assert (tmp_path / "lag.csv").read_text().splitlines()[0] == "ts,deliver,status"
+
+
+def test_status_lag_is_counted_in_events_not_messages(tmp_path: Path) -> None:
+    # 1,400 events at 100 messages/s is about two seconds of the status stage's input.
+    samples = [(float(t), {"status": 1400}) for t in range(0, 65, 5)]
+    report = sampler(samples).report(submit_end=60.0, rate=100, path=tmp_path / "lag.csv")
+    assert report["fell_behind"] == []
+    samples = [(float(t), {"status": 7000}) for t in range(0, 65, 5)]
+    report = sampler(samples).report(submit_end=60.0, rate=100, path=tmp_path / "lag.csv")
+    assert report["fell_behind"] == ["status"]
+
+
+def test_a_lag_that_keeps_growing_fell_behind(tmp_path: Path) -> None:
+    # Under ten seconds of traffic at the end (900 < 1,000), but doubled over the second half.
+    samples = [(float(t), {"store": t * t // 4}) for t in range(0, 65, 5)]
+    report = sampler(samples).report(submit_end=60.0, rate=100, path=tmp_path / "lag.csv")
+    assert report["fell_behind"] == ["store"]
