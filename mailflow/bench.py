@@ -332,9 +332,10 @@ async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> d
                     accepted[orjson.loads(doc)["id"]] = [rcpt]
                     submitted[n] = wall
                 else:
-                    if str(resp.status) not in refused:  # say why, once per status
-                        print(f"bench: {resp.status}: {doc[:300]!r}", file=sys.stderr, flush=True)
-                    refused[str(resp.status)] = refused.get(str(resp.status), 0) + 1
+                    code = str(resp.status)
+                    if code not in refused:  # say why, once per status
+                        print(f"bench: {code}: {doc[:300]!r}", file=sys.stderr, flush=True)
+                    refused[code] = refused.get(code, 0) + 1
 
         async def progress() -> None:
             while True:

@@ -209,25 +209,24 @@ class SyncReader(CompactedReader):
         with self._sync_lock:
             probe = self._probe_consumer()
         # Outside the lock: librdkafka takes concurrent queries, and a slow one must
-        # not hold up the other partitions' (nor `sync`'s).
+        # not hold up another partition's or another topic's.
         return int(probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)[1])
 
     def sync(self, topic: str, timeout: float = 3.0, min_interval: float = 0.0) -> bool:
         """Wait (blocking; call from a thread) until every record on `topic` that
         existed when called has been read. False on timeout or broker trouble."""
-        from confluent_kafka import KafkaException, TopicPartition
+        from confluent_kafka import KafkaException
 
         if min_interval and time.monotonic() - self._last_sync.get(topic, 0.0) < min_interval:
             return True
-        with self._sync_lock:
-            probe = self._probe_consumer()
-            try:
-                md = probe.list_topics(topic, timeout=timeout)
-                parts = list(md.topics[topic].partitions) if topic in md.topics else []
-                ends = {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
-                        for p in parts}
-            except KafkaException:
-                return False
+        try:
+            with self._sync_lock:
+                probe = self._probe_consumer()
+            md = probe.list_topics(topic, timeout=timeout)
+            parts = list(md.topics[topic].partitions) if topic in md.topics else []
+            ends = {p: self._end_offset(topic, p, timeout) for p in parts}
+        except KafkaException:
+            return False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(self.positions.get((topic, p), 0) >= end for p, end in ends.items()):

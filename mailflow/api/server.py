@@ -242,7 +242,8 @@ class Ingress:
         rkey = f"{who.id}:{hashlib.sha256(idem.encode()).hexdigest()[:32]}"
         # The key's record must be read before it can be called new, and with the
         # broker away it cannot be: answer at once rather than wait out a timeout.
-        partition = self.reader.partition_for(self.idem_topic, rkey.encode())
+        rkey_bytes = rkey.encode()
+        partition = self.reader.partition_for(self.idem_topic, rkey_bytes)
         if self.producer.broker_down or partition is None:
             return broker_unavailable("Kafka is not reachable")
         lock = self._idem_locks.get(rkey)
@@ -271,7 +272,7 @@ class Ingress:
                 entry = {"hash": req_hash, "id": msg_id, "ts": time.time()}
                 table[rkey] = entry
                 try:  # after the ack: a crash before this write re-derives the same id
-                    await self.producer.produce(self.idem_topic, rkey.encode(), orjson.dumps(entry),
+                    await self.producer.produce(self.idem_topic, rkey_bytes, orjson.dumps(entry),
                                                 partition=partition)
                 except BrokerUnavailable:
                     log.warning("idempotency record not written; a retry re-derives the same id")
