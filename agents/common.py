@@ -35,7 +35,7 @@ import orjson
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from faust.exceptions import PartitionsMismatch
 from faust.serializers import codecs
-from faust.streams import _current_event
+from faust.streams import _current_event, current_event
 from faust.types import TP, EventT
 
 from mailflow import metrics
@@ -119,6 +119,10 @@ class StageIO:
         self.linger_ms = linger_ms
         self._topics: dict[str, faust.TopicT] = {}
         self._producer: AsyncProducer | None = None
+        # Table writes whose changelog record failed: (id(table), key) -> (table, key,
+        # partition, the event that wrote it); sent again by `resync` before any
+        # record's next attempt.
+        self._unsynced: dict[tuple[int, str], tuple[Any, str, int, EventT | None]] = {}
 
     def topic(self, short: str) -> faust.TopicT:
         if short not in self._topics:
@@ -157,6 +161,8 @@ class StageIO:
         that owns an input partition owns that table partition, changelog and local
         store): `event`'s, or by default the current event's.
         """
+        if event is None:
+            event = current_event()
         token = _current_event.set(weakref.ref(event)) if event is not None else None
         try:
             partition = table.partition_for_key(key)
@@ -164,6 +170,10 @@ class StageIO:
         finally:
             if token is not None:
                 _current_event.reset(token)
+        return self._send_changelog(table, key, value, partition, event)
+
+    def _send_changelog(self, table: Any, key: str, value: Any, partition: int,
+                        event: EventT | None) -> asyncio.Future[tuple[int, int]]:
         name = table.changelog_topic.get_topic_name()
         # The key exactly as Faust encodes it (its codec, JSON for these tables): a
         # changelog is compacted and restored by key bytes. The value is any JSON.
@@ -171,12 +181,48 @@ class StageIO:
                                     orjson.dumps(value), partition=partition)
         store = table.data
 
-        def persisted(f: asyncio.Future[tuple[int, int]]) -> None:
-            if not f.cancelled() and f.exception() is None:
+        def settled(f: asyncio.Future[tuple[int, int]]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                # The local store has the value and the changelog may not. The
+                # record's retry will not write it again (its handler reads the local
+                # store and finds the work done), so `resync` sends it first.
+                self._unsynced[(id(table), key)] = (table, key, partition, event)
+            else:
                 store.set_persisted_offset(TP(name, partition), f.result()[1])
 
-        fut.add_done_callback(persisted)
+        fut.add_done_callback(settled)
         return fut
+
+    async def resync(self) -> None:
+        """Send again, with the key's current local value, every table write whose
+        changelog record the broker did not take, and wait for the acks.
+
+        Without this a write lost while the broker was away stayed in this replica's
+        local store only: the record's retry found its work done and wrote nothing,
+        its offset was committed, and a replica restoring that partition from the
+        changelog later did not have it (a delivery ledger entry, hence a second
+        send of a replayed record; a mailbox append). The current value includes
+        the lost write, and is never older than one already sent: every write to a
+        key of a partition this replica owns is made here, in order. Raises the
+        first failure, after all have settled (each failure is kept again)."""
+        while self._unsynced:
+            entries = list(self._unsynced.values())
+            self._unsynced.clear()
+            sends = []
+            for table, key, partition, event in entries:
+                # The local store reads the current event's partition (Faust's rule).
+                token = _current_event.set(weakref.ref(event)) if event is not None else None
+                try:
+                    value = table.data.get(key)
+                finally:
+                    if token is not None:
+                        _current_event.reset(token)
+                if value is None:  # the partition's store is no longer here: not ours
+                    continue
+                sends.append(self._send_changelog(table, key, value, partition, event))
+            for result in await asyncio.gather(*sends, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
 
     async def send(self, short: str, key: str | bytes | None, value: bytes) -> Awaitable[Any]:
         k = key.encode() if isinstance(key, str) else key
@@ -239,10 +285,16 @@ class StageIO:
         while True:
             attempts += 1
             try:
+                if self._unsynced:
+                    await self.resync()
                 pending = await handler(raw)
                 # Kafka's acks on everything this record produced come before the
                 # input offset may be committed; a failure here redoes the record.
-                await asyncio.gather(*pending)
+                # Every output settles first, so that a failed table write is known
+                # to `resync` before the retry.
+                for result in await asyncio.gather(*pending, return_exceptions=True):
+                    if isinstance(result, BaseException):
+                        raise result
                 outcome = "ok"
             except PoisonPill as pill:
                 log.warning("%s: poison pill (%s)", self.stage, pill)

@@ -15,8 +15,8 @@ peer and the mailboxes: every accepted recipient in exactly one final state, eve
 delivered message at the peer exactly once (by Message-ID), nothing there that was
 not accepted, each local mailbox holding exactly its messages. The one duplicate
 SMTP itself allows is counted apart, not excused silently: a copy that reached the
-peer within `KILL_WINDOW` before a deliver replica was killed -9, i.e. between the
-peer's 250 and the broker's ack of the ledger entry (see agents/deliver.py). It prints the counts
+peer before a deliver replica was killed -9 and whose outcome never reached the
+delivery ledger (see `unrecorded_before_kill` and agents/deliver.py). It prints the counts
 and the longest delay any message saw, ends with one JSON line, and exits 1 if a
 check failed.
 
@@ -61,17 +61,39 @@ from mailflow.services import ServiceGroup, prepare_clamd  # noqa: E402
 FINAL = harness.FINAL
 STAGES = ["ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "deliver", "retry", "status"]
 LOCAL_BOXES = [f"box{i}@mailflow.test" for i in range(10)]
-# A copy at the peer this close before a kill -9 of a deliver replica may have had
-# its 250 arrive while the ledger write was on its way to the broker (tens of ms on
-# this machine); generous, since the peer's clock reads at the final dot.
-KILL_WINDOW = 1.0
 
 
-def in_kill_window(arrivals: list[float], deliver_kills: list[float],
-                   window: float = KILL_WINDOW) -> bool:
-    """Whether every copy but the last reached the peer within `window` before a kill
-    -9 of a deliver replica: the duplicate SMTP's at-least-once leaves, and no other."""
-    return all(any(0 <= k - t <= window for k in deliver_kills) for t in sorted(arrivals)[:-1])
+def unrecorded_before_kill(arrivals: list[float], deliver_kills: list[float],
+                           ledger_ts: list[float]) -> bool:
+    """Whether every copy but the last is the one duplicate SMTP's at-least-once
+    leaves: a deliver replica was killed -9 after the copy reached the peer and
+    before the next copy did, and the copy's outcome never reached the delivery
+    ledger's changelog (no entry for the message written between the two copies),
+    so the record was rightly handled again. A copy whose ledger entry did reach
+    the broker, or with no deliver kill before the next copy, is a fault.
+
+    The ledger's `ts` is taken after the peer's 250 and the peer notes a copy
+    before it answers, so an entry written for a copy is never older than it.
+    """
+    copies = sorted(arrivals)
+    for t, nxt in zip(copies, copies[1:], strict=False):
+        if not any(t <= k <= nxt for k in deliver_kills):
+            return False
+        if any(t <= ts < nxt for ts in ledger_ts):
+            return False
+    return True
+
+
+def ledger_times(stack: Any) -> dict[str, list[float]]:
+    """Message id -> when each delivery ledger entry for it was written, from the
+    deliver stage's changelog topic (a compacted topic; its active segment, all a
+    run writes, is never compacted)."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for key, value in stack.read_topic("deliver-ledger-changelog", timeout=5):
+        if key is None or value is None:
+            continue
+        out[orjson.loads(key).split("|", 1)[0]].append(float(orjson.loads(value)["ts"]))
+    return out
 
 
 def say(msg: str) -> None:
@@ -213,13 +235,15 @@ def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
     ids = peer.message_ids()
     arrival_times = [m[3] for m in peer.messages[:len(ids)]]
     arrived = Counter(ids)
-    expected_ids = {f"<{i}@{ehlo}>" for (i, r), v in states.items()
-                    if (i, r) in want and v == {"delivered"}}
+    id_of = {f"<{i}@{ehlo}>": i for (i, r), v in states.items() if (i, r) in want and v == {"delivered"}}
+    expected_ids = set(id_of)
     dup = {m: c for m, c in arrived.items() if m in expected_ids and c > 1}
     times: dict[str, list[float]] = defaultdict(list)
     for mid, ts in zip(ids, arrival_times, strict=True):
         times[mid].append(ts)
-    at_kill = {m: c for m, c in dup.items() if in_kill_window(times[m], deliver_kills or [])}
+    ledger = ledger_times(stack)
+    at_kill = {m: c for m, c in dup.items()
+               if unrecorded_before_kill(times[m], deliver_kills or [], ledger.get(id_of[m], []))}
     dup = {m: c for m, c in dup.items() if m not in at_kill}
     stray = [m for m in arrived if m not in expected_ids]
     lost = [m for m in expected_ids if m not in arrived]
@@ -229,10 +253,18 @@ def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
         def clock(t: float) -> str:
             return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
 
-        seen = [f"{m} x{c} at {', '.join(clock(t) for t in sorted(times[m]))}" for m, c in list(dup.items())[:3]]
+        seen = [f"{m} x{c} at {', '.join(clock(t) for t in sorted(times[m]))}, ledger entries at "
+                f"{', '.join(clock(t) for t in sorted(ledger.get(id_of[m], []))) or 'none'}"
+                for m, c in list(dup.items())[:3]]
         kills = ", ".join(clock(k) for k in sorted(deliver_kills or []))
         problems.append(f"{len(dup)} messages delivered more than once: {'; '.join(seen)} "
                         f"(deliver kills at {kills or 'none'})")
+    # Each delivered message's outcome durable in the ledger's changelog: what a
+    # replica restoring the partition reads to not send it again.
+    unledgered = sorted(i for i in id_of.values() if i not in ledger)
+    if unledgered:
+        problems.append(f"{len(unledgered)} delivered messages without a delivery ledger entry, "
+                        f"e.g. {unledgered[:3]}")
     if stray:
         problems.append(f"{len(stray)} messages at the peer not delivered per status, e.g. {stray[:3]}")
     if lost:

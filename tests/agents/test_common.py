@@ -1,11 +1,17 @@
-"""agents.common: the awaited changelog sends of an AckedTable."""
+"""agents.common: the awaited changelog sends of an AckedTable; table writes the
+broker refused, sent again before a record's retry."""
 
 from __future__ import annotations
 
+import asyncio
+
 import faust
+import orjson
 import pytest
 
-from agents.common import AckedTable, acked_table, acked_writes
+from agents.common import JSON_TABLE, AckedTable, StageIO, acked_table, acked_writes
+from mailflow.config import Settings
+from mailflow.kafka_io import BrokerUnavailable
 
 
 @pytest.fixture
@@ -42,3 +48,63 @@ def test_acked_writes_nest_and_restore(table: AckedTable):
             table.send_changelog(0, "x", 1)
         table.send_changelog(0, "y", 1)
     assert inner == ["future of x=1"] and outer == ["future of y=1"]
+
+
+class _FlakyProducer:
+    """Stands in for the stage's librdkafka producer: the first `fail` records are
+    refused (the broker away), the rest acknowledged and kept."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.acked: list[tuple[str, bytes, bytes, int | None]] = []
+
+    def produce(self, topic: str, key: bytes, value: bytes, partition: int | None = None):
+        fut = asyncio.get_running_loop().create_future()
+        if self.fail:
+            self.fail -= 1
+            fut.set_exception(BrokerUnavailable("the Kafka broker is not reachable"))
+        else:
+            self.acked.append((topic, key, value, partition))
+            fut.set_result((partition or 0, len(self.acked) - 1))
+        return fut
+
+
+@pytest.fixture
+def stage(tmp_path) -> tuple[StageIO, faust.Table, _FlakyProducer]:
+    app = faust.App("test-stageio", broker="memory://", store="memory://", datadir=str(tmp_path))
+    ledger = app.Table("ledger", partitions=1, schema=JSON_TABLE)
+    ledger.partition_for_key = lambda key: 0  # outside a stream; the partition is not the point
+    io = StageIO(app, Settings(), "deliver")
+    producer = _FlakyProducer(fail=1)
+    io._producer = producer  # type: ignore[assignment]
+    return io, ledger, producer
+
+
+async def test_a_table_write_the_broker_refused_is_sent_again_before_the_retry(stage):
+    io, ledger, producer = stage
+    handled = 0
+
+    async def handle(raw: bytes) -> list:
+        # As the deliver stage: work the local store says is done is not done again.
+        nonlocal handled
+        handled += 1
+        if ledger.data.get("m1|a@x.test") is None:
+            return [io.table_write(ledger, "m1|a@x.test", {"kind": "delivered"})]
+        return []
+
+    await io.process(b"record", handle)
+    assert handled == 2  # the first attempt's write failed, so the record ran again
+    assert [(k, orjson.loads(v)) for _, k, v, _ in producer.acked] == [
+        (b'"m1|a@x.test"', {"kind": "delivered"})]  # JSON-encoded key, as Faust's; the retry found it done; resync sent it
+    assert io._unsynced == {}
+
+
+async def test_resync_sends_the_keys_current_value_not_the_refused_one(stage):
+    io, ledger, producer = stage
+    refused = io.table_write(ledger, "page", ["a"])
+    with pytest.raises(BrokerUnavailable):
+        await refused
+    await asyncio.sleep(0)  # the failure is recorded by the future's callback
+    ledger.data["page"] = ["a", "b"]  # a later write, as a mailbox page grows
+    await io.resync()
+    assert [orjson.loads(v) for _, _, v, _ in producer.acked] == [["a", "b"]]

@@ -27,14 +27,21 @@ def _assert_survived(report: dict[str, Any], duration: float, rate: float) -> No
         assert fault in kinds, report["faults"]
 
 
-def test_only_a_copy_just_before_a_deliver_kill_counts_as_the_smtp_window():
+def test_only_a_copy_whose_outcome_died_with_a_deliver_replica_counts_as_the_smtp_window():
     kills = [100.0]
-    assert chaos.in_kill_window([99.7, 130.0], kills)  # first copy 0.3 s before the kill
-    assert not chaos.in_kill_window([95.0, 130.0], kills)  # long before: a real duplicate
-    assert not chaos.in_kill_window([100.5, 130.0], kills)  # after the kill: a real duplicate
-    assert not chaos.in_kill_window([99.7, 130.0], [])  # no deliver kill at all
-    assert chaos.in_kill_window([99.7, 99.9, 130.0], kills)  # both early copies in the window
-    assert not chaos.in_kill_window([90.0, 99.9, 130.0], kills)  # one of them not
+    # Sent at 99.7, the replica killed at 100 before its ledger entry reached the
+    # broker; the record handled again at 130 (its entry then written at 130.1).
+    assert chaos.unrecorded_before_kill([99.7, 130.0], kills, [130.1])
+    # Long before the kill is still the window if nothing recorded the outcome (a
+    # broker slow to ack under load); the 1 s bound this replaced misjudged that.
+    assert chaos.unrecorded_before_kill([95.0, 130.0], kills, [130.1])
+    # The first copy's entry reached the broker: the second send is a fault.
+    assert not chaos.unrecorded_before_kill([99.7, 130.0], kills, [99.8, 130.1])
+    assert not chaos.unrecorded_before_kill([100.5, 130.0], kills, [130.1])  # sent after the kill
+    assert not chaos.unrecorded_before_kill([99.7, 130.0], [], [130.1])  # no deliver kill at all
+    assert not chaos.unrecorded_before_kill([99.7, 130.0], [140.0], [130.1])  # killed too late
+    assert chaos.unrecorded_before_kill([99.7, 120.0, 130.0], [100.0, 125.0], [130.1])
+    assert not chaos.unrecorded_before_kill([99.7, 120.0, 130.0], [100.0], [130.1])  # 2nd copy: no kill
 
 
 def test_short_chaos_run_loses_and_duplicates_nothing(scanners: None, work_dir: Path):
