@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,92 @@ def _init_without_read_offsets(self: Any, *args: Any, **kwargs: Any) -> None:
 
 
 Consumer.__init__ = _init_without_read_offsets
+
+# Faust commits the first run of consecutive acknowledged offsets with a check that
+# is one short: with C committed (the next offset to read) it commits past C while
+# the record at C is still being handled, as soon as C+1 is done; and with no
+# committed offset (a fresh group, or one committed at 0, which Faust reads as none)
+# it does not check at all. A stage with records in flight out of order (deliver's
+# 32 actors) that is killed then never handles the record it committed past: mail
+# lost. A commit here starts exactly at the partition's committed offset.
+_faust_new_offset = Consumer._new_offset
+_faust_perform_seek = Consumer.perform_seek
+
+
+def commit_base(consumer: Any, tp: Any) -> int | None:
+    """The offset a commit of `tp` must start from: the committed one, 0 included."""
+    base = consumer._committed_offset[tp]
+    return base if base is not None else getattr(consumer, "_seek_base", {}).get(tp)
+
+
+def _new_offset_from_base(self: Any, tp: Any) -> int | None:
+    acked = self._acked[tp]
+    base = commit_base(self, tp)
+    if acked and base is not None and min(acked) > base:
+        return None  # the record at `base` is not done (or was dropped: see `refetch_holes`)
+    return _faust_new_offset(self, tp)
+
+
+async def _perform_seek_keeping_base(self: Any) -> None:
+    # Faust keeps the committed offsets but turns 0 into None; keep them exactly.
+    offsets = await self.seek_to_committed()
+    self._seek_base = {tp: off for tp, off in offsets.items() if off is not None and off >= 0}
+    self._committed_offset.update({tp: off or None for tp, off in self._seek_base.items()})
+
+
+Consumer._new_offset = _new_offset_from_base
+Consumer.perform_seek = _perform_seek_keeping_base
+
+# Records Faust fetched and then dropped without handling: its fetch loop discards
+# the rest of a fetched batch when flow control pauses or the generation changes, and
+# records fetched while a partition is not yet active, trusting a later seek to read
+# them again. Right after a table's recovery that seek can come first: a status stage
+# started over a backlog with its changelog to restore handled the first 5 records of
+# each partition, never saw the next 37, and handled everything after; its commit
+# stayed at 5 for good (nothing lost, since the commit cannot pass them, but the
+# stage's lag never fell and every restart handled it all again). A partition whose
+# acknowledged offsets start past its commit base, with no record below them fetched
+# and unacknowledged, for HOLE_GRACE seconds, is sought back to the base and read again
+# (every stage is idempotent for a record handled twice).
+HOLE_GRACE = 5.0
+
+
+def hole_start(base: int | None, acked: list[int], in_flight: list[int]) -> int | None:
+    """Where a partition must be read again from, or None: its lowest acked offset is
+    past `base` and no record in between is in flight (fetched, not yet acked)."""
+    if base is None or not acked:
+        return None
+    first_acked = min(acked)
+    if first_acked <= base or any(base <= off < first_acked for off in in_flight):
+        return None
+    return base
+
+
+async def refetch_holes(app: faust.App, seen: dict[Any, float], now: float) -> list[tuple[Any, int]]:
+    """One check of every partition for records fetched and dropped (see HOLE_GRACE);
+    seeks those whose hole lasted the grace period. Returns the (tp, offset) sought."""
+    consumer = app.consumer
+    if app.rebalancing or not consumer.flow_active:
+        seen.clear()
+        return []
+    in_flight: dict[Any, list[int]] = {}
+    for m in list(consumer._unacked_messages):
+        if not m.acked:
+            in_flight.setdefault(m.tp, []).append(m.offset)
+    sought = []
+    for tp, acked in list(consumer._acked.items()):
+        start = hole_start(commit_base(consumer, tp), list(acked), in_flight.get(tp, []))
+        if start is None:
+            seen.pop(tp, None)
+        elif now - seen.setdefault(tp, now) >= HOLE_GRACE:
+            logging.getLogger("mailflow.stage").warning(
+                "%s: records %d to %d were fetched but never handled; reading from %d again",
+                tp, start, min(acked) - 1, start)
+            await consumer.seek(tp, start)
+            seen.pop(tp, None)
+            sought.append((tp, start))
+    return sought
+
 
 # An offset commit that never returns stops a stage for good, with nothing but a
 # Faust log line after five minutes ("Has not committed TP"): a five-minute chaos run's
@@ -213,7 +300,7 @@ def claim_port(settings: Settings, start: int) -> tuple[int, int]:
 
 def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
     url = f"http://{settings.web_advertise_host}:{replica.web_port}"
-    return faust.App(
+    app = faust.App(
         f"{settings.topic_prefix}{stage}",
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="rocksdb://",  # faust uses rocksdict when python-rocksdb is absent
@@ -243,6 +330,13 @@ def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
         broker_heartbeat_interval=3.0,
         logging_config=None,
     )
+    holes: dict[Any, float] = {}
+
+    @app.timer(1.0)
+    async def check_holes() -> None:
+        await refetch_holes(app, holes, time.monotonic())
+
+    return app
 
 
 def topic(app: faust.App, settings: Settings, short: str, **kw: object) -> faust.TopicT:

@@ -18,6 +18,7 @@ _spec.loader.exec_module(chaos)
 
 
 def _assert_survived(report: dict[str, Any], duration: float, rate: float) -> None:
+    print(report)  # the counts, for `pytest -rP`
     assert report["ok"], report["problems"]
     # The client retries 503s (the broker away) with its Idempotency-Key: all gets in.
     assert report["accepted_messages"] >= 0.95 * duration * rate, report

@@ -56,3 +56,44 @@ async def test_a_commit_that_never_returns_makes_the_replica_exit(monkeypatch):
     else:
         raise AssertionError("a stuck commit did not end the process")
     assert calls == [{"tp": 2}]
+
+
+class _Offsets:
+    """The part of a Faust consumer the commit decision reads."""
+
+    def __init__(self, committed: int | None, acked: list[int], seek_base: int | None = None) -> None:
+        from collections import defaultdict
+
+        from intervaltree import IntervalTree
+
+        self._committed_offset = defaultdict(lambda: None, {"tp": committed})
+        self._acked = defaultdict(list, {"tp": sorted(acked)})
+        self._acked_index = defaultdict(set, {"tp": set(acked)})
+        self._gap = defaultdict(IntervalTree)
+        if seek_base is not None:
+            self._seek_base = {"tp": seek_base}
+
+
+def test_a_commit_never_passes_a_record_still_in_flight():
+    from streams.app import _new_offset_from_base as new_offset
+
+    # Committed 10 (the next to read): 10 still handled while 11 and 12 are done.
+    # Faust's own check let this commit 13, past 10.
+    assert new_offset(_Offsets(10, [11, 12]), "tp") is None
+    assert new_offset(_Offsets(10, [10, 11, 12, 14]), "tp") == 13
+    # Committed at 0, which Faust reads as none: 0..4 in flight, 5 and 6 done.
+    assert new_offset(_Offsets(None, [5, 6], seek_base=0), "tp") is None
+    assert new_offset(_Offsets(None, [0, 1, 2], seek_base=0), "tp") == 3
+    # No committed offset known at all: Faust's rule (the run of consecutive acks).
+    assert new_offset(_Offsets(None, [5, 6]), "tp") == 7
+
+
+def test_a_hole_is_read_again_only_when_nothing_below_the_acks_is_in_flight():
+    from streams.app import hole_start
+
+    assert hole_start(5, [42, 43], in_flight=[]) == 5  # 5..41 fetched and dropped
+    assert hole_start(5, [42, 43], in_flight=[7]) is None  # 7 still being handled
+    assert hole_start(5, [42, 43], in_flight=[50]) == 5  # in flight above the acks: no help
+    assert hole_start(5, [5, 6], in_flight=[]) is None  # no hole
+    assert hole_start(None, [42], in_flight=[]) is None  # no base known: nothing to judge
+    assert hole_start(5, [], in_flight=[]) is None
