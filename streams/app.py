@@ -85,7 +85,6 @@ Consumer.__init__ = _init_without_read_offsets
 # 32 actors) that is killed then never handles the record it committed past: mail
 # lost. A commit here starts exactly at the partition's committed offset.
 _faust_new_offset = Consumer._new_offset
-_faust_perform_seek = Consumer.perform_seek
 
 
 def commit_base(consumer: Any, tp: Any) -> int | None:
@@ -115,7 +114,7 @@ Consumer.perform_seek = _perform_seek_keeping_base
 # Records Faust fetched and then dropped without handling: its fetch loop discards
 # the rest of a fetched batch when flow control pauses or the generation changes, and
 # records fetched while a partition is not yet active, trusting a later seek to read
-# them again. Right after a table's recovery that seek can come first: a status stage
+# them again. Right after a table's recovery some were not read again: a status stage
 # started over a backlog with its changelog to restore handled the first 5 records of
 # each partition, never saw the next 37, and handled everything after; its commit
 # stayed at 5 for good (nothing lost, since the commit cannot pass them, but the

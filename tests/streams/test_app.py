@@ -97,3 +97,36 @@ def test_a_hole_is_read_again_only_when_nothing_below_the_acks_is_in_flight():
     assert hole_start(5, [5, 6], in_flight=[]) is None  # no hole
     assert hole_start(None, [42], in_flight=[]) is None  # no base known: nothing to judge
     assert hole_start(5, [], in_flight=[]) is None
+
+
+async def test_a_hole_is_sought_back_after_the_grace_period_only():
+    from types import SimpleNamespace
+
+    from streams.app import HOLE_GRACE, refetch_holes
+
+    sought: list[tuple[str, int]] = []
+
+    async def seek(tp, offset):
+        sought.append((tp, offset))
+
+    consumer = _Offsets(5, [42, 43])
+    consumer.flow_active = True
+    consumer._unacked_messages = set()
+    consumer.seek = seek
+    app = SimpleNamespace(consumer=consumer, rebalancing=False)
+    seen: dict = {}
+    assert await refetch_holes(app, seen, now=100.0) == []  # first seen: wait
+    assert await refetch_holes(app, seen, now=100.0 + HOLE_GRACE - 1) == []
+    assert await refetch_holes(app, seen, now=100.0 + HOLE_GRACE) == [("tp", 5)]
+    assert sought == [("tp", 5)]
+
+    # A record below the acks still being handled: not a hole, however long.
+    consumer._unacked_messages = [SimpleNamespace(tp="tp", offset=7, acked=False)]
+    seen.clear()
+    assert await refetch_holes(app, seen, now=0.0) == []
+    assert await refetch_holes(app, seen, now=60.0) == []
+    # Mid-rebalance nothing is judged (Faust seeks to the commit itself afterwards).
+    consumer._unacked_messages = set()
+    app.rebalancing = True
+    assert await refetch_holes(app, seen, now=0.0) == []
+    assert await refetch_holes(app, seen, now=60.0) == []
