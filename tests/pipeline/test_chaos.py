@@ -38,7 +38,9 @@ def test_only_a_copy_whose_outcome_died_with_a_deliver_replica_counts_as_the_smt
     assert chaos.unrecorded_before_kill([95.0, 130.0], kills, [130.1])
     # The first copy's entry reached the broker: the second send is a fault.
     assert not chaos.unrecorded_before_kill([99.7, 130.0], kills, [99.8, 130.1])
-    assert not chaos.unrecorded_before_kill([100.5, 130.0], kills, [130.1])  # sent after the kill
+    # Noted by the peer just after the kill: the final dot was already on its way.
+    assert chaos.unrecorded_before_kill([100.01, 130.0], kills, [130.1])
+    assert not chaos.unrecorded_before_kill([105.0, 130.0], kills, [130.1])  # sent after the kill
     assert not chaos.unrecorded_before_kill([99.7, 130.0], [], [130.1])  # no deliver kill at all
     assert not chaos.unrecorded_before_kill([99.7, 130.0], [140.0], [130.1])  # killed too late
     assert chaos.unrecorded_before_kill([99.7, 120.0, 130.0], [100.0, 125.0], [130.1])
