@@ -152,7 +152,7 @@ class Load(threading.Thread):
     def run(self) -> None:
         asyncio.run(self._run())
 
-    def settle(self, within: float = 600.0) -> None:
+    def settle(self, within: float = 1800.0) -> None:
         """Ask again about each message the load gave up on, with its key, until it
         is answered or `within` seconds have passed; those never answered count as
         refused (``unanswered``)."""
@@ -217,7 +217,7 @@ class Load(threading.Thread):
 
     async def _settle(self, within: float) -> None:
         deadline = time.monotonic() + within
-        gate = asyncio.Semaphore(16)
+        gate = asyncio.Semaphore(64)
         async with self._session() as http:
             async def one(n: int, doc: dict[str, Any], key: str) -> None:
                 async with gate:
