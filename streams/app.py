@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from faust.transport.consumer import Consumer
+from faust.transport.consumer import Consumer, ensure_TP
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.producer import ProducerBuffer
 
@@ -104,7 +104,7 @@ def _new_offset_from_base(self: Any, tp: Any) -> int | None:
 async def _perform_seek_keeping_base(self: Any) -> None:
     # Faust keeps the committed offsets but turns 0 into None; keep them exactly.
     offsets = await self.seek_to_committed()
-    self._seek_base = {tp: off for tp, off in offsets.items() if off is not None and off >= 0}
+    self._seek_base = {ensure_TP(tp): off for tp, off in offsets.items() if off is not None and off >= 0}
     self._committed_offset.update({tp: off or None for tp, off in self._seek_base.items()})
 
 
