@@ -122,11 +122,31 @@ class RetryStage:
                 continue
             self.forward(msg)
             metrics.STAGE_MESSAGES.labels(STAGE, "forwarded").inc()
-            self.consumer.commit(offsets=[TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)],
-                                 asynchronous=False)
+            self.commit_past(msg)
         self.consumer.close()
         self.producer.flush(10)
         return 0
+
+    def commit_past(self, msg: Any) -> bool:
+        """Commit past a forwarded record; False if the broker refused the commit.
+
+        A rebalance between the poll and the commit refuses it (ILLEGAL_GENERATION,
+        UNKNOWN_MEMBER_ID, REBALANCE_IN_PROGRESS), as does a broker that is away. The
+        record is on ``delivery`` already, so nothing is lost: the partition's next
+        owner, or this replica's next commit on it, starts at or before it and puts
+        it on ``delivery`` again, which the deliver stage's ledger makes harmless. It
+        used to end the stage: a 200/s chaos run's retry replica raised here and
+        then hung in librdkafka's shutdown, so nothing restarted it and 3,377 records
+        waited on their retry tiers for good.
+        """
+        try:
+            self.consumer.commit(offsets=[TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)],
+                                 asynchronous=False)
+            return True
+        except KafkaException as exc:
+            log.warning("retry: commit of %s[%d]@%d refused (%s); the record may be forwarded again",
+                        msg.topic(), msg.partition(), msg.offset() + 1, exc)
+            return False
 
     def heartbeat(self) -> None:
         """Say on ``registry`` that this replica is alive, like the Faust stages do."""
@@ -161,4 +181,11 @@ def run(settings: Settings, url: str = "") -> int:
     signal.signal(signal.SIGINT, stop)
     print(f"mailflow: stage {STAGE} consuming {len(stage.topics)} tiers "
           f"({', '.join(f'{d:g}s' for d in settings.retry_schedule)})", file=sys.stderr, flush=True)
-    return stage.run()
+    try:
+        return stage.run()
+    except Exception:
+        # Exit at once so that the supervisor starts the stage again: an interpreter
+        # unwinding with an open librdkafka consumer can hang in its shutdown for good.
+        log.exception("retry: stage failed; exiting to be started again")
+        logging.shutdown()
+        os._exit(70)  # EX_SOFTWARE
