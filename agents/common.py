@@ -72,6 +72,26 @@ TRANSIENT = (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError, Broke
 CHANGELOG_ACKS: ContextVar[list[Awaitable[Any]] | None] = ContextVar("changelog_acks", default=None)
 
 
+async def all_settled(pending: Iterable[Awaitable[Any]]) -> None:
+    """Wait for every one of `pending`, then raise the first failure, if any (unlike
+    ``gather``, which raises at the first and leaves the rest running)."""
+    for result in await asyncio.gather(*pending, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
+
+
+@contextmanager
+def _acting_for(event: EventT | None) -> Iterator[None]:
+    """Faust's "current event" set to `event` (if any) for a table access: a table's
+    partition, and the local store's, are the current event's."""
+    token = _current_event.set(weakref.ref(event)) if event is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _current_event.reset(token)
+
+
 class AckedTable(faust.Table):
     """A Faust table whose changelog sends a stage can await before its commit.
 
@@ -163,13 +183,9 @@ class StageIO:
         """
         if event is None:
             event = current_event()
-        token = _current_event.set(weakref.ref(event)) if event is not None else None
-        try:
+        with _acting_for(event):
             partition = table.partition_for_key(key)
             table.data[key] = value  # the local store
-        finally:
-            if token is not None:
-                _current_event.reset(token)
         return self._send_changelog(table, key, value, partition, event)
 
     def _send_changelog(self, table: Any, key: str, value: Any, partition: int,
@@ -210,19 +226,12 @@ class StageIO:
             self._unsynced.clear()
             sends = []
             for table, key, partition, event in entries:
-                # The local store reads the current event's partition (Faust's rule).
-                token = _current_event.set(weakref.ref(event)) if event is not None else None
-                try:
+                with _acting_for(event):  # the local store reads the event's partition
                     value = table.data.get(key)
-                finally:
-                    if token is not None:
-                        _current_event.reset(token)
                 if value is None:  # the partition's store is no longer here: not ours
                     continue
                 sends.append(self._send_changelog(table, key, value, partition, event))
-            for result in await asyncio.gather(*sends, return_exceptions=True):
-                if isinstance(result, BaseException):
-                    raise result
+            await all_settled(sends)
 
     async def send(self, short: str, key: str | bytes | None, value: bytes) -> Awaitable[Any]:
         k = key.encode() if isinstance(key, str) else key
@@ -292,9 +301,7 @@ class StageIO:
                 # input offset may be committed; a failure here redoes the record.
                 # Every output settles first, so that a failed table write is known
                 # to `resync` before the retry.
-                for result in await asyncio.gather(*pending, return_exceptions=True):
-                    if isinstance(result, BaseException):
-                        raise result
+                await all_settled(pending)
                 outcome = "ok"
             except PoisonPill as pill:
                 log.warning("%s: poison pill (%s)", self.stage, pill)
