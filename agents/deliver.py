@@ -90,7 +90,7 @@ def register(app: faust.App, settings: Settings) -> None:
     io = StageIO(app, settings, STAGE, linger_ms=0)
     ledger = app.Table("ledger", partitions=settings.partitions, schema=JSON_TABLE)
     pool = Pool(ehlo=settings.ehlo_name, timeout=settings.smtp_timeout, tls=settings.smtp_tls,
-                max_per_host=settings.max_connections_per_host)
+                max_per_host=settings.max_connections_per_host, ca_file=settings.tls_ca_file)
     resolver = Resolver(settings.dns)
     shaper = Shaper(max_in_flight=settings.max_connections_per_host * 2, rate=settings.domain_rate)
 
@@ -112,7 +112,8 @@ def register(app: faust.App, settings: Settings) -> None:
                 outcomes = [Outcome(r, TEMPORARY, None, f"{dest.host}: {exc.reason}") for r in rcpts]
                 continue
             for addr in addrs:
-                outcomes = await pool.send(addr, dest.port, msg.sender, rcpts, body)
+                # The certificate is checked against the MX host name, never the address.
+                outcomes = await pool.send(addr, dest.port, msg.sender, rcpts, body, server_name=dest.host)
                 if any(o.code is not None for o in outcomes):
                     return outcomes  # a server answered about the recipients: that is the result
         return outcomes
@@ -196,16 +197,19 @@ def register(app: faust.App, settings: Settings) -> None:
         temporary = [o for o in outcomes if o.kind == TEMPORARY]
         for o in delivered:
             pending.append(await io.event(msg.id, "delivered", [o.recipient],
-                                          {"reply": o.reply, "host": o.host}))
+                                          {"reply": o.reply, "host": o.host,
+                                           **({"tls": o.tls} if o.tls else {})}))
         if failed:
             pending += await bounce(msg, failed, first, now, expired_)
         if temporary:
             reason = temporary[0].reply
-            pending += await to_retry(msg, domain, [o.recipient for o in temporary], first, now, reason)
+            pending += await to_retry(msg, domain, [o.recipient for o in temporary], first, now, reason,
+                                      tls=temporary[0].tls)
         return pending
 
     async def to_retry(msg: Message, domain: str, rcpts: list[str], first: float, now: float,
-                       reason: str, count_attempt: bool = True) -> Pending:
+                       reason: str, count_attempt: bool = True,
+                       tls: dict[str, Any] | None = None) -> Pending:
         attempt_no = int(msg.meta.get("attempt", 0)) + (1 if count_attempt else 0)
         # A shaped step-aside is no failed attempt: always the first (shortest)
         # tier, however many attempts failed before.
@@ -216,7 +220,8 @@ def register(app: faust.App, settings: Settings) -> None:
         rec = msg.with_(recipients=rcpts, meta=meta)
         metrics.RETRIES.labels(str(tier)).inc()
         return [await io.event(msg.id, "deferred", rcpts, {"attempt": attempt_no, "next_attempt_at": due,
-                                                          "tier": tier, "error": reason}),
+                                                          "tier": tier, "error": reason,
+                                                          **({"tls": tls} if tls else {})}),
                 await io.send(f"retry.{tier}", domain, rec.to_json())]
 
     async def bounce(msg: Message, failed: list[Outcome], first: float, now: float,

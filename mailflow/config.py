@@ -81,6 +81,7 @@ class Settings:
     dns: str = ""  # nameservers for MX lookups (host:port,...); empty: the system's
     smtp_timeout: float = 30.0
     smtp_tls: str = "opportunistic"  # opportunistic | required | off
+    tls_ca_file: str = ""  # PEM CAs trusted for MX certificates besides the system's
     max_connections_per_host: int = 8
     domain_rate: tuple[int, float] | None = None  # per destination domain, e.g. 600/60s
     topic_prefix: str = "mailflow."
@@ -129,7 +130,8 @@ class Settings:
                            if x.strip() and x.strip() != "none"),
             dns=_env("DNS", ""),
             smtp_timeout=parse_duration(_env("SMTP_TIMEOUT", "30s")),
-            smtp_tls=_env("SMTP_TLS", d.smtp_tls),
+            smtp_tls=_choice("SMTP_TLS", _env("SMTP_TLS", d.smtp_tls), ("opportunistic", "required", "off")),
+            tls_ca_file=_env("TLS_CA_FILE", ""),
             max_connections_per_host=int(_env("MAX_CONNECTIONS_PER_HOST", "8")),
             domain_rate=parse_rate(_env("DOMAIN_RATE", "")) if _env("DOMAIN_RATE", "") else None,
             topic_prefix=_env("TOPIC_PREFIX", d.topic_prefix),

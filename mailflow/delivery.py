@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 TEMPORARY, PERMANENT, DELIVERED = "temporary", "permanent", "delivered"
 
@@ -17,6 +18,7 @@ class Outcome:
     code: int | None
     reply: str
     host: str | None = None
+    tls: dict[str, Any] | None = None  # the connection's TLS (mailflow.smtp.tls_summary)
 
 
 def classify_code(code: int) -> str:

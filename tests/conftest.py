@@ -17,6 +17,11 @@ harness = importlib.util.module_from_spec(_spec)
 sys.modules["harness"] = harness
 _spec.loader.exec_module(harness)
 BOOTSTRAP, Broker, Stack = harness.BOOTSTRAP, harness.Broker, harness.Stack
+# The test CA and TLS peers (tests/testca.py), imported by name the same way.
+_spec = importlib.util.spec_from_file_location("testca", Path(__file__).with_name("testca.py"))
+assert _spec and _spec.loader
+sys.modules["testca"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sys.modules["testca"])
 
 
 @pytest.fixture(scope="session")
