@@ -61,6 +61,7 @@ from mailflow.dsn import FailedRecipient, build_dsn, is_bounce, parse_enhanced, 
 from mailflow.ids import new_id
 from mailflow.mailrules import domain_of, header_block
 from mailflow.mx import PermanentDnsError, Resolver, TemporaryDnsError, route_for
+from mailflow.signing import Signer, signed_body
 from mailflow.smtp import Pool
 from schemas.records import Message, parse_message
 
@@ -92,6 +93,7 @@ def register(app: faust.App, settings: Settings) -> None:
     pool = Pool(ehlo=settings.ehlo_name, timeout=settings.smtp_timeout, tls=settings.smtp_tls,
                 max_per_host=settings.max_connections_per_host, ca_file=settings.tls_ca_file)
     resolver = Resolver(settings.dns)
+    signer = Signer(settings)  # for the bounces made here; other mail comes signed
     shaper = Shaper(max_in_flight=settings.max_connections_per_host * 2, rate=settings.domain_rate)
 
     async def attempt(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
@@ -171,7 +173,8 @@ def register(app: faust.App, settings: Settings) -> None:
             return pending + await to_retry(msg, domain, todo, first, now, "destination busy (shaped)",
                                   count_attempt=False)
         try:
-            body = await io.body(msg)
+            # The DKIM-Signature lines made once before the first attempt (sentfolder).
+            body = signed_body(msg.meta, await io.body(msg))
             try:
                 outcomes = await attempt(domain, msg, todo, body)
             except Exception as exc:  # never park mail on a fault of ours: defer it
@@ -254,9 +257,11 @@ def register(app: faust.App, settings: Settings) -> None:
             message_id=f"<{dsn_id}@{settings.ehlo_name}>", date=datetime.now(UTC),
             arrival_date=datetime.fromtimestamp(msg.received_at, UTC),
         )
+        dkim_header, _ = await signer.sign(dsn)
         bounce_msg = Message(id=dsn_id, sender="", recipients=[msg.sender], received_at=now,
                              size=len(dsn), body=dsn, source="bounce",
-                             meta={"bounce": True, "bounce_of": msg.id})
+                             meta={"bounce": True, "bounce_of": msg.id,
+                                   **({"dkim": dkim_header.decode("ascii")} if dkim_header else {})})
         pending.append(await io.event(dsn_id, "accepted", [msg.sender], {"bounce_of": msg.id}, sender=""))
         if settings.is_local(msg.sender):
             # The validator's route for local mail: the sender's inbox.

@@ -9,6 +9,14 @@ A message for several domains has its body put in the object store once, so
 the per-domain records carry a reference rather than a copy each; a message for
 one domain keeps its body inline on ``delivery`` (the Sent copy still goes by
 reference), which spares the delivery stage an object-store read per message.
+
+DKIM: this is where a message's headers and body are final, so it is signed here,
+once (``mailflow.signing``): the ``DKIM-Signature`` lines go into the records'
+``meta["dkim"]`` and the delivery stage puts them in front of the body for every
+attempt, so retries send the same bytes. ``sent_folder``'s detail says whether and
+with what it was signed. With ``MAILFLOW_DKIM=required`` a message whose From
+domain has no key is parked on ``errors`` (reason ``dkim_key_missing``) and
+rejected, never sent unsigned.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from agents.common import Pending, StageIO
 from mailflow.config import Settings
 from mailflow.mailrules import group_by_domain
 from mailflow.objstore import body_key, put_body
+from mailflow.signing import Signer
 from schemas.records import parse_message
 
 STAGE = "sentfolder"
@@ -26,9 +35,17 @@ STAGE = "sentfolder"
 
 def register(app: faust.App, settings: Settings) -> None:
     io = StageIO(app, settings, STAGE)
+    signer = Signer(settings)
 
     async def handle(raw: bytes | None) -> Pending:
         msg = parse_message(raw)
+        header, dkim = await signer.sign(await io.body(msg))
+        if dkim.get("required"):
+            return [await io.park("dkim_key_missing", "rejected", raw, msg.id, dkim["reason"]),
+                    await io.event(msg.id, "rejected", msg.recipients,
+                                   {"reason": "dkim_key_missing", "message": dkim["reason"]})]
+        if header:
+            msg = msg.with_(meta={**msg.meta, "dkim": header.decode("ascii")})
         groups = group_by_domain(msg.recipients)
         local_sender = bool(msg.sender) and settings.is_local(msg.sender)
         by_ref = msg
@@ -44,7 +61,7 @@ def register(app: faust.App, settings: Settings) -> None:
             rec = outgoing.with_(recipients=rcpts, meta={**msg.meta, "domain": domain})
             pending.append(await io.send("delivery", domain, rec.to_json()))
         pending.append(await io.event(msg.id, "sent_folder", msg.recipients,
-                                      {"sent_copy": local_sender}))
+                                      {"sent_copy": local_sender, "dkim": dkim}))
         return pending
 
     @app.agent(io.topic("clean"), name=f"{settings.topic_prefix}{STAGE}")

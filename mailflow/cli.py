@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     mc.add_argument("address")
     mc.add_argument("--name")
 
+    from mailflow import domains_cli
+
+    domains_cli.add_parser(sub)
     lg = sub.add_parser("lag", help="consumer lag per stage")
     lg.add_argument("--watch", action="store_true")
     lg.add_argument("--json", action="store_true")
@@ -267,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_keys(args, settings)
     if args.cmd == "mailboxes":
         return cmd_mailboxes(args, settings)
+    if args.cmd == "domains":
+        from mailflow import domains_cli
+
+        return domains_cli.run(args, settings)
     if args.cmd == "lag":
         from mailflow import lag
 

@@ -82,6 +82,7 @@ class Settings:
     smtp_timeout: float = 30.0
     smtp_tls: str = "opportunistic"  # opportunistic | required | off
     tls_ca_file: str = ""  # PEM CAs trusted for MX certificates besides the system's
+    dkim: str = "sign-if-key"  # sign-if-key | required (mailflow.signing)
     max_connections_per_host: int = 8
     domain_rate: tuple[int, float] | None = None  # per destination domain, e.g. 600/60s
     topic_prefix: str = "mailflow."
@@ -132,6 +133,7 @@ class Settings:
             smtp_timeout=parse_duration(_env("SMTP_TIMEOUT", "30s")),
             smtp_tls=_choice("SMTP_TLS", _env("SMTP_TLS", d.smtp_tls), ("opportunistic", "required", "off")),
             tls_ca_file=_env("TLS_CA_FILE", ""),
+            dkim=_choice("DKIM", _env("DKIM", d.dkim), ("sign-if-key", "required")),
             max_connections_per_host=int(_env("MAX_CONNECTIONS_PER_HOST", "8")),
             domain_rate=parse_rate(_env("DOMAIN_RATE", "")) if _env("DOMAIN_RATE", "") else None,
             topic_prefix=_env("TOPIC_PREFIX", d.topic_prefix),
