@@ -268,6 +268,47 @@ def ensure(settings: Settings, domains: list[str]) -> list[str]:
     return made
 
 
+def follow(settings: Settings, wait: float = 10.0) -> Any:
+    """A CompactedReader of the domains topic, read to the end it had when called."""
+    from mailflow.kafka_io import CompactedReader
+    from streams.topics import full_name
+
+    reader = CompactedReader(settings.kafka_bootstrap, [full_name(settings, TOPIC)])
+    wait_caught_up(reader, settings, wait)
+    return reader
+
+
+def wait_caught_up(reader: Any, settings: Settings, timeout: float) -> bool:
+    """Block until ``reader`` has every record the domains topic held when called, so
+    a process that just started signs (or answers) as the ones before it did."""
+    import logging
+
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from streams.topics import full_name
+
+    topic = full_name(settings, TOPIC)
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "mailflow-domains-probe",
+                  "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=5)
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+                for p in md.topics[topic].partitions}
+    except KafkaException:
+        ends = {}
+    finally:
+        c.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(reader.positions.get((topic, p), 0) >= e for p, e in ends.items() if e > 0):
+            return True
+        time.sleep(0.05)
+    logging.getLogger("mailflow.domains").warning(
+        "the domains topic was not read to its end in %.0fs; domains not seen yet count once they arrive",
+        timeout)
+    return False
+
+
 # --------------------------------------------------------------------------- DNS
 
 

@@ -140,38 +140,15 @@ class Signer:
     """Signs for every domain on the ``domains`` topic; one per stage process."""
 
     def __init__(self, settings: Settings, wait: float = 10.0) -> None:
-        from mailflow.kafka_io import CompactedReader
         from streams.topics import full_name
 
         self.settings, self.mode = settings, settings.dkim
         self.topic = full_name(settings, dom.TOPIC)
         self._key = operator_key(settings)
-        self._reader = CompactedReader(settings.kafka_bootstrap, [self.topic])
         self._opened: dict[tuple[str, str], bytes] = {}
         self._published: dict[tuple[str, str], tuple[bool, float]] = {}
         self._res = dom.resolver(settings)
-        self._wait_caught_up(wait)
-
-    def _wait_caught_up(self, timeout: float) -> None:
-        """Block until the reader has every record the topic held at start, so a
-        stage that just started signs its first message as the ones before did."""
-        from confluent_kafka import Consumer, TopicPartition
-
-        c = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": "mailflow-signer-probe",
-                      "enable.auto.commit": False})
-        try:
-            md = c.list_topics(self.topic, timeout=5)
-            ends = {p: c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=5)[1]
-                    for p in md.topics[self.topic].partitions}
-        finally:
-            c.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(self._reader.positions.get((self.topic, p), 0) >= e for p, e in ends.items() if e > 0):
-                return
-            time.sleep(0.05)
-        log.warning("signing: the domains topic was not read to its end in %.0fs; "
-                    "domains not seen yet are signed once they arrive", timeout)
+        self._reader = dom.follow(settings, wait)
 
     def record(self, domain: str) -> dict[str, Any] | None:
         return self._reader.values[self.topic].get(domain)

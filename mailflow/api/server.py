@@ -43,6 +43,8 @@ from aiohttp import web
 from mailflow import metrics, mime
 from mailflow.api.auth import Authenticator, Principal, SyncReader, header_from_addresses
 from mailflow.api.compose import Composed, InputError, compose_json, prepare_raw
+from mailflow.api.domains import dkim_refusal
+from mailflow.api.domains import register as register_domains
 from mailflow.api.inflow import InFlow
 from mailflow.api.sanitize import sanitize_html
 from mailflow.config import Settings
@@ -303,6 +305,9 @@ class Ingress:
         problem = self._sender_problem(who, composed)
         if problem is not None:
             return problem
+        refusal = dkim_refusal(request.app, composed.raw, composed.recipients)  # MAILFLOW_DKIM=required
+        if refusal is not None:
+            return refusal
         return await self._accept(msg_id, composed)
 
     def _body_limit(self, request: web.Request) -> int:
@@ -538,6 +543,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_get("/", ing.webmail)
     app.router.add_get("/{name:app\\.(?:js|css)}", ing.web_file)
     app["ingress"] = ing
+    register_domains(app, ing, settings)
     return app
 
 
