@@ -60,6 +60,8 @@ from mailflow.delivery import (
 from mailflow.dsn import FailedRecipient, build_dsn, is_bounce, parse_enhanced, status_for_reply
 from mailflow.ids import new_id
 from mailflow.mailrules import domain_of, header_block
+from mailflow.mtasts import MtaSts
+from mailflow.mtasts import plan as sts_plan
 from mailflow.mx import PermanentDnsError, Resolver, TemporaryDnsError, route_for
 from mailflow.signing import Signer, signed_body
 from mailflow.smtp import Pool
@@ -94,6 +96,8 @@ def register(app: faust.App, settings: Settings) -> None:
                 max_per_host=settings.max_connections_per_host, ca_file=settings.tls_ca_file)
     resolver = Resolver(settings.dns)
     signer = Signer(settings)  # for the bounces made here; other mail comes signed
+    mta_sts = (MtaSts(resolver, ca_file=settings.tls_ca_file, port=settings.mta_sts_port)
+               if settings.mta_sts else None)
     shaper = Shaper(max_in_flight=settings.max_connections_per_host * 2, rate=settings.domain_rate)
 
     async def attempt(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
@@ -104,6 +108,14 @@ def register(app: faust.App, settings: Settings) -> None:
             return [Outcome(r, PERMANENT, None, exc.reason) for r in rcpts]
         except TemporaryDnsError as exc:
             return [Outcome(r, TEMPORARY, None, exc.reason) for r in rcpts]
+        # MTA-STS (mailflow/mtasts.py): enforce keeps the MX hosts its policy names, TLS required.
+        sts = sts_plan(domain, await mta_sts.policy(domain), dests) if mta_sts and not route else None
+        if sts is not None:
+            if sts.refused:
+                return [Outcome(r, TEMPORARY, None, sts.refused, tls={"policy": "required", "version": None,
+                                                                      "verified": False, "mta_sts": sts.mode})
+                        for r in rcpts]
+            dests = sts.hosts
         outcomes: list[Outcome] = [Outcome(r, TEMPORARY, None, "4.4.4 no reachable mail host") for r in rcpts]
         for dest in dests:  # every MX (and address) in order before the attempt fails
             try:
@@ -115,7 +127,8 @@ def register(app: faust.App, settings: Settings) -> None:
                 continue
             for addr in addrs:
                 # The certificate is checked against the MX host name, never the address.
-                outcomes = await pool.send(addr, dest.port, msg.sender, rcpts, body, server_name=dest.host)
+                outcomes = await pool.send(addr, dest.port, msg.sender, rcpts, body, server_name=dest.host,
+                                           tls=sts.tls if sts else None, mta_sts=sts.mode if sts else None)
                 if any(o.code is not None for o in outcomes):
                     return outcomes  # a server answered about the recipients: that is the result
         return outcomes

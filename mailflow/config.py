@@ -83,6 +83,8 @@ class Settings:
     smtp_tls: str = "opportunistic"  # opportunistic | required | off
     tls_ca_file: str = ""  # PEM CAs trusted for MX certificates besides the system's
     dkim: str = "sign-if-key"  # sign-if-key | required (mailflow.signing)
+    mta_sts: bool = True  # MTA-STS policies of recipient domains (mailflow.mtasts)
+    mta_sts_port: int = 443  # the policy hosts' HTTPS port (tests only)
     max_connections_per_host: int = 8
     domain_rate: tuple[int, float] | None = None  # per destination domain, e.g. 600/60s
     topic_prefix: str = "mailflow."
@@ -134,6 +136,8 @@ class Settings:
             smtp_tls=_choice("SMTP_TLS", _env("SMTP_TLS", d.smtp_tls), ("opportunistic", "required", "off")),
             tls_ca_file=_env("TLS_CA_FILE", ""),
             dkim=_choice("DKIM", _env("DKIM", d.dkim), ("sign-if-key", "required")),
+            mta_sts=_choice("MTA_STS", _env("MTA_STS", "on"), ("on", "off")) == "on",
+            mta_sts_port=int(_env("MTA_STS_PORT", str(d.mta_sts_port))),
             max_connections_per_host=int(_env("MAX_CONNECTIONS_PER_HOST", "8")),
             domain_rate=parse_rate(_env("DOMAIN_RATE", "")) if _env("DOMAIN_RATE", "") else None,
             topic_prefix=_env("TOPIC_PREFIX", d.topic_prefix),

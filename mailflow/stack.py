@@ -88,6 +88,20 @@ def print_demo_credentials(settings: Settings) -> None:
           f"--to someone@example.com --text hi", file=sys.stderr, flush=True)
 
 
+def ensure_domain_keys(settings: Settings) -> None:
+    """DKIM keys for the local domains (mailflow.domains), so the demo signs its first message."""
+    from mailflow import domains
+
+    try:
+        made = domains.ensure(settings, sorted(settings.local_domains))
+    except (domains.DomainError, RuntimeError) as exc:
+        print(f"mailflow: no DKIM keys made for the local domains: {exc}", file=sys.stderr, flush=True)
+        return
+    for d in made:
+        print(f"mailflow: made DKIM keys for {d}; `mailflow domains dns {d}` prints its DNS records",
+              file=sys.stderr, flush=True)
+
+
 def up(settings: Settings, detach: bool = False, scanners: bool = True) -> int:
     pf = pid_file(settings)
     pf.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +127,7 @@ def up(settings: Settings, detach: bool = False, scanners: bool = True) -> int:
     sup = build(settings, scanners)
     try:
         sup.start()
+        ensure_domain_keys(settings)
         print_demo_credentials(settings)
         print(f"mailflow: stack ready; API http://{settings.api_host}:{settings.api_port} "
               f"(Ctrl-C stops it)", file=sys.stderr, flush=True)

@@ -96,23 +96,71 @@ class TlsPeer(ScriptedPeer):
     """A ScriptedPeer offering STARTTLS with ``tls_context``; ``tls_flags`` says, per
     accepted message, whether it came over TLS."""
 
-    def __init__(self, tls_context: ssl.SSLContext | None, **kw: Any) -> None:
-        self.tls_context = tls_context
+    def __init__(self, tls_context: ssl.SSLContext | None, host: str = "127.0.0.1", port: int = 0,
+                 **kw: Any) -> None:
+        self.tls_context, self.host = tls_context, host
         self.tls_flags: list[bool] = []
+        self.connections = 0  # EHLOs seen: a host never contacted has none
+        self._fixed_port = port
         super().__init__(**kw)
+        if port:
+            self.port = port
+            self.controller = self._controller()
 
     def _controller(self) -> Any:
         from aiosmtpd.controller import Controller
 
         kw: dict[str, Any] = {"tls_context": self.tls_context} if self.tls_context else {}
-        return Controller(self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True,
+        return Controller(self, hostname=self.host, port=self.port, enable_SMTPUTF8=True,
                           decode_data=False, **kw)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: ANN001
+        self.connections += 1
+        session.host_name = hostname
+        return responses
 
     async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
         reply = await super().handle_DATA(server, session, envelope)
         if reply.startswith("250"):
             self.tls_flags.append(session.ssl is not None)
         return reply
+
+
+class PolicyServer:
+    """An HTTPS server for ``/.well-known/mta-sts.txt`` (MTA-STS policy host) in a thread."""
+
+    def __init__(self, context: ssl.SSLContext, policy: str) -> None:
+        import http.server
+        import threading
+
+        body = policy.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path != "/.well-known/mta-sts.txt":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_a: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> PolicyServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class LocalDns:

@@ -5,44 +5,59 @@ STARTTLS with a certificate from a CA made in the test (``MAILFLOW_TLS_CA_FILE``
 ``MAILFLOW_SMTP_TLS=required``: mail for good.test (MX mx.good.test, which the
 certificate names) is delivered and its status says the TLS was verified; mail for
 bad.test (MX mx.bad.test, the same peer, so a certificate naming another host) is
-deferred with the reason and never reaches the peer.
+deferred with the reason and never reaches the peer. MTA-STS: sts.test publishes an
+``enforce`` policy (served over HTTPS by a local server with a test-CA certificate,
+``MAILFLOW_MTA_STS_PORT``) naming only its second MX; its first MX, a peer on
+127.0.0.2 with a valid certificate, is never contacted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Stack, settled, wait_for
-from testca import LocalDns, TestCA, TlsPeer
+from testca import LocalDns, PolicyServer, TestCA, TlsPeer, txt_record
 
 RECORDS = """\
 mx-host=good.test,mx.good.test,10
 host-record=mx.good.test,127.0.0.1
 mx-host=bad.test,mx.bad.test,10
 host-record=mx.bad.test,127.0.0.1
-"""
+mx-host=sts.test,mx.other.sts.test,10
+mx-host=sts.test,mx.sts.test,20
+host-record=mx.other.sts.test,127.0.0.2
+host-record=mx.sts.test,127.0.0.1
+host-record=mta-sts.sts.test,127.0.0.1
+""" + txt_record("_mta-sts.sts.test", "v=STSv1; id=20261201;") + "\n"
+POLICY = "version: STSv1\nmode: enforce\nmx: mx.sts.test\nmax_age: 86400\n"
 
 
 @pytest.fixture(scope="module")
-def tls_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestCA, TlsPeer, LocalDns]]:
+def tls_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, ...]]:
     base = tmp_path_factory.mktemp("tls")
     ca = TestCA(base / "ca")
-    peer = TlsPeer(ca.server_context(["mx.good.test"])).start()
+    peer = TlsPeer(ca.server_context(["mx.good.test", "mx.sts.test"])).start()
+    # the MX the policy does not name: same port, another loopback address
+    other = TlsPeer(ca.server_context(["mx.other.sts.test"]), host="127.0.0.2", port=peer.port).start()
+    policy = PolicyServer(ca.server_context(["mta-sts.sts.test"]), POLICY).start()
     dns = LocalDns(base / "dns", RECORDS).start()
     try:
-        yield ca, peer, dns
+        yield ca, peer, dns, other, policy
     finally:
         dns.stop()
+        policy.stop()
+        other.stop()
         peer.stop()
 
 
 @pytest.fixture(scope="module")
 def tls_stack(kafka: str, work_dir: Path, tls_world) -> Iterator[Stack]:
-    ca, peer, dns = tls_world
+    ca, peer, dns, _, policy = tls_world
     stack = Stack(work_dir, kafka, smtp_tls="required", tls_ca_file=str(ca.ca_file), dns=dns.nameserver,
-                  mx_port=str(peer.port), scanners="none", retry_schedule="1h", max_queue_age="1d")
+                  mx_port=str(peer.port), mta_sts_port=str(policy.port), scanners="none", retry_schedule="1h", max_queue_age="1d")
     try:
         yield stack.start(["ratelimit", "validate", "scan", "sentfolder", "deliver", "status"])
     finally:
@@ -50,7 +65,7 @@ def tls_stack(kafka: str, work_dir: Path, tls_world) -> Iterator[Stack]:
 
 
 def test_required_tls_verifies_the_mx_name(tls_stack: Stack, tls_world) -> None:
-    s, (_, peer, _) = tls_stack, tls_world
+    s, peer = tls_stack, tls_world[1]
     code, good, _ = s.submit({"from": "alice@mailflow.test", "to": "bob@good.test", "subject": "tls ok",
                               "text": "over verified TLS"})
     assert code == 202
@@ -72,3 +87,16 @@ def test_required_tls_verifies_the_mx_name(tls_stack: Stack, tls_world) -> None:
     assert "4.7.5 TLS certificate of mx.bad.test not verified: wrong host name" in ev["detail"]["error"]
     assert ev["detail"]["tls"]["verified"] is False
     assert not [m for m in peer.messages if b"never in clear" in m[2]]
+
+
+def test_mta_sts_enforce_never_contacts_an_mx_the_policy_does_not_name(tls_stack: Stack, tls_world) -> None:
+    s, peer, other = tls_stack, tls_world[1], tls_world[3]
+    code, doc, _ = s.submit({"from": "alice@mailflow.test", "to": "bob@sts.test", "subject": "sts",
+                             "text": "policy says mx.sts.test"})
+    assert code == 202
+    wait_for(lambda: settled(s, [doc["id"]]), 90, what="delivery under MTA-STS")
+    rcpt = s.status(doc["id"])["recipients"]["bob@sts.test"]
+    assert rcpt["state"] == "delivered", rcpt
+    assert rcpt["detail"]["tls"]["mta_sts"] == "enforce" and rcpt["detail"]["tls"]["verified"] is True
+    assert [m for m in peer.messages if b"policy says mx.sts.test" in m[2]]
+    assert other.connections == 0 and not other.messages
