@@ -187,6 +187,9 @@ class Signer:
         published = {s["selector"] for s in rec["selectors"]
                      if s["state"] == "pending" and await self._is_published(domain, s)}
         sels = signing_keys(rec, published)
+        if not sels:
+            return b"", {"signed": False, "domain": domain, "reason": f"{domain} has no active DKIM selector",
+                         **({"required": True} if self.mode == "required" else {})}
         try:
             keys = [(s["selector"], s["algorithm"], self._private(rec, s)) for s in sels]
         except SealError as exc:

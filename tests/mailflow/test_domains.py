@@ -42,3 +42,18 @@ async def test_ensure_remove_and_a_new_signer_signs_at_once(settings: Settings) 
         assert set(dom.read_all(settings)) == {"a.test"}
     finally:
         signer.close()
+
+
+async def test_required_mode_marks_unsignable_mail(settings: Settings) -> None:
+    from dataclasses import replace
+
+    dom.write(settings, "r.test", {**dom.new_domain(b"k" * 32, "r.test"), "selectors": []})
+    signer = Signer(replace(settings, dkim="required"))
+    try:
+        _, detail = await signer.sign(b"From: x@none.test\r\n\r\nbody\r\n")
+        assert detail["required"] is True and detail["reason"] == "no DKIM key for none.test"
+        _, detail = await signer.sign(b"From: x@r.test\r\n\r\nbody\r\n")
+        assert detail == {"signed": False, "domain": "r.test", "reason": "r.test has no active DKIM selector",
+                          "required": True}
+    finally:
+        signer.close()
