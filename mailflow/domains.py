@@ -229,12 +229,22 @@ def write(settings: Settings, domain: str, rec: dict[str, Any] | None) -> None:
 
 def read_all(settings: Settings) -> dict[str, dict[str, Any]]:
     """Every domain record now on the topic (latest per domain)."""
+    from confluent_kafka import KafkaException
+
     from mailflow.kafka_io import read_to_end
     from streams.topics import ensure_topics, full_name
 
     ensure_topics(settings)
+    for attempt in range(5):
+        try:
+            records = read_to_end(settings.kafka_bootstrap, full_name(settings, TOPIC), idle_timeout=5)
+            break
+        except KafkaException:  # a topic just made may have no leader for a moment
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
     out: dict[str, dict[str, Any]] = {}
-    for k, v in read_to_end(settings.kafka_bootstrap, full_name(settings, TOPIC), idle_timeout=5):
+    for k, v in records:
         key = (k or b"").decode()
         if v is None:
             out.pop(key, None)
