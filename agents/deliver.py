@@ -27,6 +27,13 @@ not caused by the kill window (two live copies of one record delivered at once).
 SMTP itself is at-least-once here (RFC 1047); nothing short of the receiver's
 cooperation closes the window.
 
+Trust: the body goes out with the ``DKIM-Signature`` lines the sent-folder stage
+made (``meta["dkim"]``), the same on every attempt; bounces made here are signed
+(mailflow/signing.py). TLS is checked against the MX host name (mailflow/smtp.py),
+and a recipient domain's MTA-STS policy may narrow the MX hosts and require
+verified TLS (mailflow/mtasts.py); ``delivered`` and ``deferred`` events say which
+TLS was used.
+
 Settings read here (to move into ``mailflow.config`` later):
 ``MAILFLOW_MX_PORT`` (default 25), the TCP port used for destinations found by
 MX lookup (and the implicit MX); routes in ``SMTP_ROUTES`` carry their own port.
