@@ -24,8 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from email import policy
-from email.parser import BytesHeaderParser
+from email.utils import getaddresses
 from typing import Any
 
 import dkim
@@ -62,17 +61,25 @@ def include_headers(names: list[str]) -> list[bytes]:
     return [*out, b"from"] if b"from" in out else out
 
 
+_FROM = re.compile(rb"^From[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+
+
 def from_domain(message: bytes) -> str | None:
-    """The domain of the (first) From address, lower-case A-labels; None without a usable one."""
-    try:
-        head = BytesHeaderParser(policy=policy.default).parsebytes(message, headersonly=True)
-        addrs = head["From"].addresses if head["From"] is not None else ()
-    except Exception:  # a malformed From: no domain to sign for
+    """The domain of the (first) From address, lower-case A-labels; None without a usable one.
+
+    Only the From field is parsed (a regular expression finds it in the header
+    block): the whole header through the email package cost 0.6 ms a message.
+    """
+    head = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
+    m = _FROM.search(head)
+    if m is None:
         return None
-    if not addrs or not addrs[0].domain:
+    value = re.sub(rb"\r?\n", b"", m.group(1)).decode("utf-8", "replace")
+    addrs = [a for _, a in getaddresses([value]) if "@" in a]
+    if not addrs:
         return None
     try:
-        return dom.normalize_domain(addrs[0].domain)
+        return dom.normalize_domain(addrs[0].rpartition("@")[2])
     except dom.DomainError:
         return None
 

@@ -103,6 +103,11 @@ def test_from_domain() -> None:
     assert from_domain(MSG) == "example.com"
     assert from_domain(b"To: x@y.test\r\n\r\nno from\r\n") is None
     assert from_domain(b"From: not an address\r\n\r\n") is None
+    assert from_domain(b'From: "Doe, John" <j@Ex.COM>\r\n\r\n') == "ex.com"
+    assert from_domain(b"from:j@a.test (comment)\r\n\r\n") == "a.test"
+    assert from_domain(b"From: folded\r\n  <k@c.test>\r\n\r\n") == "c.test"
+    assert from_domain(b"X-From: x@y.test\r\n\r\n") is None
+    assert from_domain(b"Subject: x\r\n\r\nFrom: in-the-body@d.test\r\n") is None
 
 
 def test_signature_verifies_both_algorithms_and_fails_on_one_changed_byte(rec: dict) -> None:
