@@ -6,7 +6,8 @@ certificate names those hosts, optionally expired. ``TlsPeer`` is the harness's
 ``ScriptedPeer`` offering STARTTLS with such a context, recording whether each
 accepted message came over TLS. ``LocalDns`` is a dnsmasq of the test's own on a free
 port (the shared one on 5353 has only static records), restarted with new records
-when a test publishes more. Imported by name (``from testca import ...``), like the
+when a test publishes more. ``run_cli`` runs ``mailflow ...`` in a Stack's
+environment (``domains add`` etc.). Imported by name (``from testca import ...``), like the
 harness.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from harness import ScriptedPeer, free_port
+from harness import ROOT, ScriptedPeer, free_port
 
 from mailflow.services import ServiceGroup, prepare_dnsmasq
 
@@ -196,3 +199,9 @@ def txt_record(name: str, value: str) -> str:
     """A dnsmasq ``txt-record`` line, the value cut into 255-byte strings (RFC 1035)."""
     parts = [value[i:i + 255] for i in range(0, len(value), 255)] or [""]
     return f"txt-record={name}," + ",".join(f'"{p}"' for p in parts)
+
+
+def run_cli(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mailflow ARGS`` with ``stack``'s environment (its topics, data dir, DNS)."""
+    return subprocess.run([sys.executable, "-m", "mailflow.cli", *args], env=stack.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)

@@ -25,6 +25,7 @@ import orjson
 import pytest
 from harness import ROOT, ScriptedPeer, Stack, free_port, http, settled, wait_for
 from testca import LocalDns, txt_record
+from testca import run_cli as cli
 
 from mailflow import domains as dom
 from mailflow.keyring import operator_key
@@ -42,11 +43,6 @@ class RecordingPeer(ScriptedPeer):
     async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
         self.data.append(envelope.original_content or envelope.content)
         return await super().handle_DATA(server, session, envelope)
-
-
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mailflow.cli", *args], env=stack.env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
 
 
 def publish(dns_server: LocalDns, stack: Stack, *domains: str) -> list[dict[str, str]]:

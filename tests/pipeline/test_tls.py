@@ -9,6 +9,10 @@ deferred with the reason and never reaches the peer. MTA-STS: sts.test publishes
 ``enforce`` policy (served over HTTPS by a local server with a test-CA certificate,
 ``MAILFLOW_MTA_STS_PORT``) naming only its second MX; its first MX, a peer on
 127.0.0.2 with a valid certificate, is never contacted.
+
+The stack also runs ``MAILFLOW_DKIM=required`` (mailflow.test has a key): a message
+from a domain without one, produced straight to ``submissions`` past the API's
+check, is parked by the sent-folder stage as ``dkim_key_missing``, never sent.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from harness import Stack, settled, wait_for
-from testca import LocalDns, PolicyServer, TestCA, TlsPeer, txt_record
+from testca import LocalDns, PolicyServer, TestCA, TlsPeer, run_cli, txt_record
 
 RECORDS = """\
 mx-host=good.test,mx.good.test,10
@@ -57,8 +62,11 @@ def tls_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, .
 def tls_stack(kafka: str, work_dir: Path, tls_world) -> Iterator[Stack]:
     ca, peer, dns, _, policy = tls_world
     stack = Stack(work_dir, kafka, smtp_tls="required", tls_ca_file=str(ca.ca_file), dns=dns.nameserver,
-                  mx_port=str(peer.port), mta_sts_port=str(policy.port), scanners="none", retry_schedule="1h", max_queue_age="1d")
+                  mx_port=str(peer.port), mta_sts_port=str(policy.port), scanners="none", retry_schedule="1h",
+                  max_queue_age="1d", dkim="required")
     try:
+        out = run_cli(stack, "domains", "add", "mailflow.test")
+        assert out.returncode == 0, out.stderr
         yield stack.start(["ratelimit", "validate", "scan", "sentfolder", "deliver", "status"])
     finally:
         stack.stop()
@@ -100,3 +108,27 @@ def test_mta_sts_enforce_never_contacts_an_mx_the_policy_does_not_name(tls_stack
     assert rcpt["detail"]["tls"]["mta_sts"] == "enforce" and rcpt["detail"]["tls"]["verified"] is True
     assert [m for m in peer.messages if b"policy says mx.sts.test" in m[2]]
     assert other.connections == 0 and not other.messages
+
+
+def test_dkim_required_parks_mail_from_a_domain_without_key(tls_stack: Stack, tls_world) -> None:
+    import time
+
+    from confluent_kafka import Producer
+
+    from mailflow.ids import new_id
+    from schemas.records import Message
+
+    s, peer = tls_stack, tls_world[1]
+    raw = (b"From: x@nokey.test\r\nTo: bob@good.test\r\nSubject: unsigned\r\n"
+           b"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nMessage-ID: <nokey-1@nokey.test>\r\n\r\nno key\r\n")
+    msg = Message(id=new_id(), sender="x@nokey.test", recipients=["bob@good.test"],
+                  received_at=time.time(), size=len(raw), body=raw, source="kafka")
+    p = Producer({"bootstrap.servers": s.env["MAILFLOW_KAFKA_BOOTSTRAP"], "acks": "all"})
+    p.produce(f"{s.prefix}submissions", key=msg.sender.encode(), value=msg.to_json())
+    assert p.flush(10) == 0
+    wait_for(lambda: settled(s, [msg.id]), 90, what="the refusal")
+    rcpt = s.status(msg.id)["recipients"]["bob@good.test"]
+    assert rcpt["state"] == "rejected" and rcpt["detail"]["reason"] == "dkim_key_missing", rcpt
+    errors = [orjson.loads(v) for _, v in s.read_topic("errors")]
+    assert [e for e in errors if e.get("id") == msg.id and e["reason"] == "dkim_key_missing"]
+    assert not [m for m in peer.messages if b"<nokey-1@nokey.test>" in m[2]]
