@@ -7,7 +7,9 @@ holds back, read by the ingress to answer 429), ``registry`` (the web address
 of each live worker, read by the ingress to route mailbox and status reads),
 ``auth`` (API keys and mailbox tokens by id: hashes only, see mailflow/api/auth.py)
 and ``idempotency`` (credential + Idempotency-Key -> request hash and message id;
-compacted and also deleted after 2 days, the window being 24 h).
+compacted and also deleted after 2 days, the window being 24 h); ``retry.hold``
+(held mail, key: domain) and ``queue.control`` (compacted: operators' holds,
+flushes and bounce requests; see mailflow/queue.py).
 
 `ensure_topics` creates what is missing at start; partition count and replication
 come from the settings (``MAILFLOW_PARTITIONS``, ``MAILFLOW_REPLICATION``).
@@ -38,6 +40,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                   "dead", "errors", "events")
     ]
     specs += [TopicSpec(f"retry.{i}") for i in range(1, len(settings.retry_schedule) + 1)]
+    # Held mail (`mailflow queue hold`), an input of the retry stage like the tiers,
+    # so its consumer lag shows it; and the operators' queue actions (mailflow/queue.py).
+    specs += [TopicSpec("retry.hold"), TopicSpec("queue.control", compacted=True, partitions=1)]
     specs += [TopicSpec("throttle", compacted=True, partitions=1),
               TopicSpec("registry", compacted=True, partitions=1),
               TopicSpec("auth", compacted=True, partitions=1),
