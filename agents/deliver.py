@@ -102,6 +102,13 @@ def register(app: faust.App, settings: Settings) -> None:
     resolver = Resolver(settings.dns)
     shaper = Shaper(max_in_flight=settings.max_connections_per_host * 2, rate=settings.domain_rate)
     control = ControlView(settings)
+    # One thread waits for the control topic's first read, however many actors wait on it.
+    reading: list[asyncio.Future[Any]] = []
+
+    def control_read() -> asyncio.Future[Any]:
+        if not reading:
+            reading.append(asyncio.ensure_future(asyncio.to_thread(control.ready.wait)))
+        return reading[0]
 
     async def attempt(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
         route = route_for(domain, settings.smtp_routes)
@@ -167,7 +174,7 @@ def register(app: faust.App, settings: Settings) -> None:
         if not todo:
             return pending
         if not control.ready.is_set():  # holds made before a restart apply to the first record
-            await asyncio.to_thread(control.ready.wait)
+            await control_read()
         controls = control.controls()
         now = time.time()
         first = float(msg.meta.get("first_attempt", now))

@@ -57,7 +57,7 @@ from typing import Any
 import orjson
 
 from mailflow.config import Settings
-from streams.topics import full_name
+from streams.topics import ensure_topics, full_name
 
 CONTROL = "queue.control"  # short topic names
 HOLD = "retry.hold"
@@ -379,6 +379,8 @@ def write_control(settings: Settings, records: Iterable[tuple[str, bytes]], time
     """Put control records on ``queue.control``; returns once the broker has each (acks=all)."""
     from confluent_kafka import Producer
 
+    # Compacted, one partition: never left for a broker to create with its defaults.
+    ensure_topics(settings)
     p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
                   "enable.idempotence": True})
     errors: list[Any] = []
