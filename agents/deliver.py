@@ -34,6 +34,13 @@ and a recipient domain's MTA-STS policy may narrow the MX hosts and require
 verified TLS (mailflow/mtasts.py); ``delivered`` and ``deferred`` events say which
 TLS was used.
 
+Operators' queue actions (`mailflow queue`, mailflow/queue.py) are read from
+``queue.control`` (`ControlView`, read to its end before the first record): a
+record whose message has a bounce request ends ``bounced`` (reason ``operator``)
+with a report to the sender; a record held by domain or by id is not tried: it
+goes to ``retry.hold`` with a ``held`` event, no attempt spent, and comes back
+from the retry stage once released.
+
 Settings read here (to move into ``mailflow.config`` later):
 ``MAILFLOW_MX_PORT`` (default 25), the TCP port used for destinations found by
 MX lookup (and the implicit MX); routes in ``SMTP_ROUTES`` carry their own port.
@@ -70,6 +77,7 @@ from mailflow.mailrules import domain_of, header_block
 from mailflow.mtasts import MtaSts
 from mailflow.mtasts import plan as sts_plan
 from mailflow.mx import PermanentDnsError, Resolver, TemporaryDnsError, route_for
+from mailflow.queue import HOLD, OPERATOR_BOUNCE_REPLY, ControlView, bounce_requested, hold_of
 from mailflow.signing import Signer, signed_body
 from mailflow.smtp import Pool
 from schemas.records import Message, parse_message
@@ -106,6 +114,14 @@ def register(app: faust.App, settings: Settings) -> None:
     mta_sts = (MtaSts(resolver, ca_file=settings.tls_ca_file, port=settings.mta_sts_port)
                if settings.mta_sts else None)
     shaper = Shaper(max_in_flight=settings.max_connections_per_host * 2, rate=settings.domain_rate)
+    control = ControlView(settings)
+    # One thread waits for the control topic's first read, however many actors wait on it.
+    reading: list[asyncio.Future[Any]] = []
+
+    def control_read() -> asyncio.Future[Any]:
+        if not reading:
+            reading.append(asyncio.ensure_future(asyncio.to_thread(control.ready.wait)))
+        return reading[0]
 
     async def attempt(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
         route = route_for(domain, settings.smtp_routes)
@@ -180,13 +196,22 @@ def register(app: faust.App, settings: Settings) -> None:
             pending.append(await io.event(msg.id, state, [r], {"reply": entry.get("reply"), "note": note}))
         if not todo:
             return pending
+        if not control.ready.is_set():  # holds made before a restart apply to the first record
+            await control_read()
+        controls = control.controls()
         now = time.time()
         first = float(msg.meta.get("first_attempt", now))
+        if bounce_requested(controls, msg.id, msg.meta) is not None:
+            outcomes = [Outcome(r, PERMANENT, None, OPERATOR_BOUNCE_REPLY) for r in todo]
+            return pending + await finish(msg, domain, outcomes, first, now, why="operator")
+        hold = hold_of(controls, domain, msg.id)
+        if hold is not None:
+            return pending + await to_hold(msg, domain, todo, hold, now)
         if expired(first, now, settings.max_queue_age):
             last = msg.meta.get("last_error", "no attempt succeeded")
             outcomes = [Outcome(r, PERMANENT, None, f"expired after {settings.max_queue_age:g}s; last error: {last}")
                         for r in todo]
-            return pending + await finish(msg, domain, outcomes, first, now, expired_=True)
+            return pending + await finish(msg, domain, outcomes, first, now, why="expired")
         if not shaper.try_acquire(domain):
             # The destination is at its bound: step aside to the first retry tier
             # without spending an attempt, so the partition keeps moving.
@@ -207,7 +232,7 @@ def register(app: faust.App, settings: Settings) -> None:
         return pending + await finish(msg, domain, outcomes, first, time.time())
 
     async def finish(msg: Message, domain: str, outcomes: list[Outcome], first: float, now: float,
-                     expired_: bool = False) -> Pending:
+                     why: str = "permanent") -> Pending:
         pending: Pending = []
         for o in outcomes:
             metrics.SMTP_REPLIES.labels(reply_class(o), "routed" if settings.smtp_routes else "mx").inc()
@@ -223,7 +248,7 @@ def register(app: faust.App, settings: Settings) -> None:
                                           {"reply": o.reply, "host": o.host,
                                            **({"tls": o.tls} if o.tls else {})}))
         if failed:
-            pending += await bounce(msg, failed, first, now, expired_)
+            pending += await bounce(msg, failed, first, now, why)
         if temporary:
             reason = temporary[0].reply
             pending += await to_retry(msg, domain, [o.recipient for o in temporary], first, now, reason,
@@ -247,20 +272,35 @@ def register(app: faust.App, settings: Settings) -> None:
                                                           **({"tls": tls} if tls else {})}),
                 await io.send(f"retry.{tier}", domain, rec.to_json())]
 
+    async def to_hold(msg: Message, domain: str, rcpts: list[str], hold: dict[str, Any],
+                      now: float) -> Pending:
+        """Held by an operator: onto ``retry.hold`` untried, no attempt spent; `held_at`
+        kept from an earlier hold pass (the time held does not count as queue age)."""
+        meta = {**msg.meta, "domain": domain, "held_at": float(msg.meta.get("held_at") or now)}
+        by = "id" if "id" in hold else "domain"
+        metrics.STAGE_MESSAGES.labels(STAGE, "held").inc()
+        return [await io.event(msg.id, "held", rcpts, {"hold": by, "value": hold.get(by),
+                                                      "since": hold["since"]}),
+                await io.send(HOLD, domain, msg.with_(recipients=rcpts, meta=meta).to_json())]
+
     async def bounce(msg: Message, failed: list[Outcome], first: float, now: float,
-                     expired_: bool) -> Pending:
+                     why: str) -> Pending:
+        """Final failures: ``bounced`` events, the ``dead`` record and a DSN. `why`:
+        ``permanent`` (refused), ``expired`` (MAX_QUEUE_AGE) or ``operator``
+        (`mailflow queue bounce`)."""
+        expired_ = why == "expired"
         pending: Pending = []
         rcpts = [o.recipient for o in failed]
         detail: dict[str, Any] = {"reply": failed[0].reply}
-        if expired_:
-            detail["reason"] = "expired"
+        if why != "permanent":
+            detail["reason"] = why
         for o in failed:
             pending.append(await io.event(msg.id, "bounced", [o.recipient],
                                           {**detail, "reply": o.reply}))
         body = await io.body(msg)
         history = [*msg.meta.get("history", []), {"ts": now, "failed": rcpts, "error": failed[0].reply}]
         dead = msg.with_(recipients=rcpts, meta={**msg.meta, "history": history[-MAX_HISTORY:],
-                                                 "dead": {"reason": "expired" if expired_ else "permanent",
+                                                 "dead": {"reason": why,
                                                           "failed": [o.__dict__ for o in failed], "ts": now}})
         pending.append(await io.send("dead", msg.id, dead.to_json()))
         if is_bounce(msg.sender, header_block(body)):

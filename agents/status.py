@@ -24,11 +24,15 @@ STAGE = "status"
 
 FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"})
 # How far along each non-final state is; a state never moves back.
-RANK = {"accepted": 0, "replayed": 0, "validated": 1, "scanned": 2, "sent_folder": 3, "deferred": 4}
+# `held` (an operator's hold, `mailflow queue hold`) ranks with `deferred`: a held
+# record may have been deferred before, and is deferred or delivered after.
+RANK = {"accepted": 0, "replayed": 0, "validated": 1, "scanned": 2, "sent_folder": 3, "deferred": 4,
+        "held": 4}
 WAITING_ON = {
     "accepted": "ratelimit/validate", "validated": "scan (outgoing)",
     "scanned": "sentfolder (clean)", "sent_folder": "deliver (delivery)",
     "deferred": "retry", "replayed": "the stage it was replayed into",
+    "held": "an operator's release (mailflow queue release)",
 }
 MAX_TIMELINE = 200
 

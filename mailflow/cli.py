@@ -219,6 +219,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="only this message (repeatable)")
     rp.add_argument("--dry-run", action="store_true")
 
+    qu = sub.add_parser("queue", help="waiting mail by stage, domain and age; hold, release, flush, bounce",
+                        description="Without an action: `show`. Actions are durable records on "
+                                    "queue.control, read by the deliver and retry stages within a second.")
+    qu.add_argument("--json", action="store_true", help="(show) end with one line of JSON")
+    qsub = qu.add_subparsers(dest="queue_cmd")
+    qs = qsub.add_parser("show", help="lag per stage, and delivery/deferred/held mail by domain and age")
+    qs.add_argument("--json", dest="show_json", action="store_true", help="end with one line of JSON")
+    for name, what in (("hold", "stop delivery attempts (none is spent) until released"),
+                       ("release", "resume delivery attempts of held mail")):
+        qh = qsub.add_parser(name, help=what)
+        qh.add_argument("domain", nargs="?", metavar="DOMAIN")
+        qh.add_argument("--id", dest="msg_id", metavar="ID", help="one message instead of a domain")
+    qf = qsub.add_parser("flush", help="make deferred mail (of DOMAIN, or all) due now")
+    qf.add_argument("domain", nargs="?", metavar="DOMAIN")
+    qb = qsub.add_parser("bounce", help="end a message with a bounce (RFC 3464) to its sender")
+    qb.add_argument("--id", dest="msg_id", metavar="ID", required=True)
+
     bn = sub.add_parser("bench", help="load generator and report")
     from mailflow.bench import add_arguments
 
@@ -288,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         from mailflow import replay
 
         return replay.run(settings, args.source, args.reason, args.since, args.dry_run, args.ids)
+    if args.cmd == "queue":
+        from mailflow import queue
+
+        return queue.run(settings, args.queue_cmd or "show", getattr(args, "domain", None),
+                         getattr(args, "msg_id", None), args.json or getattr(args, "show_json", False))
     if args.cmd == "bench":
         from mailflow import bench
 

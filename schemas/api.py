@@ -38,7 +38,7 @@ ACCEPTED = {"type": "object", "required": ["id", "status_url"],
 RECIPIENT_STATE = {"type": "object", "required": ["state", "ts"], "properties": {
     "state": {"type": "string", "enum": [
         "accepted", "validated", "rate_limited", "rejected", "stored", "scanned", "quarantined",
-        "sent_folder", "deferred", "delivered", "bounced"]},
+        "sent_folder", "deferred", "held", "delivered", "bounced"]},
     "ts": {"type": "number"}, "detail": {"type": "object"}, "waiting_on": {"type": "string"}}}
 
 STATUS = {"type": "object", "required": ["id", "recipients", "timeline", "state"], "properties": {
@@ -75,6 +75,29 @@ WHOAMI = {"type": "object", "required": ["id", "kind", "admin"], "properties": {
     "name": {"type": "string"},
     "address": {"type": "string", "description": "Mailbox tokens: the mailbox"},
     "domains": {"type": "array", "items": {"type": "string"}, "description": "API keys: sender domains"}}}
+
+_SHAPE = {"type": "object", "required": ["total", "ages", "domains"], "properties": {
+    "total": {"type": "integer"}, "partial": {"type": "boolean"},
+    "ages": {"type": "object", "additionalProperties": {"type": "integer"},
+             "description": "messages per age bucket (`buckets`), age since accepted"},
+    "domains": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+        "total": {"type": "integer"}, "ages": {"type": "object"}}}}}}
+QUEUE = {"type": "object", "required": ["ts", "buckets", "stages", "queues", "holds", "flushes", "bounces"],
+         "description": "`mailflow queue show --json`: lag per stage; waiting mail by recipient domain and age",
+         "properties": {
+             "ts": {"type": "number"}, "buckets": {"type": "array", "items": {"type": "string"}},
+             "stages": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                 "total": {"type": "integer"}, "oldest_age": {"type": ["number", "null"]},
+                 "consumers": {"type": ["integer", "null"]},
+                 "topics": {"type": "array", "items": {"type": "string"}}}}},
+             "queues": {"type": "object", "properties": {"delivery": _SHAPE, "deferred": _SHAPE, "held": _SHAPE}},
+             "holds": {"type": "array", "items": {"type": "object", "properties": {
+                 "kind": {"type": "string", "enum": ["domain", "id"]}, "value": {"type": "string"},
+                 "since": {"type": "number"}}}},
+             "flushes": {"type": "array", "items": {"type": "object", "properties": {
+                 "domain": {"type": ["string", "null"]}, "ts": {"type": "number"}}}},
+             "bounces": {"type": "array", "items": {"type": "object", "properties": {
+                 "id": {"type": "string"}, "ts": {"type": "number"}}}}}}
 
 AUTH_DESCRIPTION = """\
 Every `/v1` request needs `Authorization: Bearer <credential>`:
@@ -164,6 +187,11 @@ def openapi_document() -> dict[str, Any]:
             "/v1/whoami": {"get": {
                 "summary": "The credential making the request",
                 "responses": {"200": _ok("The credential", "Whoami"), "401": _401()}}},
+            "/v1/queue": {"get": {
+                "summary": "Waiting mail by stage, recipient domain and age; holds, flushes, bounce requests",
+                "description": "Admin keys only. The same document as `mailflow queue show --json`.",
+                "responses": {"200": _ok("The queue", "Queue"), "401": _401(),
+                              "403": _err("Not an admin key"), "503": _err("Kafka unavailable")}}},
             "/v1/mailboxes/{address}/messages": {"get": {
                 "summary": "A mailbox folder, newest first",
                 "parameters": [address,
@@ -222,5 +250,5 @@ def openapi_document() -> dict[str, Any]:
                 "description": AUTH_DESCRIPTION}},
             "schemas": {
                 "Submission": SUBMIT_JSON, "Error": ERROR, "Accepted": ACCEPTED, "Status": STATUS,
-                "Listing": LISTING, "Message": MESSAGE, "Whoami": WHOAMI}},
+                "Listing": LISTING, "Message": MESSAGE, "Whoami": WHOAMI, "Queue": QUEUE}},
     }

@@ -1,14 +1,16 @@
 """The topic graph, declared once.
 
 Every topic of the contract (``submissions``, ``admitted``, ``local``, ``outgoing``,
-``clean``, ``delivery``, ``retry.1..N``, ``dead``, ``errors``, ``events``) plus two
+``clean``, ``delivery``, ``retry.1..N``, ``dead``, ``errors``, ``events``) plus
 compacted topics of our own: ``throttle`` (senders the rate limiter currently
 holds back, read by the ingress to answer 429), ``registry`` (the web address
 of each live worker, read by the ingress to route mailbox and status reads),
 ``auth`` (API keys and mailbox tokens by id: hashes only, see mailflow/api/auth.py)
 ``idempotency`` (credential + Idempotency-Key -> request hash and message id;
-compacted and also deleted after 2 days, the window being 24 h) and ``domains``
-(sending domains and their DKIM selectors, private keys sealed: mailflow/domains.py).
+compacted and also deleted after 2 days, the window being 24 h), ``domains``
+(sending domains and their DKIM selectors, private keys sealed: mailflow/domains.py)
+and ``queue.control`` (operators' holds, flushes and bounce requests: see
+mailflow/queue.py); held mail waits on ``retry.hold`` (key: domain).
 
 `ensure_topics` creates what is missing at start; partition count and replication
 come from the settings (``MAILFLOW_PARTITIONS``, ``MAILFLOW_REPLICATION``).
@@ -39,6 +41,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                   "dead", "errors", "events")
     ]
     specs += [TopicSpec(f"retry.{i}") for i in range(1, len(settings.retry_schedule) + 1)]
+    # Held mail (`mailflow queue hold`), an input of the retry stage like the tiers,
+    # so its consumer lag shows it; and the operators' queue actions (mailflow/queue.py).
+    specs += [TopicSpec("retry.hold"), TopicSpec("queue.control", compacted=True, partitions=1)]
     specs += [TopicSpec("throttle", compacted=True, partitions=1),
               TopicSpec("registry", compacted=True, partitions=1),
               TopicSpec("auth", compacted=True, partitions=1),

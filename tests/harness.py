@@ -7,6 +7,7 @@ consumer groups are its own, and its own data dir.
 
 from __future__ import annotations
 
+import email
 import os
 import signal
 import socket
@@ -17,10 +18,15 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from email import policy
+from email.message import Message as EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from confluent_kafka import Producer
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOTSTRAP = os.environ.get("MAILFLOW_TEST_BOOTSTRAP", "127.0.0.1:9092")
@@ -354,3 +360,76 @@ class ScriptedPeer:
             m = re.search(rb"^Message-ID:\s*(<[^>]+>)", data, re.I | re.M)
             out.append(m.group(1).decode() if m else "")
         return out
+
+
+# ---- mail through a stack: raw messages, direct submissions, the DSNs that come back ----
+
+
+def raw_mail(sender: str, to: str, subject: str, message_id: str, body: str = "hello") -> bytes:
+    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\n"
+            f"Date: Fri, 27 Nov 2026 12:00:00 +0000\r\n\r\n{body}\r\n").encode()
+
+
+def submit_raw(stack: Stack, raw: bytes) -> str:
+    code, doc, _ = stack.submit(raw, ctype="message/rfc822")
+    assert code == 202, doc
+    return doc["id"]
+
+
+def producer(stack: Stack) -> Producer:
+    from confluent_kafka import Producer
+
+    return Producer({"bootstrap.servers": stack.env["MAILFLOW_KAFKA_BOOTSTRAP"], "acks": "all",
+                     "enable.idempotence": True, "partitioner": "murmur2_random", "linger.ms": 5})
+
+
+def produce_submission(p: Producer, stack: Stack, sender: str, rcpts: list[str], raw: bytes,
+                       msg_id: str) -> None:
+    """Straight onto ``submissions`` (what an upstream service may do), skipping HTTP."""
+    from schemas.records import Message
+
+    msg = Message(id=msg_id, sender=sender, recipients=rcpts, received_at=time.time(),
+                  size=len(raw), body=raw, source="kafka")
+    p.produce(f"{stack.prefix}submissions", key=sender.encode(), value=msg.to_json())
+
+
+def inbox_raw(stack: Stack, address: str) -> list[bytes]:
+    """Every message in `address`'s inbox, as RFC 5322 bytes."""
+    out = []
+    for m in stack.mailbox(address, "inbox", limit=100)["messages"]:
+        code, raw, _ = http("GET", f"{stack.api}/v1/mailboxes/{address}/messages/{m['id']}/raw")
+        assert code == 200, raw
+        out.append(raw)
+    return out
+
+
+def find_dsn(stack: Stack, address: str, original_mid: str, timeout: float = 60) -> EmailMessage:
+    """The bounce about `original_mid` in `address`'s inbox, parsed."""
+    def look() -> EmailMessage | None:
+        for raw in inbox_raw(stack, address):
+            msg = email.message_from_bytes(raw, policy=policy.default)
+            if msg.get("In-Reply-To", "").strip() == original_mid:
+                return msg
+        return None
+    return wait_for(look, timeout, interval=0.5, what=f"DSN about {original_mid} in {address}'s inbox")
+
+
+def dsn_report(dsn: EmailMessage) -> tuple[list[EmailMessage], str]:
+    """(per-recipient blocks of the delivery-status part, the returned headers text)."""
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    parts = dsn.get_payload()
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+    blocks = parts[1].get_payload()
+    assert blocks and "Reporting-MTA" in blocks[0]
+    returned = parts[2].get_payload(decode=True).decode()
+    return blocks[1:], returned
+
+
+def topic_json(stack: Stack, short: str) -> list[dict[str, Any]]:
+    return [orjson.loads(v) for _, v in stack.read_topic(short, timeout=10) if v]
+
+
+def timeline(stack: Stack, msg_id: str, state: str) -> list[dict[str, Any]]:
+    return [e for e in stack.status(msg_id)["timeline"] if e["state"] == state]

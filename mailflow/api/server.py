@@ -471,6 +471,23 @@ class Ingress:
             "Content-Security-Policy": "sandbox", "Cache-Control": "no-store"})
 
     # ---- operations -------------------------------------------------------
+    async def get_queue(self, request: web.Request) -> web.Response:
+        """`GET /v1/queue` (admin keys): what `mailflow queue show --json` prints."""
+        who = await self.principal(request)
+        if isinstance(who, web.Response):
+            return who
+        if not who.admin:
+            return forbidden("the queue is shown to admin keys only")
+        from mailflow import queue
+
+        try:
+            doc = await asyncio.get_running_loop().run_in_executor(None, queue.snapshot, self.settings)
+        except Exception as exc:  # KafkaException and kin: the broker did not answer
+            log.warning("queue snapshot failed: %r", exc)
+            return error(503, "broker_unavailable", "the queue could not be read from Kafka",
+                         headers={"Retry-After": "5"})
+        return json_response(doc)
+
     async def healthz(self, _request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
@@ -532,6 +549,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/messages", ing.submit)
     app.router.add_get("/v1/messages/{id}", ing.get_status)
     app.router.add_get("/v1/whoami", ing.whoami)
+    app.router.add_get("/v1/queue", ing.get_queue)
     app.router.add_get("/v1/mailboxes/{address}/messages", ing.list_mailbox)
     app.router.add_get("/v1/mailboxes/{address}/messages/{id}", ing.get_mailbox_message)
     app.router.add_get("/v1/mailboxes/{address}/messages/{id}/raw", ing.get_mailbox_raw)

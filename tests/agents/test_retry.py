@@ -1,12 +1,15 @@
-"""agents.retry: a refused commit does not end the stage."""
+"""agents.retry: a refused commit does not end the stage; flushes, scans' markers and held records."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaError, KafkaException
 
 from agents.retry import RetryStage
+from mailflow.queue import parse_controls
 
 
 class _Record:
@@ -48,3 +51,101 @@ def test_a_commit_refused_by_a_rebalance_is_logged_not_raised(caplog):
                  KafkaError.REBALANCE_IN_PROGRESS):
         assert _stage(_Consumer(code)).commit_past(_Record()) is False
     assert "may be forwarded again" in caplog.text
+
+
+# ---- operators' queue actions: the stage's moves, with recording stand-ins for the clients
+
+
+class _Msg:
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes, value: bytes,
+                 written: float) -> None:
+        self._t, self._p, self._o, self._k, self._v, self._w = topic, partition, offset, key, value, written
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes:
+        return self._k
+
+    def value(self) -> bytes:
+        return self._v
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, int(self._w * 1000))
+
+
+class _Recorder(_Consumer):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.paused: list[Any] = []
+
+    def pause(self, tps: Any) -> None:
+        self.paused += [(tp.topic, tp.partition, tp.offset) for tp in tps]
+
+    def seek(self, tp: Any) -> None:
+        pass
+
+
+class _View:
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def controls(self) -> Any:
+        return parse_controls(self.values)
+
+
+def _queue_stage(values: dict[str, Any]) -> tuple[RetryStage, _Recorder, list[tuple[str, bytes, bytes]]]:
+    stage = _stage(_Recorder())
+    sent: list[tuple[str, bytes, bytes]] = []
+    stage.produce_acked = sent.extend  # type: ignore[method-assign]
+    stage.control = _View(values)  # type: ignore[assignment]
+    stage.delivery, stage.errors, stage.hold_topic = "t.delivery", "t.errors", "t.retry.hold"
+    stage.paused, stage.lanes, stage.lanes_paused = [], {}, set()
+    return stage, stage.consumer, sent  # type: ignore[return-value]
+
+
+def _record(topic: str, offset: int, domain: str, msg_id: str, meta: dict[str, Any], written: float) -> _Msg:
+    value = orjson.dumps({"id": msg_id, "received_at": written, "meta": {"domain": domain, **meta}})
+    return _Msg(topic, 0, offset, domain.encode(), value, written)
+
+
+def test_a_flushed_domain_goes_now_and_others_wait():
+    now = time.time()
+    stage, consumer, sent = _queue_stage({"flush|domain|f.test": {"ts": now}})
+    stage.on_deferred(_record("t.retry.1", 5, "other.test", "A", {"due": now + 3600}, now - 10))
+    stage.on_deferred(_record("t.retry.1", 6, "f.test", "B", {"due": now + 3600}, now - 10))
+    assert consumer.paused == [("t.retry.1", 0, 5)]  # the other domain's head waits its hour
+    assert [(t, k) for t, k, _ in sent] == [("t.delivery", b"f.test")]
+    assert consumer.commits == [[("t.retry.1", 0, 7)]]
+
+
+def test_a_record_a_flush_scan_sent_is_committed_past_not_sent_again():
+    now = time.time()
+    stage, consumer, sent = _queue_stage({
+        "flush|domain|f.test": {"ts": now},
+        "flushed|domain|f.test|t.retry.1|0": {"flush_ts": now, "through": 9}})
+    stage.on_deferred(_record("t.retry.1", 6, "f.test", "B", {"due": now + 3600}, now - 10))
+    assert sent == [] and consumer.commits == [[("t.retry.1", 0, 7)]]
+
+
+def test_held_records_wait_uncommitted_and_a_release_frees_only_its_own():
+    now = time.time()
+    holds = {"hold|domain|a.test": {"held": True, "since": now - 60},
+             "hold|domain|b.test": {"held": True, "since": now - 60}}
+    stage, consumer, sent = _queue_stage(holds)
+    for offset, domain in enumerate(["a.test", "b.test", "a.test"]):
+        stage.on_held(_record("t.retry.hold", offset, domain, f"M{offset}", {"held_at": now - 30}, now - 30))
+    assert sent == [] and consumer.commits == []  # all held: all of them lag
+    del holds["hold|domain|b.test"]  # b.test released
+    stage.settle_lane(("t.retry.hold", 0), stage.control.controls())
+    assert [(t, k) for t, k, _ in sent] == [("t.retry.hold", b"a.test"), ("t.delivery", b"b.test"),
+                                            ("t.retry.hold", b"a.test")]
+    forwarded = orjson.loads(sent[1][2])
+    assert "held_at" not in forwarded["meta"] and forwarded["meta"]["history"][-1]["held_for"] >= 30
+    assert consumer.commits == [[("t.retry.hold", 0, 3)]] and stage.lanes[("t.retry.hold", 0)] == []
