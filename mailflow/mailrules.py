@@ -53,6 +53,18 @@ def normalize_address(address: str) -> str:
     return v.normalized
 
 
+def mailbox_key(address: str) -> str:
+    """The mailbox `address` names: its normal form with the local part lower-cased.
+
+    Our own domains match local parts case-insensitively (RFC 5321 lets the
+    receiving domain decide; mail to ``VICTIM@x`` must reach, and be readable as,
+    ``victim@x``), so deliveries, reads and mailbox tokens all key mailboxes by
+    this. AddressError for anything that is not an address.
+    """
+    local, _, domain = normalize_address(address).rpartition("@")
+    return f"{local.lower()}@{domain}"
+
+
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 

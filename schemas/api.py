@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+# Message ids (mailflow/ids.py): Crockford base32, lower case, 26 digits.
+ID_PATTERN = "^[0-9a-hjkmnp-tv-z]{26}$"
 ADDRESS_LIST = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 
 SUBMIT_JSON = {
@@ -112,9 +114,13 @@ def _ok(description: str, schema: str) -> dict[str, Any]:
 
 
 def openapi_document() -> dict[str, Any]:
-    address = {"name": "address", "in": "path", "required": True, "schema": {"type": "string"}}
-    msg_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-    read_errors = {"401": _401(), "403": _err("Not this credential's mailbox"),
+    address = {"name": "address", "in": "path", "required": True, "schema": {"type": "string"},
+               "description": "The mailbox's address; the local part matches case-insensitively"}
+    msg_id = {"name": "id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": ID_PATTERN},
+              "description": "A message id: 26 characters of 0-9 and a-z without i, l, o, u"}
+    read_errors = {"400": _err("Not a mailbox address or not a message id"),
+                   "401": _401(), "403": _err("Not this credential's mailbox"),
                    "404": _err("Not in this mailbox"), "503": _err("No store worker")}
     return {
         "openapi": "3.1.0",
@@ -158,7 +164,7 @@ def openapi_document() -> dict[str, Any]:
                 "description": "Visible to an API key whose domains include the sender's, the sender's "
                                "mailbox token, and admin keys.",
                 "parameters": [msg_id],
-                "responses": {"200": _ok("Status", "Status"), "401": _401(),
+                "responses": {"200": _ok("Status", "Status"), "400": _err("Not a message id"), "401": _401(),
                               "403": _err("Not sent with this credential's addresses"),
                               "404": _err("Unknown id"), "503": _err("No status worker")}}},
             "/v1/whoami": {"get": {
@@ -170,8 +176,8 @@ def openapi_document() -> dict[str, Any]:
                                {"name": "folder", "in": "query", "schema": {"type": "string", "enum": ["inbox", "sent"]}},
                                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
                                {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
-                "responses": {"200": _ok("Listing", "Listing"), "400": _err("Bad paging or folder"),
-                              **read_errors}}},
+                "responses": {"200": _ok("Listing", "Listing"),
+                              **read_errors, "400": _err("Bad address, paging or folder")}}},
             "/v1/mailboxes/{address}/messages/{id}": {"get": {
                 "summary": "One message: metadata and parsed parts",
                 "parameters": [address, msg_id],
@@ -195,7 +201,7 @@ def openapi_document() -> dict[str, Any]:
                                       "headers": {"Content-Disposition": {"schema": {"type": "string"}},
                                                   "X-Attachment-Content-Type": {"schema": {"type": "string"}}},
                                       "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                              "400": _err("n is not a number"), **read_errors}}},
+                              **read_errors, "400": _err("Bad address or id, or n is not a number")}}},
             "/healthz": {"get": {"summary": "Liveness", "security": PUBLIC, "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness (broker reachable)", "security": PUBLIC,
                                 "responses": {"200": {"description": "ready"}, "503": _err("Broker unreachable")}}},
