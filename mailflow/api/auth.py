@@ -148,8 +148,10 @@ ANONYMOUS = Principal(id="anonymous", kind="anonymous", domains=(ADMIN,))
 
 
 def header_from_addresses(raw_headers: Any) -> list[str]:
-    """Every address in the From and Sender headers of a parsed header block."""
-    values = [str(v) for n in ("From", "Sender") for v in (raw_headers.get_all(n) or [])]
+    """Every address in the fields naming a sender (From, Sender, Resent-From,
+    Resent-Sender) of a parsed header block."""
+    values = [str(v) for n in ("From", "Sender", "Resent-From", "Resent-Sender")
+              for v in (raw_headers.get_all(n) or [])]
     out = []
     for _, addr in getaddresses(values):
         try:

@@ -280,3 +280,79 @@ def test_slow_clients_are_timed_out(kafka: str, work_dir) -> None:
         assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_timeout"
     finally:
         stack.stop()
+
+
+# ---- what a message may say about its sender (findings 2, 3, 6, 7, 8) -------------------------
+@pytest.fixture(scope="module")
+def sender(s: Stack) -> dict[str, str]:
+    """A mailbox token for a local sender, whose Sent folder shows each envelope."""
+    tag = uuid.uuid4().hex[:8]
+    address = f"sender-{tag}@mailflow.test"
+    return {"address": address, "token": s.token(address), "tag": tag, "inbox": f"rcpt-{tag}@mailflow.test"}
+
+
+def _raw_submit(s: Stack, raw: bytes, auth: str) -> tuple[int, Any]:
+    code, body, _ = http("POST", f"{s.api}/v1/messages", raw, ctype="message/rfc822", auth=auth)
+    return code, body
+
+
+def _stored_raw(s: Stack, box: str, msg_id: str) -> bytes:
+    def get() -> bytes | None:
+        from urllib.parse import quote
+
+        code, body, _ = http("GET", f"{s.api}/v1/mailboxes/{quote(box, safe='@')}/messages/{msg_id}/raw")
+        return body if code == 200 else None
+    return wait_for(get, 60, what=f"{msg_id} in {box}")
+
+
+def test_raw_headers_a_receiver_could_read_otherwise_are_400(s: Stack, sender) -> None:
+    me, tok, to = sender["address"], sender["token"], sender["inbox"]
+    cases = {
+        "obsolete From last": f"From: {me}\r\nTo: {to}\r\nSubject: t\r\nFrom : ceo@foreign.test\r\n\r\nb\r\n",
+        "obsolete From first": f"From : ceo@foreign.test\r\nFrom: {me}\r\nTo: {to}\r\n\r\nb\r\n",
+        "two From": f"From: {me}\r\nTo: {to}\r\nFrom: ceo@foreign.test\r\n\r\nb\r\n",
+        "a line that is no field": f"From: {me}\r\nTo: {to}\r\nceo@foreign.test\r\n\r\nb\r\n",
+        "an encoded word as address": f"From: {me}\r\nSender: =?utf-8?b?Y2Vv?=@mailflow.test\r\nTo: {to}\r\n\r\nb\r\n",
+    }
+    for what, text in cases.items():
+        code, body = _raw_submit(s, text.encode(), tok)
+        assert code == 400 and body["error"]["code"] == "bad_headers", (what, code, body)
+    # Invalid UTF-8 in an address field (finding 7), for the admin key too.
+    code, body = _raw_submit(s, f"From: \xffrob@mailflow.test\r\nTo: {to}\r\n\r\nb\r\n".encode("latin-1"), s.key)
+    assert code == 400 and "UTF-8" in body["error"]["fields"]["from"], body
+    # A foreign Resent-From is a sender like From: 403.
+    code, body = _raw_submit(s, f"From: {me}\r\nResent-From: ceo@foreign.test\r\nTo: {to}\r\n\r\nb\r\n".encode(), tok)
+    assert code == 403, body
+
+
+def test_json_addresses_arrive_as_given_and_ascii_stays_ascii(s: Stack, sender) -> None:
+    me, tok, to = sender["address"], sender["token"], sender["inbox"]
+    code, body, _ = s.submit({"from": "=?utf-8?b?Y2VvQGZvcmVpZ24udGVzdA==?=@mailflow.test", "to": to,
+                              "text": "x"})
+    assert code == 400 and "encoded word" in body["error"]["fields"]["from"]
+    quoted = f'"john doe {sender["tag"]}"@mailflow.test'
+    code, doc, _ = s.submit({"from": me, "to": [to, quoted, f"y-{sender['tag']}@xn--bcher-kva.test"],
+                             "reply_to": quoted, "subject": "as given", "text": "x"}, auth=tok)
+    assert code == 202, doc
+    raw = _stored_raw(s, to, doc["id"])
+    head = raw.split(b"\r\n\r\n")[0]
+    assert f"To: {to}, {quoted},".encode() in head and f"Reply-To: {quoted}\r\n".encode() in head
+    assert f"y-{sender['tag']}@xn--bcher-kva.test".encode() in head and "bücher".encode() not in head
+    assert head.isascii()
+    sent = wait_for(lambda: [m for m in s.mailbox(me, "sent", auth=tok)["messages"] if m["id"] == doc["id"]],
+                    60, what="the Sent copy")
+    assert sent[0]["recipients"] == [to, quoted, f"y-{sender['tag']}@xn--bcher-kva.test"]
+    # The quoted mailbox got it too: header and envelope name one mailbox.
+    assert _stored_raw(s, quoted, doc["id"]).startswith(raw[:200])
+
+
+def test_receiver_trace_fields_are_stripped_from_raw_submissions(s: Stack, sender) -> None:
+    me, tok, to = sender["address"], sender["token"], sender["inbox"]
+    raw = (f"Return-Path: <ceo@foreign.test>\r\nFrom: {me}\r\nTo: {to}\r\n"
+           f"Authentication-Results: mx.foreign.test; dkim=pass header.d=foreign.test\r\n"
+           f"Subject: trace\r\nAuthentication-Results: x;\r\n spf=pass\r\n\r\nbody\r\n").encode()
+    code, doc = _raw_submit(s, raw, tok)
+    assert code == 202, doc
+    head = _stored_raw(s, to, doc["id"]).split(b"\r\n\r\n")[0]
+    assert b"Authentication-Results" not in head and b"spf=pass" not in head and b"Return-Path" not in head
+    assert f"From: {me}\r\n".encode() in head and b"Subject: trace" in head
