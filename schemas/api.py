@@ -6,14 +6,15 @@ from typing import Any
 
 # Message ids (mailflow/ids.py): Crockford base32, lower case, 26 digits.
 ID_PATTERN = "^[0-9a-hjkmnp-tv-z]{26}$"
-ADDRESS_LIST = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+ADDRESS = {"type": "string", "minLength": 3, "description": "`addr` or `Name <addr>`"}
+ADDRESS_LIST = {"oneOf": [ADDRESS, {"type": "array", "items": ADDRESS}]}
 
 SUBMIT_JSON = {
     "type": "object",
     "additionalProperties": False,
     "required": ["from"],
     "properties": {
-        "from": {"type": "string", "description": "Sender, `addr` or `Name <addr>`"},
+        "from": {**ADDRESS, "description": "Sender, `addr` or `Name <addr>`"},
         "to": ADDRESS_LIST, "cc": ADDRESS_LIST, "bcc": ADDRESS_LIST, "reply_to": ADDRESS_LIST,
         "subject": {"type": "string"},
         "text": {"type": "string"},
@@ -40,7 +41,7 @@ ACCEPTED = {"type": "object", "required": ["id", "status_url"],
 RECIPIENT_STATE = {"type": "object", "required": ["state", "ts"], "properties": {
     "state": {"type": "string", "enum": [
         "accepted", "validated", "rate_limited", "rejected", "stored", "scanned", "quarantined",
-        "sent_folder", "deferred", "delivered", "bounced"]},
+        "sent_folder", "deferred", "delivered", "bounced", "suppressed", "held", "replayed"]},
     "ts": {"type": "number"}, "detail": {"type": "object"}, "waiting_on": {"type": "string"}}}
 
 STATUS = {"type": "object", "required": ["id", "recipients", "timeline", "state"], "properties": {
@@ -151,9 +152,12 @@ def openapi_document() -> dict[str, Any]:
                             "headers": {"Location": {"schema": {"type": "string"}},
                                         "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]},
                                                                 "description": "A repeat: nothing new was sent"}}},
-                    "400": _err("Invalid input; `fields` names each bad field"),
+                    "400": _err("Invalid input; `fields` names each bad field. A raw message's header "
+                                "section must read one way only (RFC 5322, obsolete syntax refused)"),
                     "401": _401(),
-                    "403": _err("The credential may not send as the envelope sender or a From/Sender address"),
+                    "403": _err("The credential may not send as the envelope sender or a "
+                                "From/Sender/Resent-From/Resent-Sender address"),
+                    "408": _err("The body did not arrive within MAILFLOW_API_BODY_TIMEOUT"),
                     "409": _err("Idempotency-Key reused with a different request"),
                     "413": _err("Message too large"),
                     "415": _err("Unsupported media type"),
