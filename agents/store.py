@@ -26,6 +26,8 @@ import faust
 from agents.common import JSON_TABLE, DurableWrites, Pending, StageIO
 from mailflow import mailbox as mb
 from mailflow.config import Settings
+from mailflow.ids import is_id
+from mailflow.mailrules import AddressError, mailbox_key
 from mailflow.objstore import get_body
 from schemas.records import PoisonPill, parse_message
 
@@ -52,7 +54,10 @@ def register(app: faust.App, settings: Settings) -> None:
             cache.drop_prefix((msg.mailbox, msg.folder))
         # The event is repeated on a replay; the status stage applies it once.
         if msg.folder == "inbox":
-            event = await io.event(msg.id, "stored", [msg.mailbox], {"mailbox": msg.mailbox})
+            # The recipients as addressed (the mailbox key may differ in case): the
+            # status names recipients as they were submitted.
+            event = await io.event(msg.id, "stored", list(msg.recipients) or [msg.mailbox],
+                                   {"mailbox": msg.mailbox})
         else:
             event = await io.event(msg.id, "sent_folder", [], {"mailbox": msg.mailbox})
         return [*writes.acks, event]
@@ -71,6 +76,8 @@ def register(app: faust.App, settings: Settings) -> None:
     @app.page("/v1/mailboxes/{address}/messages")
     @app.table_route(table=table, match_info="address")
     async def list_messages(view: Any, request: Any, address: str) -> Any:
+        if bad := _bad_request(view, address):
+            return bad
         folder = request.query.get("folder", "inbox")
         if folder not in mb.FOLDERS:
             return _error(view, 400, "bad_folder", "folder must be inbox or sent", "folder")
@@ -95,6 +102,8 @@ def register(app: faust.App, settings: Settings) -> None:
     @app.page("/v1/mailboxes/{address}/messages/{msg_id}")
     @app.table_route(table=table, match_info="address")
     async def get_message(view: Any, request: Any, address: str, msg_id: str) -> Any:
+        if bad := _bad_request(view, address, msg_id):
+            return bad
         meta = find(address, msg_id)
         if meta is None:
             return _error(view, 404, "not_found", f"no message {msg_id} in {address}")
@@ -103,6 +112,19 @@ def register(app: faust.App, settings: Settings) -> None:
         if request.query.get("parts", "1") != "0":
             out.update(mb.parts(await get_body(settings.object_store_url, meta["body_ref"])))
         return view.json(out)
+
+
+def _bad_request(view: Any, address: str, msg_id: str | None = None) -> Any:
+    """The 400 for a path that names no mailbox (or message) as the ingress builds
+    them; a second line of defence behind the ingress's own checks."""
+    try:
+        if mailbox_key(address) != address:
+            raise AddressError("not in mailbox-key form")
+    except AddressError:
+        return _error(view, 400, "invalid_input", "not a mailbox address", "address")
+    if msg_id is not None and not is_id(msg_id):
+        return _error(view, 400, "invalid_input", "not a message id", "id")
+    return None
 
 
 def _public(meta: dict[str, Any]) -> dict[str, Any]:

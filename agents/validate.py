@@ -16,7 +16,13 @@ import faust
 
 from agents.common import Pending, StageIO
 from mailflow.config import Settings
-from mailflow.mailrules import check_message, parse_headers, split_recipients, summarize
+from mailflow.mailrules import (
+    check_message,
+    mailbox_key,
+    parse_headers,
+    split_recipients,
+    summarize,
+)
 from mailflow.objstore import body_key, put_body
 from schemas.records import parse_message
 
@@ -49,12 +55,15 @@ def register(app: faust.App, settings: Settings) -> None:
             if ref is None:
                 ref = body_key(msg.id)
                 await put_body(settings.object_store_url, ref, body)
-            boxes = [(r, "inbox") for r in dict.fromkeys(local)]
+            # Mailboxes of our domains are keyed case-insensitively (`mailbox_key`):
+            # VICTIM@ and victim@ are one inbox, one copy naming both.
+            boxes: dict[tuple[str, str], list[str]] = {}
+            for r in dict.fromkeys(local):
+                boxes.setdefault((mailbox_key(r), "inbox"), []).append(r)
             if settings.is_local(msg.sender):
-                boxes.append((msg.sender, "sent"))
-            for mailbox, folder in boxes:
-                # An inbox copy names only its own mailbox: Bcc recipients stay hidden.
-                rcpts = [mailbox] if folder == "inbox" else msg.recipients
+                boxes[(mailbox_key(msg.sender), "sent")] = msg.recipients
+            for (mailbox, folder), rcpts in boxes.items():
+                # An inbox copy names only its own recipients: Bcc recipients stay hidden.
                 rec = msg.with_(body=None, body_ref=ref, recipients=rcpts, mailbox=mailbox,
                                 folder=folder, meta=meta)
                 pending.append(await io.send("local", mailbox, rec.to_json()))

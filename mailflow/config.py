@@ -92,6 +92,11 @@ class Settings:
     replication: int = 1
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    # Slow clients (mailflow.api.server): a connection must send a whole request's
+    # headers this long after it opens or after its last answer (also the keep-alive
+    # idle time), and a submission's whole body within api_body_timeout.
+    api_header_timeout: float = 15.0
+    api_body_timeout: float = 120.0
     advertise_host: str = ""  # how other processes reach this worker's web port
     # bodies above this travel by reference through the object store (claim check)
     inline_max_bytes: int = 256 * 1024
@@ -145,6 +150,8 @@ class Settings:
             replication=int(_env("REPLICATION", str(d.replication))),
             api_host=_env("API_HOST", d.api_host),
             api_port=int(_env("API_PORT", str(d.api_port))),
+            api_header_timeout=parse_duration(_env("API_HEADER_TIMEOUT", f"{d.api_header_timeout}s")),
+            api_body_timeout=parse_duration(_env("API_BODY_TIMEOUT", f"{d.api_body_timeout}s")),
             advertise_host=_env("ADVERTISE_HOST", ""),
             inline_max_bytes=parse_size(_env("INLINE_MAX_BYTES", str(d.inline_max_bytes))),
             ehlo_name=_env("EHLO_NAME", d.ehlo_name),

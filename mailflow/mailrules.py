@@ -35,22 +35,50 @@ class AddressError(ValueError):
     pass
 
 
-@lru_cache(maxsize=65536)
-def normalize_address(address: str) -> str:
-    """The address in normal form (domain lower-cased, IDNA checked), or AddressError.
+# RFC 2047 §5: an encoded word never appears in an addr-spec; a receiver that
+# decodes one anyway shows an address other than the one checked.
+_ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[bBqQ]\?[^?\s]*\?=")
 
-    Internationalised local parts and domains are allowed (SMTPUTF8).
-    """
+
+@lru_cache(maxsize=65536)
+def _validated(address: str) -> tuple[str, str]:
+    """(the form to send, the Unicode form) of `address`, or AddressError."""
     if not isinstance(address, str) or not address or len(address) > 320:
         raise AddressError("not an email address")
-    if any(c in address for c in "\r\n\0"):
-        raise AddressError("control characters in address")
+    if bad_header_value(address):
+        raise AddressError("control characters or line separators in address")
+    if _ENCODED_WORD.search(address):
+        raise AddressError("an RFC 2047 encoded word cannot be part of an address")
     try:
         v = validate_email(address, check_deliverability=False, allow_smtputf8=True,
                            allow_quoted_local=True, allow_domain_literal=False)
     except EmailNotValidError as exc:
         raise AddressError(str(exc)) from None
-    return v.normalized
+    # An address given in ASCII (an xn-- domain included) stays ASCII: turned into
+    # Unicode it would need SMTPUTF8, which a receiver may not offer.
+    sent = v.ascii_email if address.isascii() and v.ascii_email else v.normalized
+    return sent, v.normalized
+
+
+def normalize_address(address: str) -> str:
+    """The address in normal form (domain lower-cased, IDNA checked), or AddressError.
+
+    Internationalised local parts and domains are allowed (SMTPUTF8); an address
+    given in ASCII keeps its ASCII (A-label) domain.
+    """
+    return _validated(address)[0]
+
+
+def mailbox_key(address: str) -> str:
+    """The mailbox `address` names: its normal form with the local part lower-cased.
+
+    Our own domains match local parts case-insensitively (RFC 5321 lets the
+    receiving domain decide; mail to ``VICTIM@x`` must reach, and be readable as,
+    ``victim@x``), so deliveries, reads and mailbox tokens all key mailboxes by
+    this. AddressError for anything that is not an address.
+    """
+    local, _, domain = _validated(address)[1].rpartition("@")  # x@xn--… is x@<U-label>
+    return f"{local.lower()}@{domain}"
 
 
 def domain_of(address: str) -> str:
@@ -71,12 +99,20 @@ def group_by_domain(recipients: list[str]) -> dict[str, list[str]]:
     return groups
 
 
+# Every line boundary str.splitlines() knows, which the email package splits
+# header values on when it folds or parses them, plus NUL.
+LINE_SEPARATORS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029\0"
+_LINE_SEPARATOR = re.compile("[" + re.escape(LINE_SEPARATORS) + "]")
+
+
 def bad_header_value(value: str) -> str | None:
     """Why a header value we are given cannot go into a message, or None."""
-    if "\r" in value or "\n" in value:
-        return "contains CR or LF (header injection)"
-    if "\0" in value:
-        return "contains NUL"
+    if m := _LINE_SEPARATOR.search(value):
+        if m.group() in "\r\n":
+            return "contains CR or LF (header injection)"
+        if m.group() == "\0":
+            return "contains NUL"
+        return f"contains a line separator (U+{ord(m.group()):04X})"
     if len(value) > 4 * MAX_LINE:
         return "is too long"
     return None
@@ -101,6 +137,93 @@ def header_block(raw: bytes) -> bytes:
         if i >= 0:
             return raw[:i]
     return raw
+
+
+# A field line: a name of printable US-ASCII but ':' (RFC 5322 §3.6.8), then, in
+# the obsolete syntax (§4.5), optional blanks, then the colon.
+_FIELD_LINE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)([ \t]*):")
+# Fields a sender's identity is read from (checked against the credential).
+IDENTITY_FIELDS = frozenset({"from", "sender", "resent-from", "resent-sender"})
+# Fields holding addresses: their bytes must be UTF-8 and hold no encoded word.
+ADDRESS_FIELDS = IDENTITY_FIELDS | {"to", "cc", "bcc", "reply-to", "resent-to", "resent-cc",
+                                    "resent-bcc", "return-path", "errors-to", "disposition-notification-to"}
+# RFC 5322 §3.6: at most one of each; two are read differently by different receivers.
+SINGLE_FIELDS = frozenset({"from", "sender", "reply-to", "to", "cc", "subject", "date",
+                           "message-id", "in-reply-to", "references"})
+
+
+@dataclass(frozen=True)
+class Field:
+    """One header field as RFC 5322 reads it: `name` as written, `start`:`end` the
+    byte span of its lines (continuations included) in the message."""
+
+    name: str
+    value: bytes
+    start: int
+    end: int
+
+
+def header_fields(raw: bytes) -> tuple[list[Field], list[Problem]]:
+    """The header section's fields, and every reason the section is ambiguous.
+
+    One strict reading that agrees with RFC 5322, obsolete syntax included, about
+    which lines are fields (``From : x`` is a From field), so that the sender
+    checks see what every receiver sees. A section some reader could take
+    differently is a problem: a line that is neither a field nor a continuation, a
+    continuation with no field before it, blanks before a colon (obsolete syntax),
+    a second From/To/Subject..., bytes in an address field that are not UTF-8, an
+    encoded word (RFC 2047) where an address goes.
+    """
+    head = header_block(raw)
+    fields: list[Field] = []
+    problems: list[Problem] = []
+
+    def problem(message: str, field: str = "headers") -> None:
+        problems.append(Problem("bad_headers", message, field))
+
+    pos = 0
+    for number, line in enumerate(head.splitlines(keepends=True) if head else [], 1):
+        start, pos = pos, pos + len(line)
+        text = line.rstrip(b"\r\n")
+        if text[:1] in (b" ", b"\t"):
+            if not fields:
+                problem("the header section starts with a continuation line")
+                continue
+            last = fields[-1]
+            fields[-1] = Field(last.name, last.value + line, last.start, pos)
+            continue
+        m = _FIELD_LINE.match(text)
+        if not m:
+            shown = text[:40].decode("utf-8", "replace")
+            problem(f"header line {number} ({shown!r}) is neither a field nor a continuation")
+            continue
+        name = m.group(1).decode()
+        if m.group(2):
+            problem(f"the {name} field has blanks before its colon (obsolete syntax): "
+                    "receivers differ on it", _field_of(name.lower()))
+        fields.append(Field(name, line[m.end():], start, pos))
+    seen: dict[str, int] = {}
+    for f in fields:
+        key = f.name.lower()
+        seen[key] = seen.get(key, 0) + 1
+        if key in ADDRESS_FIELDS:
+            try:
+                value = f.value.decode("utf-8")
+            except UnicodeDecodeError:
+                problem(f"the {f.name} field is not valid UTF-8", _field_of(key))
+                continue
+            if any(_ENCODED_WORD.search(a) for _, a in getaddresses([value])):
+                problem(f"the {f.name} field has an RFC 2047 encoded word inside an address",
+                        _field_of(key))
+    for key, count in seen.items():
+        if count > 1 and key in SINGLE_FIELDS:
+            problem(f"{count} {key.title()} fields: at most one is allowed", _field_of(key))
+    return fields, problems
+
+
+def _field_of(header: str) -> str:
+    """The API field a header problem is reported under."""
+    return "from" if header in IDENTITY_FIELDS else "to" if header in ("to", "cc", "bcc") else "headers"
 
 
 def parse_headers(raw: bytes) -> Message:
@@ -149,6 +272,8 @@ def check_message(
         problems.append(Problem("bare_cr", "a bare CR in the header section", "headers"))
     if b"\0" in head:
         problems.append(Problem("nul_in_headers", "NUL in the header section", "headers"))
+    fields_problems = header_fields(raw)[1]
+    problems += [p for p in fields_problems if not p.message.endswith("From fields: at most one is allowed")]
     if headers is None:
         headers = parse_headers(raw)
     from_values = headers.get_all("From") or []

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-ADDRESS_LIST = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+# Message ids (mailflow/ids.py): Crockford base32, lower case, 26 digits.
+ID_PATTERN = "^[0-9a-hjkmnp-tv-z]{26}$"
+ADDRESS = {"type": "string", "minLength": 3, "description": "`addr` or `Name <addr>`"}
+ADDRESS_LIST = {"oneOf": [ADDRESS, {"type": "array", "items": ADDRESS}]}
 
 SUBMIT_JSON = {
     "type": "object",
     "additionalProperties": False,
     "required": ["from"],
     "properties": {
-        "from": {"type": "string", "description": "Sender, `addr` or `Name <addr>`"},
+        "from": {**ADDRESS, "description": "Sender, `addr` or `Name <addr>`"},
         "to": ADDRESS_LIST, "cc": ADDRESS_LIST, "bcc": ADDRESS_LIST, "reply_to": ADDRESS_LIST,
         "subject": {"type": "string"},
         "text": {"type": "string"},
@@ -38,7 +41,7 @@ ACCEPTED = {"type": "object", "required": ["id", "status_url"],
 RECIPIENT_STATE = {"type": "object", "required": ["state", "ts"], "properties": {
     "state": {"type": "string", "enum": [
         "accepted", "validated", "rate_limited", "rejected", "stored", "scanned", "quarantined",
-        "sent_folder", "deferred", "held", "delivered", "bounced"]},
+        "sent_folder", "deferred", "delivered", "bounced", "suppressed", "held", "replayed"]},
     "ts": {"type": "number"}, "detail": {"type": "object"}, "waiting_on": {"type": "string"}}}
 
 STATUS = {"type": "object", "required": ["id", "recipients", "timeline", "state"], "properties": {
@@ -135,9 +138,13 @@ def _ok(description: str, schema: str) -> dict[str, Any]:
 
 
 def openapi_document() -> dict[str, Any]:
-    address = {"name": "address", "in": "path", "required": True, "schema": {"type": "string"}}
-    msg_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-    read_errors = {"401": _401(), "403": _err("Not this credential's mailbox"),
+    address = {"name": "address", "in": "path", "required": True, "schema": {"type": "string"},
+               "description": "The mailbox's address; the local part matches case-insensitively"}
+    msg_id = {"name": "id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": ID_PATTERN},
+              "description": "A message id: 26 characters of 0-9 and a-z without i, l, o, u"}
+    read_errors = {"400": _err("Not a mailbox address or not a message id"),
+                   "401": _401(), "403": _err("Not this credential's mailbox"),
                    "404": _err("Not in this mailbox"), "503": _err("No store worker")}
     return {
         "openapi": "3.1.0",
@@ -168,9 +175,12 @@ def openapi_document() -> dict[str, Any]:
                             "headers": {"Location": {"schema": {"type": "string"}},
                                         "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]},
                                                                 "description": "A repeat: nothing new was sent"}}},
-                    "400": _err("Invalid input; `fields` names each bad field"),
+                    "400": _err("Invalid input; `fields` names each bad field. A raw message's header "
+                                "section must read one way only (RFC 5322, obsolete syntax refused)"),
                     "401": _401(),
-                    "403": _err("The credential may not send as the envelope sender or a From/Sender address"),
+                    "403": _err("The credential may not send as the envelope sender or a "
+                                "From/Sender/Resent-From/Resent-Sender address"),
+                    "408": _err("The body did not arrive within MAILFLOW_API_BODY_TIMEOUT"),
                     "409": _err("Idempotency-Key reused with a different request"),
                     "413": _err("Message too large"),
                     "415": _err("Unsupported media type"),
@@ -181,7 +191,7 @@ def openapi_document() -> dict[str, Any]:
                 "description": "Visible to an API key whose domains include the sender's, the sender's "
                                "mailbox token, and admin keys.",
                 "parameters": [msg_id],
-                "responses": {"200": _ok("Status", "Status"), "401": _401(),
+                "responses": {"200": _ok("Status", "Status"), "400": _err("Not a message id"), "401": _401(),
                               "403": _err("Not sent with this credential's addresses"),
                               "404": _err("Unknown id"), "503": _err("No status worker")}}},
             "/v1/whoami": {"get": {
@@ -198,8 +208,8 @@ def openapi_document() -> dict[str, Any]:
                                {"name": "folder", "in": "query", "schema": {"type": "string", "enum": ["inbox", "sent"]}},
                                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
                                {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
-                "responses": {"200": _ok("Listing", "Listing"), "400": _err("Bad paging or folder"),
-                              **read_errors}}},
+                "responses": {"200": _ok("Listing", "Listing"),
+                              **read_errors, "400": _err("Bad address, paging or folder")}}},
             "/v1/mailboxes/{address}/messages/{id}": {"get": {
                 "summary": "One message: metadata and parsed parts",
                 "parameters": [address, msg_id],
@@ -223,7 +233,7 @@ def openapi_document() -> dict[str, Any]:
                                       "headers": {"Content-Disposition": {"schema": {"type": "string"}},
                                                   "X-Attachment-Content-Type": {"schema": {"type": "string"}}},
                                       "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                              "400": _err("n is not a number"), **read_errors}}},
+                              **read_errors, "400": _err("Bad address or id, or n is not a number")}}},
             "/healthz": {"get": {"summary": "Liveness", "security": PUBLIC, "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness (broker reachable)", "security": PUBLIC,
                                 "responses": {"200": {"description": "ready"}, "503": _err("Broker unreachable")}}},

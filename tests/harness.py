@@ -94,6 +94,42 @@ def http(method: str, url: str, body: Any = None, ctype: str = "application/json
     return status, raw, hdrs
 
 
+def raw_http(base: str, head: bytes, body: bytes = b"", timeout: float = 10,
+             pause: float = 0.0) -> tuple[int, dict[str, str], bytes]:
+    """Send `head` (request line and headers, CRLF-terminated, without the blank
+    line) and `body` to `base` over a plain socket, exactly as given: no client
+    quoting or dot-normalising of the target, any bytes at all. (status, headers,
+    body); status 0 when the server closed without answering. `pause` seconds
+    pass between the header section and the body.
+    """
+    import http.client
+
+    host, _, port = base.removeprefix("http://").partition(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head + b"\r\n")
+        if pause:
+            time.sleep(pause)
+        try:
+            sock.sendall(body)
+        except OSError:  # the server answered and closed before the body
+            pass
+        resp = http.client.HTTPResponse(sock)
+        try:
+            resp.begin()
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            return 0, {}, b""
+        data = resp.read()
+        return resp.status, dict(resp.getheaders()), data
+
+
+def get_raw_target(base: str, target: bytes, auth: str | None) -> tuple[int, dict[str, str], bytes]:
+    """GET the request target `target` (bytes, sent as they are) with `auth`."""
+    head = b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    if auth:
+        head += b"Authorization: Bearer " + auth.encode() + b"\r\n"
+    return raw_http(base, head)
+
+
 class Broker:
     """A `mailflow broker` process of our own (or none, if one already runs)."""
 

@@ -44,7 +44,7 @@ from aiokafka.partitioner import murmur2
 
 from mailflow.config import Settings
 from mailflow.kafka_io import CompactedReader
-from mailflow.mailrules import AddressError, normalize_address
+from mailflow.mailrules import AddressError, mailbox_key, normalize_address
 from streams.topics import full_name
 
 KEY_PREFIX = "mf"
@@ -123,9 +123,16 @@ class Principal:
         return domain_allowed(self.domains, address)
 
     def may_read_mailbox(self, address: str) -> bool:
+        """`address`: a mailbox key (`mailbox_key`); a token reads its own, whatever
+        the case of the local part it was made for."""
         if self.admin:
             return True
-        return self.kind == "token" and address == self.address
+        if self.kind != "token":
+            return False
+        try:
+            return address == mailbox_key(self.address)
+        except AddressError:
+            return False
 
     def may_read_status(self, sender: str | None) -> bool:
         if self.admin:
@@ -141,8 +148,10 @@ ANONYMOUS = Principal(id="anonymous", kind="anonymous", domains=(ADMIN,))
 
 
 def header_from_addresses(raw_headers: Any) -> list[str]:
-    """Every address in the From and Sender headers of a parsed header block."""
-    values = [str(v) for n in ("From", "Sender") for v in (raw_headers.get_all(n) or [])]
+    """Every address in the fields naming a sender (From, Sender, Resent-From,
+    Resent-Sender) of a parsed header block."""
+    values = [str(v) for n in ("From", "Sender", "Resent-From", "Resent-Sender")
+              for v in (raw_headers.get_all(n) or [])]
     out = []
     for _, addr in getaddresses(values):
         try:

@@ -19,9 +19,11 @@ from typing import Any
 from mailflow import mime
 from mailflow.mailrules import (
     AddressError,
+    Field,
     bad_header_name,
     bad_header_value,
     header_block,
+    header_fields,
     normalize_address,
     parse_headers,
 )
@@ -30,7 +32,12 @@ FIELDS = {"from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "hea
 # Headers the JSON form sets itself; a caller may not supply them through `headers`.
 RESERVED = {"from", "to", "cc", "bcc", "reply-to", "subject", "message-id", "date", "sender",
             "mime-version", "content-type", "content-transfer-encoding", "received",
-            "return-path", "content-disposition"}
+            "return-path", "content-disposition", "resent-from", "resent-sender",
+            "authentication-results"}
+# Fields a raw submission loses: Bcc (hidden recipients), and the trace fields only
+# a receiving system adds (RFC 5321 §4.4 Return-Path; RFC 8601 Authentication-
+# Results, which a receiver could otherwise take for its own verdict).
+STRIPPED = frozenset({"bcc", "return-path", "authentication-results"})
 _CTYPE = re.compile(r"^[a-zA-Z0-9!#$&^_.+-]+/[a-zA-Z0-9!#$&^_.+-]+$")
 
 
@@ -79,7 +86,15 @@ def _addresses(value: Any, name: str, errors: dict[str, str]) -> list[tuple[str,
 
 
 def _addr(display: str, addr: str) -> Address:
+    """`addr` (normalised) as a header address that writes back as exactly `addr`.
+
+    `Address` quotes a local part that needs it itself, so a quoted one is given
+    to it unquoted: quoted twice, the header would name another mailbox than the
+    envelope.
+    """
     local, _, domain = addr.rpartition("@")
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
     return Address(display_name=display, username=local, domain=domain)
 
 
@@ -198,6 +213,11 @@ def prepare_raw(raw: bytes, *, message_id: str, date: Any, env_from: str | None,
     head = header_block(raw)
     if not raw.strip() or head == raw and b":" not in raw:
         raise InputError({"body": "is not an RFC 5322 message"})
+    fields, problems = header_fields(raw)
+    if problems:  # the sender checks below could read it otherwise than a receiver
+        for p in problems:
+            errors[p.field or "headers"] = "; ".join(filter(None, (errors.get(p.field or "headers"), p.message)))
+        raise InputError(errors, code="bad_headers")
     headers = parse_headers(raw)
     from_hdr = parseaddr(str(headers.get("From", "")))[1]
     sender_text = env_from if env_from is not None else from_hdr
@@ -229,25 +249,20 @@ def prepare_raw(raw: bytes, *, message_id: str, date: Any, env_from: str | None,
         added += b"Message-ID: " + message_id.encode() + eol
     if headers.get("Date") is None:
         added += b"Date: " + format_datetime(date).encode() + eol
-    body = _strip_header(raw, b"bcc")
+    body = _strip_fields(raw, [f for f in fields if f.name.lower() in STRIPPED])
     return Composed(sender, recipients, added + body, header_from=from_hdr, headers=headers)
 
 
-def _strip_header(raw: bytes, name: bytes) -> bytes:
-    """`raw` without every occurrence of header `name` (with its folded lines)."""
-    # Cut after the last header line's own line ending, so dropping that line
-    # cannot merge the blank separator line into the headers.
-    cut = len(header_block(raw))
-    cut += 2 if raw[cut:cut + 2] == b"\r\n" else 1 if raw[cut:cut + 1] == b"\n" else 0
-    head, rest = raw[:cut], raw[cut:]
-    lines = head.splitlines(keepends=True)
-    out, skipping = [], False
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                out.append(line)
-            continue
-        skipping = line.split(b":", 1)[0].strip().lower() == name
-        if not skipping:
-            out.append(line)
+def _strip_fields(raw: bytes, drop: list[Field]) -> bytes:
+    """`raw` without the fields `drop` (from `header_fields(raw)`, continuations included)."""
+    out, pos = [], 0
+    for f in drop:
+        out.append(raw[pos:f.start])
+        pos = f.end
+    # The last header line has no line end in its span (header_block cuts before
+    # it): dropping that field must not leave the line end above it doubled into
+    # the blank separator line, which would end the headers early.
+    rest = raw[pos:]
+    if drop and drop[-1].end == len(header_block(raw)) and out and out[-1].endswith((b"\r\n", b"\n")):
+        rest = rest[2:] if rest.startswith(b"\r\n") else rest[1:] if rest.startswith(b"\n") else rest
     return b"".join(out) + rest

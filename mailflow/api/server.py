@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import signal
 import time
 import weakref
 from datetime import UTC, datetime
@@ -39,6 +40,16 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    ContentEncodingError,
+    HttpProcessingError,
+    InvalidURLError,
+    LineTooLong,
+)
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
+from yarl import URL
 
 from mailflow import metrics, mime
 from mailflow.api.auth import Authenticator, Principal, SyncReader, header_from_addresses
@@ -49,9 +60,9 @@ from mailflow.api.inflow import InFlow
 from mailflow.api.sanitize import sanitize_html
 from mailflow.config import Settings
 from mailflow.ids import encode as encode_id
-from mailflow.ids import new_id
+from mailflow.ids import is_id, new_id
 from mailflow.kafka_io import AsyncProducer, BrokerUnavailable
-from mailflow.mailrules import AddressError, check_message, normalize_address, parse_headers
+from mailflow.mailrules import AddressError, check_message, mailbox_key, parse_headers
 from mailflow.objstore import body_key, delete_body, get_body, put_body
 from schemas.records import Message
 from streams.topics import full_name
@@ -122,11 +133,25 @@ def relay(status: int, body: bytes, headers: dict[str, str] | None = None) -> we
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
-def _mailbox_address(text: str) -> str:
-    try:
-        return normalize_address(text)
-    except AddressError:
-        return text
+def worker_path(*segments: str) -> str:
+    """A path toward a stage worker, every segment percent-encoded whole.
+
+    Callers pass only validated parts (an id, a normalised address); encoding each
+    one with nothing kept safe means no part can add, remove or climb a segment,
+    whatever it contains, so no worker page but the one named is reachable.
+    """
+    return "".join("/" + quote(seg, safe="") for seg in segments)
+
+
+ID_RULE = "26 characters of 0-9 and a-z without i, l, o, u (lower case)"
+_ATTACHMENT_NO = re.compile(r"^[0-9]{1,6}$")
+
+
+def _bad_id(text: str) -> web.Response | None:
+    if is_id(text):
+        return None
+    return error(400, "invalid_input", "not a message id", {"id": ID_RULE})
+
 
 
 class Ingress:
@@ -224,9 +249,18 @@ class Ingress:
         if request.content_type not in ("application/json", "message/rfc822"):
             return error(415, "unsupported_media_type", "send application/json or message/rfc822")
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.settings.api_body_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return error(413, "too_large", f"the message exceeds {self.settings.max_message_bytes} bytes")
+        except RequestPayloadError as exc:  # a corrupt gzip/deflate body, a bad chunk
+            log.debug("unreadable body: %r", exc)
+            encoding = request.headers.get("Content-Encoding", "identity")
+            return error(400, "bad_body", f"the request body could not be decoded (Content-Encoding: "
+                         f"{encoding[:20]}, or its chunked framing)")
+        except TimeoutError:
+            return error(408, "body_timeout", f"the body did not arrive within {self.settings.api_body_timeout:g} s",
+                         headers={"Connection": "close"})
         idem = request.headers.get("Idempotency-Key")
         if idem is None:
             return await self._submit(request, who, body, new_id())
@@ -368,10 +402,12 @@ class Ingress:
         return [v["url"] for v in entries]
 
     async def routed(self, stage: str, path: str, query: dict[str, str]) -> tuple[int, Any]:
+        """GET `path` (made by `worker_path`, already encoded) from a live `stage` worker."""
         assert self.http is not None
         for url in self.stage_urls(stage):
             try:
-                async with self.http.get(url + quote(path, safe="/@"), params=query) as resp:
+                # encoded=True: sent exactly as built, never re-quoted or dot-normalised.
+                async with self.http.get(URL(url.rstrip("/") + path, encoded=True), params=query) as resp:
                     return resp.status, await resp.read()
             except (aiohttp.ClientError, TimeoutError):
                 continue
@@ -384,7 +420,10 @@ class Ingress:
         who = await self.principal(request)
         if isinstance(who, web.Response):
             return who
-        status, body = await self.routed("status", f"/v1/messages/{request.match_info['id']}", {})
+        msg_id = request.match_info["id"]
+        if bad := _bad_id(msg_id):
+            return bad
+        status, body = await self.routed("status", worker_path("v1", "messages", msg_id), {})
         if status == 200 and not who.admin:
             try:
                 sender = orjson.loads(body).get("sender")
@@ -394,33 +433,44 @@ class Ingress:
                 return forbidden("this message was not sent with this credential's addresses")
         return relay(status, body)
 
-    async def mailbox_access(self, request: web.Request) -> str | web.Response:
-        """The mailbox address to read, or the 401/403 to answer."""
+    async def mailbox_access(self, request: web.Request, with_id: bool = True) -> str | web.Response:
+        """The store worker's path for the mailbox (and message) asked for, or the
+        401/400/403 to answer.
+
+        The address and id are validated before anything else is done with them
+        (an id is an id, an address is an address in normal form) and the path is
+        built from them alone, never from the request's own path.
+        """
         who = await self.principal(request)
         if isinstance(who, web.Response):
             return who
-        address = request.match_info["address"]
-        if who.admin:
-            return address
-        address = _mailbox_address(address)
+        try:
+            address = mailbox_key(request.match_info["address"])
+        except AddressError as exc:
+            return error(400, "invalid_input", "not a mailbox address", {"address": str(exc)})
+        segments = ["v1", "mailboxes", address, "messages"]
+        if with_id:
+            msg_id = request.match_info["id"]
+            if bad := _bad_id(msg_id):
+                return bad
+            segments.append(msg_id)
         if not who.may_read_mailbox(address):
             return forbidden("this credential may not read that mailbox")
-        return address
+        return worker_path(*segments)
 
     async def list_mailbox(self, request: web.Request) -> web.Response:
-        address = await self.mailbox_access(request)
-        if isinstance(address, web.Response):
-            return address
-        status, body = await self.routed("store", f"/v1/mailboxes/{address}/messages",
-                                         dict(request.query))
+        path = await self.mailbox_access(request, with_id=False)
+        if isinstance(path, web.Response):
+            return path
+        query = {k: v for k, v in request.query.items() if k in ("folder", "limit", "cursor")}
+        status, body = await self.routed("store", path, query)
         return relay(status, body, {"Cache-Control": "no-store"})
 
     async def get_mailbox_message(self, request: web.Request) -> web.Response:
-        address = await self.mailbox_access(request)
-        if isinstance(address, web.Response):
-            return address
-        msg_id = request.match_info["id"]
-        status, body = await self.routed("store", f"/v1/mailboxes/{address}/messages/{msg_id}", {})
+        path = await self.mailbox_access(request)
+        if isinstance(path, web.Response):
+            return path
+        status, body = await self.routed("store", path, {})
         if status != 200:
             return relay(status, body)
         doc = orjson.loads(body)
@@ -430,12 +480,10 @@ class Ingress:
         return json_response(doc, headers={"Cache-Control": "no-store"})
 
     async def _raw(self, request: web.Request) -> bytes | web.Response:
-        address = await self.mailbox_access(request)
-        if isinstance(address, web.Response):
-            return address
-        msg_id = request.match_info["id"]
-        status, body = await self.routed("store", f"/v1/mailboxes/{address}/messages/{msg_id}",
-                                         {"parts": "0"})
+        path = await self.mailbox_access(request)
+        if isinstance(path, web.Response):
+            return path
+        status, body = await self.routed("store", path, {"parts": "0"})
         if status != 200:
             return relay(status, body)
         return await get_body(self.settings.object_store_url, orjson.loads(body)["body_ref"])
@@ -450,10 +498,9 @@ class Ingress:
     async def get_attachment(self, request: web.Request) -> web.Response:
         """The n-th attachment (0-based, the order of the message's `attachments`),
         always as a download: never rendered in the webmail's origin."""
-        try:
-            n = int(request.match_info["n"])
-        except ValueError:
+        if not _ATTACHMENT_NO.match(request.match_info["n"]):
             return error(400, "invalid_input", "the attachment number must be an integer", {"n": "integer"})
+        n = int(request.match_info["n"])
         raw = await self._raw(request)
         if isinstance(raw, web.Response):
             return raw
@@ -531,7 +578,13 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
     except web.HTTPException as exc:
         if exc.content_type == "application/json":
             raise
-        resp = error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        resp = error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason,
+                     headers={"Allow": ", ".join(sorted(exc.allowed_methods))}
+                     if isinstance(exc, web.HTTPMethodNotAllowed) else None)
+    except ConnectionError:
+        # The client went away (mid-body, say): nobody to answer, nothing wrong here.
+        log.debug("client disconnected during %s %s", request.method, request.path)
+        raise
     except Exception:
         log.exception("internal error on %s", request.path)
         resp = error(500, "internal", "internal error")
@@ -565,9 +618,102 @@ def make_app(settings: Settings) -> web.Application:
     return app
 
 
+class JsonErrorHandler(RequestHandler):
+    """aiohttp's per-connection handler, answering the errors it makes itself in the
+    API's JSON error shape.
+
+    The HTTP parser's 400s (a URL or header line over 8 KB, bad chunk sizes, a
+    duplicate Content-Length, an unsupported Content-Encoding) never reach a
+    middleware: aiohttp answers them here, by default in plain text that echoes the
+    offending request bytes. Client errors are logged at debug level: anyone can
+    send them, and they must not flood the log.
+    """
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After an early answer aiohttp drains ("lingers on") the rest of the body,
+        # and a body that is corrupt, or a client that left, fails there: the
+        # client's doing, already answered, so a debug line rather than an ERROR.
+        exc = kw.get("exc_info")
+        if isinstance(exc, RequestPayloadError | ConnectionError):
+            log.debug("after the answer: %r", exc)
+            return
+        super().log_exception(*args, **kw)
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500 and not isinstance(exc, ConnectionError):
+            self.log_exception("Error handling request", exc_info=exc)
+        else:
+            log.debug("HTTP %s for %s: %r", status, request.remote, exc)
+        if request.writer.output_size > 0:  # as aiohttp's own: too late for an answer
+            raise ConnectionError("a response is sent already; cannot send the error")
+        if status >= 500:
+            resp = error(status, "internal", "internal error")
+        else:
+            resp = error(status, "bad_request", f"the request is not acceptable HTTP/1.1: {_parser_problem(exc)}")
+        resp.force_close()
+        if not isinstance(exc, ConnectionError):  # a client that left is no error of ours
+            metrics.API_REQUESTS.labels("?", str(status)).inc()
+        return resp
+
+
+def _parser_problem(exc: BaseException | None) -> str:
+    """What aiohttp's parser refused, in words that never repeat the request."""
+    if isinstance(exc, LineTooLong):
+        return "the request line or a header line is too long (8190 bytes at most)"
+    if isinstance(exc, ContentEncodingError):
+        return "unsupported Content-Encoding (gzip and deflate are accepted)"
+    if isinstance(exc, InvalidURLError):
+        return "the request target is not a valid URL"
+    if isinstance(exc, BadHttpMethod):
+        return "not an HTTP method"
+    if isinstance(exc, HttpProcessingError):
+        # The parser's own message, up to where it starts quoting the input.
+        return exc.message.split(":", 1)[0].strip() or "malformed request"
+    return "malformed request"
+
+
+class JsonErrorServer(web.Server):
+    """`web.Server` making `JsonErrorHandler` connections."""
+
+    def __call__(self) -> RequestHandler:
+        return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """`web.AppRunner` serving the app through `JsonErrorServer`."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
+                               handler_cancellation=plain.handler_cancellation, loop=plain._loop,
+                               **plain._kwargs)
+
+
+async def serve(settings: Settings, host: str, port: int, reuse_port: bool = False) -> None:
+    """Serve the API on host:port until SIGINT or SIGTERM.
+
+    `keepalive_timeout` is also the header timeout: aiohttp closes a connection
+    that has not sent a whole request's headers that long after it opened or after
+    its last answer (a slow-headers client is closed, not kept forever).
+    """
+    runner = JsonErrorRunner(make_app(settings), access_log=None,
+                             keepalive_timeout=settings.api_header_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        print(f"mailflow api: serving on http://{host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def run(settings: Settings, host: str | None = None, port: int | None = None,
         reuse_port: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    web.run_app(make_app(settings), host=host or settings.api_host, port=port or settings.api_port,
-                access_log=None, reuse_port=reuse_port, print=lambda m: print(f"mailflow api: {m}", flush=True))
+    asyncio.run(serve(settings, host or settings.api_host, port or settings.api_port, reuse_port))
     return 0

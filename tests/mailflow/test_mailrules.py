@@ -18,7 +18,8 @@ def codes(problems):
 @pytest.mark.parametrize("addr,norm", [
     ("Bob@Example.COM", "Bob@example.com"),
     ("üñí@exämple.com", "üñí@exämple.com"),
-    ("user@xn--exmple-cua.com", "user@exämple.com"),
+    ("user@xn--exmple-cua.com", "user@xn--exmple-cua.com"),  # ASCII stays ASCII (issue 19)
+    ("user@ExÄmple.com", "user@exämple.com"),
     ("a@mailflow.local", "a@mailflow.local"),
 ])
 def test_normalize_accepts(addr, norm):
@@ -66,3 +67,42 @@ def test_routing_splits_local_and_remote():
     assert local == ["a@mine.test", "c@MINE.test"]
     assert remote == ["b@Other.test"]
     assert group_by_domain(["a@x.test", "b@y.test", "c@X.test"]) == {"x.test": ["a@x.test", "c@X.test"], "y.test": ["b@y.test"]}
+
+
+# ---- issue 19: one strict reading of the header section ---------------------------------
+def test_header_fields_read_obsolete_syntax_as_rfc_5322_does():
+    from mailflow.mailrules import header_fields
+
+    raw = b"From: a@x.test\r\nTo: b@y.test,\r\n\tc@y.test\r\nFrom : ceo@f.test\r\n\r\nFrom: body@x.test\r\n"
+    fields, problems = header_fields(raw)
+    assert [(f.name, f.value) for f in fields] == [
+        ("From", b" a@x.test\r\n"), ("To", b" b@y.test,\r\n\tc@y.test\r\n"), ("From", b" ceo@f.test")]
+    assert [raw[f.start:f.end] for f in fields][1] == b"To: b@y.test,\r\n\tc@y.test\r\n"
+    assert {p.field for p in problems} == {"from"} and len(problems) == 2
+    assert header_fields(GOOD) == (header_fields(GOOD)[0], [])
+
+
+def test_check_message_refuses_what_the_strict_reading_refuses():
+    obs = b"From: a@x.test\r\nTo: b@y.test\r\nFrom : ceo@f.test\r\n\r\nb"
+    assert "bad_headers" in codes(check_message("a@x.test", ["b@y.test"], obs, max_bytes=10**6, max_recipients=10))
+    bad_utf8 = b"From: \xffa@x.test\r\nTo: b@y.test\r\n\r\nb"
+    assert "bad_headers" in codes(check_message("a@x.test", ["b@y.test"], bad_utf8, max_bytes=10**6,
+                                                max_recipients=10))
+
+
+def test_mailbox_key_folds_the_local_part_and_the_domain_form():
+    from mailflow.mailrules import mailbox_key
+
+    assert mailbox_key("VICTIM@Mailflow.TEST") == mailbox_key("victim@mailflow.test") == "victim@mailflow.test"
+    assert mailbox_key("x@xn--bcher-kva.test") == mailbox_key("X@bücher.test")
+    with pytest.raises(AddressError):
+        mailbox_key("../../victim@mailflow.test/messages")
+
+
+@pytest.mark.parametrize("sep", ["\v", "\f", "\x1c", "\x85", "\u2028", "\u2029", "\r", "\n", "\0"])
+def test_addresses_and_header_values_refuse_every_line_separator(sep):
+    from mailflow.mailrules import bad_header_value
+
+    assert bad_header_value(f"a{sep}b")
+    with pytest.raises(AddressError):
+        normalize_address(f"a{sep}@x.test")

@@ -183,6 +183,10 @@ def test_mailbox_listing_pages_newest_first(submission_stack: Stack):
     code, doc, _ = http("GET", f"{s.api}/v1/mailboxes/pages@mailflow.test/messages/{ids[0]}")
     assert code == 200 and doc["subject"] == "page 0" and doc["text"].strip() == "x"
     code, doc, _ = http("GET", f"{s.api}/v1/mailboxes/pages@mailflow.test/messages/nope")
+    assert code == 400 and "id" in doc["error"]["fields"]  # not an id: refused before the store
+    from mailflow.ids import new_id
+
+    code, doc, _ = http("GET", f"{s.api}/v1/mailboxes/pages@mailflow.test/messages/{new_id()}")
     assert code == 404
 
 

@@ -77,3 +77,85 @@ def test_raw_envelope_override_and_errors():
     assert "to" in err.value.fields
     with pytest.raises(InputError):
         prepare_raw(b"", message_id="<m@x>", date=NOW, env_from=None, env_to=None, max_recipients=10)
+
+
+# ---- issue 19 ---------------------------------------------------------------------------
+SEPARATORS = ["\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\0"]
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+def test_every_line_separator_in_a_header_bound_input_is_refused_by_name(sep):
+    base = {"from": "a@x.test", "to": "b@y.test", "text": "x"}
+    att = {"filename": f"a{sep}b.txt", "content_base64": "eA=="}
+    for doc, field in (({**base, "subject": f"hi{sep}Bcc: e@z.test"}, "subject"),
+                       ({**base, "headers": {"X-A": f"1{sep}2"}}, "headers.X-A"),
+                       ({**base, "attachments": [att]}, "attachments[0].filename"),
+                       ({**base, "from": f"Eve{sep}Boss <a@x.test>"}, "from"),
+                       ({**base, "to": f"b@y.test{sep}"}, "to")):
+        with pytest.raises(InputError) as err:
+            compose(doc)
+        assert field in err.value.fields, (sep, field, err.value.fields)
+
+
+@pytest.mark.parametrize("addr", ['"john doe"@y.test', 'Bob <"john doe"@y.test>', '"a\\"b"@y.test',
+                                  "x@xn--bcher-kva.test", "ü@bücher.test", "a.b+c@y.test", '"x@z"@y.test'])
+def test_json_addresses_reach_the_headers_as_given(addr):
+    from email.utils import getaddresses
+
+    from mailflow.mailrules import normalize_address, parse_headers
+
+    c = compose({"from": addr, "to": addr, "cc": [addr], "reply_to": addr, "text": "x"})
+    want = normalize_address(getaddresses([addr])[0][1])
+    assert c.sender == want and c.recipients == [want]
+    headers = parse_headers(c.raw)
+    for name in ("From", "To", "Cc", "Reply-To"):
+        assert getaddresses([str(headers[name])])[0][1] == want, (name, headers[name])
+    # SMTPUTF8 only when the address needs it: an A-label domain stays ASCII.
+    assert c.extra["smtputf8"] == (not want.isascii())
+    assert (b"xn--bcher-kva" in c.raw) == ("xn--" in addr)
+
+
+@pytest.mark.parametrize("field", ["from", "to", "reply_to"])
+def test_an_encoded_word_is_never_an_address(field):
+    doc = {"from": "a@x.test", "to": "b@y.test", "text": "x",
+           field: "=?utf-8?b?Y2VvQGZvcmVpZ24udGVzdA==?=@x.test"}
+    with pytest.raises(InputError) as err:
+        compose(doc)
+    assert field in err.value.fields and "encoded word" in err.value.fields[field]
+
+
+@pytest.mark.parametrize("raw,field,words", [
+    (b"From: a@x.test\r\nTo: b@y.test\r\nSubject: t\r\nFrom : ceo@f.test\r\n\r\nb\r\n", "from", "blanks before"),
+    (b"From : ceo@f.test\r\nFrom: a@x.test\r\nTo: b@y.test\r\n\r\nb\r\n", "from", "2 From fields"),
+    (b"From: a@x.test\r\nFrom: ceo@f.test\r\nTo: b@y.test\r\n\r\nb\r\n", "from", "2 From fields"),
+    (b"From: a@x.test\r\nTo: b@y.test\r\nSubject\t: t\r\n\r\nb\r\n", "headers", "blanks before"),
+    (b"From: a@x.test\r\nTo: b@y.test\r\nnot a field\r\n\r\nb\r\n", "headers", "neither a field"),
+    (b" folded: x\r\nFrom: a@x.test\r\nTo: b@y.test\r\n\r\nb\r\n", "headers", "continuation"),
+    (b"From: \xffrob@x.test\r\nTo: b@y.test\r\n\r\nb\r\n", "from", "not valid UTF-8"),
+    (b"From: a@x.test\r\nTo: b\xfe@y.test\r\n\r\nb\r\n", "to", "not valid UTF-8"),
+    (b"From: =?utf-8?b?Y2Vv?=@x.test\r\nTo: b@y.test\r\n\r\nb\r\n", "from", "encoded word"),
+    (b"From: a@x.test\r\nTo: b@y.test\r\nSubject: 1\r\nSubject: 2\r\n\r\nb\r\n", "headers", "2 Subject"),
+])
+def test_raw_headers_the_policy_cannot_read_unambiguously_are_refused(raw, field, words):
+    with pytest.raises(InputError) as err:
+        prepare_raw(raw, message_id="<m@x>", date=NOW, env_from=None, env_to=None, max_recipients=10)
+    assert err.value.code == "bad_headers"
+    assert words in err.value.fields[field], err.value.fields
+
+
+def test_raw_keeps_encoded_display_names_and_strips_receiver_trace_fields():
+    raw = (b"Return-Path: <bounce@f.test>\r\nFrom: =?utf-8?q?B=C3=B6b?= <a@x.test>\r\nTo: b@y.test\r\n"
+           b"Authentication-Results: mx.f.test; dkim=pass\r\n header.d=f.test\r\nSubject: s\r\n"
+           b"DKIM-Signature: v=1; d=x.test; s=k; b=abc\r\nAuthentication-Results: other; spf=pass\r\n\r\nbody\r\n")
+    c = prepare_raw(raw, message_id="<m@x>", date=NOW, env_from=None, env_to=None, max_recipients=10)
+    head = c.raw.split(b"\r\n\r\n")[0]
+    assert b"Return-Path" not in head and b"Authentication-Results" not in head and b"header.d" not in head
+    assert b"From: =?utf-8?q?B=C3=B6b?= <a@x.test>\r\n" in head and b"DKIM-Signature: v=1" in head
+    assert c.raw.endswith(b"Subject: s\r\nDKIM-Signature: v=1; d=x.test; s=k; b=abc\r\n\r\nbody\r\n")
+
+
+def test_json_headers_cannot_name_a_sender_or_a_receivers_verdict():
+    for name in ("Resent-From", "Resent-Sender", "Authentication-Results", "Return-Path"):
+        with pytest.raises(InputError) as err:
+            compose({"from": "a@x.test", "to": "b@y.test", "text": "x", "headers": {name: "c@f.test"}})
+        assert f"headers.{name}" in err.value.fields
