@@ -35,7 +35,12 @@ class AsyncProducer:
     stages), so one key maps to one partition whoever produces it.
     """
 
-    def __init__(self, bootstrap: str, timeout_ms: int = 10000, **extra: Any) -> None:
+    # 30 s: a record whose partition leader died waits for the new leader instead of
+    # failing. On a cluster the controller fences a killed broker within about 6 s
+    # (mailflow.broker.BROKER_SESSION_MS), plus a controller election if the dead
+    # node was the active controller; a 10 s bound turned some of those into 503s.
+    # With every broker away the ingress still answers 503 at once (`broker_down`).
+    def __init__(self, bootstrap: str, timeout_ms: int = 30000, **extra: Any) -> None:
         self._producer = Producer({
             "bootstrap.servers": bootstrap,
             "acks": "all",
@@ -61,7 +66,11 @@ class AsyncProducer:
         return self._down
 
     def _on_error(self, err: KafkaError) -> None:
-        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+        # Only all brokers away is an outage. One connection failing (_TRANSPORT) is
+        # one node of a cluster gone, whose partitions librdkafka follows to their new
+        # leaders; flagging it made the ingress refuse every submission for a second
+        # at each broker kill. A lone broker that dies raises _ALL_BROKERS_DOWN too.
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self._down = True
         log.warning("kafka producer: %s", err)
 
