@@ -35,12 +35,13 @@ class AsyncProducer:
     stages), so one key maps to one partition whoever produces it.
     """
 
-    # 30 s: a record whose partition leader died waits for the new leader instead of
-    # failing. On a cluster the controller fences a killed broker within about 6 s
-    # (mailflow.broker.BROKER_SESSION_MS), plus a controller election if the dead
-    # node was the active controller; a 10 s bound turned some of those into 503s.
-    # With every broker away the ingress still answers 503 at once (`broker_down`).
-    def __init__(self, bootstrap: str, timeout_ms: int = 30000, **extra: Any) -> None:
+    def __init__(self, bootstrap: str, timeout_ms: int = 10000, purge_when_down: bool = False,
+                 **extra: Any) -> None:
+        """`timeout_ms`: how long a record may wait for its partition's leader (on a
+        cluster, a new one after a broker died: 30 s rides the failover).
+        `purge_when_down`: once no broker answers at all, fail the records still
+        queued (never sent, so nothing was accepted) at once instead of after
+        `timeout_ms`: the ingress's 503 comes in a second, not at the timeout."""
         self._producer = Producer({
             "bootstrap.servers": bootstrap,
             "acks": "all",
@@ -53,6 +54,8 @@ class AsyncProducer:
             **extra,
         })
         self._down = False
+        self._suspect = False  # a connection failed: find out whether any broker is left
+        self._purge = purge_when_down
         self._running = True
         # Delivery reports settled since the last hand-over, per event loop: handed to
         # each loop in one call per poll, not one wake-up (a pipe write) per record.
@@ -66,19 +69,32 @@ class AsyncProducer:
         return self._down
 
     def _on_error(self, err: KafkaError) -> None:
-        # Only all brokers away is an outage. One connection failing (_TRANSPORT) is
-        # one node of a cluster gone, whose partitions librdkafka follows to their new
-        # leaders; flagging it made the ingress refuse every submission for a second
-        # at each broker kill. A lone broker that dies raises _ALL_BROKERS_DOWN too.
+        # One connection failing (_TRANSPORT) is no outage by itself: on a cluster it is
+        # one node gone, whose partitions librdkafka follows to their new leaders, and
+        # flagging it made the ingress refuse every submission for a second at each
+        # broker kill. The poll thread asks whether any broker still answers.
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self._down = True
+        elif err.code() == KafkaError._TRANSPORT:
+            self._suspect = True
         log.warning("kafka producer: %s", err)
 
     def _poll(self) -> None:
         last_probe = 0.0
+        purged = False
         while self._running:
             self._producer.poll(0.05)
             self._hand_over()
+            if self._suspect and not self._down:
+                self._suspect = False
+                if not self.probe(1.0):
+                    self._down = True
+            if self._down and self._purge and not purged:
+                # Queued records never reached a broker: failing them is safe (the
+                # caller answers 503, nothing accepted). Those in flight may have
+                # been written, so they wait for their acknowledgement or timeout.
+                self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+                purged = True
             # While the broker looks down, ask it now and then, so the flag clears
             # without waiting for a submission to succeed.
             if self._down and time.monotonic() - last_probe > 1.0:
@@ -86,6 +102,7 @@ class AsyncProducer:
                 try:
                     if self._producer.list_topics(timeout=1.0).brokers:
                         self._down = False
+                        purged = False
                 except KafkaException:
                     pass
 
