@@ -69,15 +69,20 @@ class AsyncProducer:
         return self._down
 
     def _on_error(self, err: KafkaError) -> None:
-        # One connection failing (_TRANSPORT) is no outage by itself: on a cluster it is
-        # one node gone, whose partitions librdkafka follows to their new leaders, and
-        # flagging it made the ingress refuse every submission for a second at each
-        # broker kill. The poll thread asks whether any broker still answers.
-        if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._down = True
-        elif err.code() == KafkaError._TRANSPORT:
+        # Neither a failed connection (_TRANSPORT) nor librdkafka's "all brokers down"
+        # is taken at its word: on a cluster both come when one node dies (the second
+        # when the producer's only connections were to that node), and flagging them
+        # made the ingress refuse every submission at each broker kill (211 503s in a
+        # one-minute cluster chaos run). The poll thread asks whether any broker
+        # answers, and only then is the broker down.
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self._suspect = True
         log.warning("kafka producer: %s", err)
+
+    def _any_broker_answers(self, tries: int = 3, timeout: float = 1.0) -> bool:
+        """A metadata request answered, in `tries` attempts (one may go to the node
+        that just died, before librdkafka has marked it down)."""
+        return any(self.probe(timeout) for _ in range(tries))
 
     def _poll(self) -> None:
         last_probe = 0.0
@@ -87,7 +92,8 @@ class AsyncProducer:
             self._hand_over()
             if self._suspect and not self._down:
                 self._suspect = False
-                if not self.probe(1.0):
+                if not self._any_broker_answers():
+                    log.warning("kafka producer: no broker answers; refusing until one does")
                     self._down = True
             if self._down and self._purge and not purged:
                 # Queued records never reached a broker: failing them is safe (the
