@@ -3,18 +3,20 @@ cluster with replication 3, side by side.
 
 Each round starts a private Kafka (one node, or a three-node cluster on loopback
 with every topic replicated 3 times and ``min.insync.replicas=2``; never the
-shared 9092), runs ``mailflow bench --start all --count N`` against it (its own
-stages, API and topic prefix), and stops it again, so an idle broker never adds
+shared 9092), runs ``mailflow bench --start all --count N --remote-share 1.0`` against it (its
+own stages, API and topic prefix; every message delivered over SMTP to Postfix's
+``smtp-sink``, as bench/pipeline.py does), and stops it again, so an idle broker never adds
 to the other's figures. Rounds alternate one broker and the cluster; medians are
-reported: recipients final per second, API p50, end-to-end p50/p99, CPU seconds
+reported: messages delivered per second, API p50, end-to-end p50/p99, CPU seconds
 per message of the brokers (the JVMs of this round's Kafka, read from /proc) and
 of the whole stack (mailflow's processes and those JVMs).
 
-    .venv/bin/python bench/replication.py --count 2000 --rounds 3
+    .venv/bin/python bench/replication.py --count 3000 --rounds 3
 
 Both sides get the same JVM heap (`--heap`, 512m, the cluster's default per node).
-Needs clamd and rspamd as `mailflow bench` does (or pass --no-scanners), and the
-broker's jars. Ends with one JSON line.
+Scanning is off unless `--scanners` (then clamd and rspamd must run, as for
+`mailflow bench`): it would add the same cost to both sides. Needs smtp-sink
+(Debian: postfix) and the broker's jars. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def jvm_cpu(data_dir: Path) -> float:
     return total
 
 
-def one_round(kind: str, work: Path, count: int, heap: str, scanners: bool) -> dict[str, Any]:
+def one_round(kind: str, work: Path, count: int, heap: str, scanners: bool,
+              sink_port: int) -> dict[str, Any]:
     data = work / f"{kind}-{time.time_ns()}"
     data.mkdir(parents=True)
     kafka: Any
@@ -70,14 +73,28 @@ def one_round(kind: str, work: Path, count: int, heap: str, scanners: bool) -> d
         time.sleep(5)  # past the start-up's own CPU burst
         env = {**os.environ, "MAILFLOW_KAFKA_BOOTSTRAP": kafka.bootstrap,
                "MAILFLOW_REPLICATION": "3" if kind == "cluster" else "1",
-               "MAILFLOW_DATA_DIR": str(data / "stack")}
-        if not scanners:
-            env["MAILFLOW_SCANNERS"] = "none"
+               "MAILFLOW_DATA_DIR": str(data / "stack"),
+               "MAILFLOW_SMTP_ROUTES": f"*=127.0.0.1:{sink_port}",
+               "MAILFLOW_SCANNERS": "clamd,rspamd" if scanners else "none"}
+        proc = subprocess.Popen([sys.executable, "-m", "mailflow.cli", "bench", "--start", "all",
+                                 "--count", str(count), "--remote-share", "1.0"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        # The brokers' CPU from when the bench's stack is up (its line on stderr) to its
+        # end, like the bench's own per-process figures: not the topics' creation and
+        # the groups' first joins.
         cpu0 = jvm_cpu(data)
-        out = subprocess.run([sys.executable, "-m", "mailflow.cli", "bench", "--start", "all",
-                              "--count", str(count)], env=env, capture_output=True, text=True,
-                             cwd=ROOT, timeout=1800)
+        err_lines = []
+        assert proc.stderr is not None and proc.stdout is not None
+        for line in proc.stderr:
+            err_lines.append(line)
+            if line.startswith("bench: stack ") and " up " in line:
+                cpu0 = jvm_cpu(data)
+                break
+        err_lines += proc.stderr.readlines()
+        stdout = proc.stdout.read()
+        proc.wait(1800)
         broker_cpu = jvm_cpu(data) - cpu0
+        out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(err_lines))
     finally:
         kafka.stop()
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -90,7 +107,7 @@ def one_round(kind: str, work: Path, count: int, heap: str, scanners: bool) -> d
     # round's JVMs are exactly this stack.
     stack_cpu = sum(v for k, v in r["cpu_seconds"].items()
                     if k.startswith("stage ") or k == "api") + broker_cpu
-    return {"kind": kind, "final_per_s": r["finished_per_s"], "accepted_per_s": r["accepted_per_s"],
+    return {"kind": kind, "delivered_per_s": r["finished_per_s"], "states": r["states"], "accepted_per_s": r["accepted_per_s"],
             "api_p50_ms": r["api_p50_ms"], "latency_p50_ms": r["latency_p50_ms"],
             "latency_p99_ms": r["latency_p99_ms"],
             "broker_cpu_ms_per_msg": round(1000 * broker_cpu / r["finished"], 2),
@@ -100,19 +117,25 @@ def one_round(kind: str, work: Path, count: int, heap: str, scanners: bool) -> d
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--count", type=int, default=2000, help="messages per round")
+    p.add_argument("--count", type=int, default=3000, help="messages per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds of each kind, alternated")
     p.add_argument("--heap", default="512m", help="each Kafka JVM's -Xmx")
-    p.add_argument("--no-scanners", action="store_true", help="MAILFLOW_SCANNERS=none")
+    p.add_argument("--scanners", action="store_true", help="scan with clamd and rspamd too")
     a = p.parse_args()
+    from mailflow.bench import start_smtp_sink
+
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="mailflow-replication-") as tmp:
-        for i in range(a.rounds):
-            for kind in (("single", "cluster") if i % 2 == 0 else ("cluster", "single")):
-                r = one_round(kind, Path(tmp), a.count, a.heap, not a.no_scanners)
-                print(orjson.dumps(r).decode(), file=sys.stderr, flush=True)
-                results.append(r)
-    keys = ("final_per_s", "accepted_per_s", "api_p50_ms", "latency_p50_ms", "latency_p99_ms",
+    sink, sink_port = start_smtp_sink("-c")  # keeps nothing
+    try:
+        with tempfile.TemporaryDirectory(prefix="mailflow-replication-") as tmp:
+            for i in range(a.rounds):
+                for kind in (("single", "cluster") if i % 2 == 0 else ("cluster", "single")):
+                    r = one_round(kind, Path(tmp), a.count, a.heap, a.scanners, sink_port)
+                    print(orjson.dumps(r).decode(), file=sys.stderr, flush=True)
+                    results.append(r)
+    finally:
+        sink.terminate()
+    keys = ("delivered_per_s", "accepted_per_s", "api_p50_ms", "latency_p50_ms", "latency_p99_ms",
             "broker_cpu_ms_per_msg", "stack_cpu_ms_per_msg")
     summary = {kind: {k: statistics.median(r[k] for r in results if r["kind"] == kind) for k in keys}
                for kind in ("single", "cluster")}
