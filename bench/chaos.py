@@ -7,6 +7,10 @@ steady rate:
 
 - every `--kill-every` seconds a random stage replica gets SIGKILL and is restarted;
 - the broker is restarted once (SIGKILL, so it recovers its log like after a crash);
+  with ``--brokers 3`` the run has a three-node cluster instead, every topic
+  replicated 3 times with ``min.insync.replicas=2``, and every `--broker-kill-every`
+  seconds the node that leads the most of the run's partitions gets SIGKILL and is
+  started again `--broker-down` seconds later;
 - the SMTP peer stops listening for `--peer-down` seconds (mail defers, then drains);
 - clamd is stopped for `--clamd-down` seconds (the scanner waits: SCAN_FAILURE=closed).
 
@@ -18,9 +22,15 @@ SMTP itself allows is counted apart, not excused silently: a copy that reached t
 peer before a deliver replica was killed -9 and whose outcome never reached the
 delivery ledger (see `unrecorded_before_kill` and agents/deliver.py). It prints the counts
 and the longest delay any message saw, ends with one JSON line, and exits 1 if a
-check failed.
+check failed. It also reports what the clients saw of the faults: submissions
+refused (503) or delayed (answered more than `DELAYED` seconds after they were first
+sent), the longest gap between two acceptances, and the longest stall of each
+stage (its committed offset not moving while it had records to read); and on a
+cluster, whether every topic of the run had replication 3 and min.insync.replicas
+2, and whether every partition was back in sync at the end.
 
     .venv/bin/python bench/chaos.py --duration 5m --rate 200
+    .venv/bin/python bench/chaos.py --brokers 3 --duration 5m --rate 50 --broker-kill-every 60s
 
 Needs rspamd and the loopback DNS server (`python -m mailflow.services up`), and
 the broker's jars (`make test` or `mailflow broker` fetched them once).
@@ -124,6 +134,15 @@ class Clamd:
             self.group = None
 
 
+def _reason(body: bytes) -> str:
+    """The message of an API error answer, without what varies per request."""
+    try:
+        msg = str(orjson.loads(body)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "unparsed"
+    return msg.split(" (")[0]
+
+
 class Load(threading.Thread):
     """Submits JSON messages at a steady rate; remembers what was accepted.
 
@@ -148,6 +167,12 @@ class Load(threading.Thread):
         self.unanswered: dict[int, tuple[dict[str, Any], str]] = {}  # n -> (document, key)
         self.settled = 0  # of those, answered once the load was over
         self.run_tag = f"{time.time_ns():x}"
+        # What the client saw, on the monotonic clock: when each 202 came, how long
+        # after its first attempt, and when each 5xx or broken connection came.
+        self.accepted_at: list[float] = []
+        self.waited: list[tuple[float, float]] = []  # (first attempt, seconds until 202)
+        self.failed_at: list[tuple[float, str]] = []
+        self.why_503: Counter[str] = Counter()  # the API's message, per 503
 
     def run(self) -> None:
         asyncio.run(self._run())
@@ -192,13 +217,21 @@ class Load(threading.Thread):
                 doc = {"from": f"s{n % 50}@mailflow.test", "to": to, "subject": f"chaos {n}",
                        "text": "x" * 1500}
                 key = f"chaos-{self.run_tag}-{n}"
-                give_up = time.monotonic() + self.patience
+                first = time.monotonic()
+                give_up = first + self.patience
                 backoff = 1.0  # doubling to 16 s: a client that waits longer the longer it fails
                 while True:
                     answer, body = await self._post(http, doc, key)
                     if answer == "202":
                         self.accepted[orjson.loads(body)["id"]] = to
+                        now = time.monotonic()
+                        self.accepted_at.append(now)
+                        self.waited.append((first, now - first))
                         return
+                    if not (answer.isdigit() and int(answer) < 500):
+                        self.failed_at.append((time.monotonic(), answer))
+                        if answer == "503":
+                            self.why_503[_reason(body)] += 1
                     if answer.isdigit() and int(answer) < 500:
                         self.refused[answer] += 1
                         return
@@ -255,6 +288,117 @@ def final_states(stack: Any) -> tuple[dict[tuple[str, str], set[str]], dict[str,
                 states[(ev["id"], r)].add(ev["state"])
             last[ev["id"]] = max(last.get(ev["id"], 0.0), ev["ts"])
     return states, accepted, last
+
+
+# A submission answered 202 this long after it was first sent counts as delayed: on
+# this machine an answer takes tens of milliseconds, a failover several seconds.
+DELAYED = 2.0
+
+
+def client_view(load: Any, windows: list[tuple[float, float]]) -> dict[str, Any]:
+    """What the load's client saw: 5xx answers and broken connections (all, and
+    within `windows`, the broker failovers as monotonic (start, end)), delayed
+    submissions, the longest gap between two 202s while the load ran."""
+    def inside(t: float) -> bool:
+        return any(a <= t <= b for a, b in windows)
+
+    times = sorted(load.accepted_at)
+    gap = max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+    delayed = [(t, w) for t, w in load.waited if w > DELAYED]
+    return {
+        "refused_5xx": dict(Counter(a for _, a in load.failed_at)),
+        "refused_5xx_in_broker_failover": dict(Counter(a for t, a in load.failed_at if inside(t))),
+        "why_503": dict(load.why_503),
+        "delayed": len(delayed),
+        "delayed_in_broker_failover": sum(1 for t, _ in delayed if inside(t)),
+        "longest_wait_s": round(max((w for _, w in load.waited), default=0.0), 1),
+        "longest_acceptance_gap_s": round(gap, 1),
+    }
+
+
+def stall_start(prev: int, committed: int, lag: int, since: float | None, t: float) -> float | None:
+    """When the stall a stage is in began, after a sample at `t` found its committed
+    offsets summing to `committed` (`prev` at the sample before) and `lag` records
+    waiting; None when it is not stalled (it moved, or had nothing to read)."""
+    if committed != prev or lag <= 0:
+        return None
+    return t if since is None else since
+
+
+class StallWatch(threading.Thread):
+    """Samples each stage's committed offsets and input end offsets every second;
+    a stall is a stretch in which a stage had records to read and its committed
+    offsets did not move. A sample the brokers did not answer extends the stretch
+    it falls in (the stage is not known to have moved)."""
+
+    def __init__(self, settings: Any, stages: list[str], every: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.stages, self.every = settings, stages, every
+        self.longest: dict[str, float] = dict.fromkeys(stages, 0.0)
+        self.running = True
+
+    def run(self) -> None:
+        from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import AdminClient, OffsetSpec
+
+        from streams.app import input_topics
+        from streams.topics import group_client
+
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+        groups = {s: group_client(self.settings, f"{self.settings.topic_prefix}{s}") for s in self.stages}
+        # stage -> (committed sum, since when it has not moved while lagging)
+        last: dict[str, tuple[int, float | None]] = {}
+        try:
+            while self.running:
+                t = time.monotonic()
+                try:
+                    md = admin.list_topics(timeout=2)
+                    tps = {s: [TopicPartition(n, p) for n in input_topics(self.settings, s)
+                               if n in md.topics for p in md.topics[n].partitions] for s in self.stages}
+                    ends = {(tp.topic, tp.partition): f.result().offset for tp, f in admin.list_offsets(
+                        {tp: OffsetSpec.latest() for ts in tps.values() for tp in ts},
+                        request_timeout=2).items()}
+                    for s in self.stages:
+                        done = groups[s].committed(tps[s], timeout=2)
+                        committed = sum(max(tp.offset, 0) for tp in done)
+                        lag = sum(ends[(tp.topic, tp.partition)] for tp in done) - committed
+                        prev, since = last.get(s, (committed, None))
+                        since = stall_start(prev, committed, lag, since, t)
+                        last[s] = (committed, since)
+                        if since is not None:
+                            self.longest[s] = max(self.longest[s], t - since)
+                except Exception:  # a broker away: this sample says nothing
+                    for s, (_c, since) in last.items():
+                        if since is not None:
+                            self.longest[s] = max(self.longest[s], t - since)
+                time.sleep(max(0.0, self.every - (time.monotonic() - t)))
+        finally:
+            for c in groups.values():
+                c.close()
+
+    def stop(self) -> dict[str, float]:
+        self.running = False
+        self.join(30)
+        return {s: round(v, 1) for s, v in self.longest.items()}
+
+
+def replication_problems(cluster: Any, settings: Any, replicas: int = 3, min_isr: int = 2) -> list[str]:
+    """The run's topics (the graph's, the retry tiers, the compacted ones, Faust's
+    changelogs and leader topics: all under its prefix) and the consumer offsets
+    whose replication factor or min.insync.replicas is not `replicas`/`min_isr`."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    md = admin.list_topics(timeout=10)
+    names = sorted(n for n in md.topics if n.startswith(settings.topic_prefix) or n == "__consumer_offsets")
+    out = []
+    configs = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, n) for n in names])
+    for res, fut in configs.items():
+        isr = fut.result()["min.insync.replicas"].value
+        rf = {len(p.replicas) for p in md.topics[res.name].partitions.values()}
+        if rf != {replicas} or isr != str(min_isr):
+            out.append(f"{res.name}: replicas {sorted(rf)}, min.insync.replicas {isr}")
+    return out
 
 
 def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
@@ -346,36 +490,54 @@ def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
 
 
 def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd_down: float,
-        work: Path, drain_timeout: float = 600, seed: int | None = None) -> dict[str, Any]:
+        work: Path, drain_timeout: float = 600, seed: int | None = None, brokers: int = 1,
+        broker_kill_every: float = 60.0, broker_down: float = 10.0) -> dict[str, Any]:
+    """One chaos run; `brokers` 1 is the single broker restarted once, 3 (or more) a
+    cluster whose leading node is killed every `broker_kill_every` seconds (the first
+    at a quarter of the run if that is sooner) and started `broker_down` s later."""
     rng = random.Random(seed)
-    broker = harness.Broker(work / "kafka", harness.free_port(), harness.free_port())
     (work / "kafka").mkdir(parents=True, exist_ok=True)
+    broker = cluster = None
+    if brokers > 1:
+        cluster = harness.Cluster(work / "kafka", brokers)
+    else:
+        broker = harness.Broker(work / "kafka", harness.free_port(), harness.free_port())
     clamd = Clamd(work / "clamd")
     peer = harness.ScriptedPeer().start()
     stack = None
+    stall = None
     faults: list[str] = []
     deliver_kills: list[float] = []  # epoch seconds, like the peer's arrival times
+    failovers: list[tuple[float, float]] = []  # monotonic (kill, back in sync or run's end)
     try:
-        broker.start()
+        (cluster or broker).start()  # type: ignore[union-attr]
+        bootstrap = (cluster or broker).bootstrap  # type: ignore[union-attr]
         clamd.start()
-        say(f"broker {broker.bootstrap}, clamd :{clamd.port}, peer :{peer.port}")
+        say(f"{'cluster' if cluster else 'broker'} {bootstrap}, clamd :{clamd.port}, peer :{peer.port}")
+        extra = {"replication": str(min(3, brokers))} if cluster else {}
         stack = harness.Stack(
-            work, broker.bootstrap, scanners="clamd,rspamd", clamd=f"127.0.0.1:{clamd.port}",
+            work, bootstrap, scanners="clamd,rspamd", clamd=f"127.0.0.1:{clamd.port}",
             scan_failure="closed", smtp_routes=f"*=127.0.0.1:{peer.port}", rate_limit="1000000/60s",
-            retry_schedule="1s,2s,4s,8s", max_queue_age="1h")
+            retry_schedule="1s,2s,4s,8s", max_queue_age="1h", **extra)
         stack.start([s for s in dict.fromkeys(STAGES)])
         stack.start_stage("deliver")  # the second replica
+        stall = StallWatch(stack.settings(), list(dict.fromkeys(STAGES)))
+        stall.start()
         load = Load(stack.api, stack.ensure_key(), rate, duration)
         t0 = time.monotonic()
         load.start()
         # When each one-off fault starts, as a share of the run.
-        plan = {"broker": 0.25, "peer": 0.45, "clamd": 0.7}
+        plan = {"peer": 0.45, "clamd": 0.7, **({} if cluster else {"broker": 0.25})}
         next_kill = kill_every
+        next_node_kill = min(0.25 * duration, broker_kill_every)
+        down_node: tuple[int, float, float] | None = None  # (node, killed at, restart at)
+        restarted: tuple[int, float, float] | None = None  # (node, killed at, restarted at)
         # Outages that end on their own: what goes down, for how long, how, and back.
         outages = {"peer": ("SMTP peer", peer_down, peer.stop, peer.up),
                    "clamd": ("clamd", clamd_down, clamd.stop, clamd.start)}
         back: dict[str, float] = {}  # outage -> when it ends
-        while load.is_alive() or back:
+        last_probe = 0.0
+        while load.is_alive() or back or down_node or restarted:
             now = time.monotonic() - t0
             if now >= next_kill and load.is_alive():
                 name = rng.choice(STAGES)
@@ -402,13 +564,56 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
                         stack.start_stage(name)
                     faults.append(f"{now:.0f}s {name} exited with {p.returncode}; restarted")
                     say(faults[-1])
-            if "broker" in plan and now >= plan["broker"] * duration:
+            if broker is not None and "broker" in plan and now >= plan["broker"] * duration:
                 del plan["broker"]
                 say("broker: kill -9 and restart")
+                killed = time.monotonic()
                 broker.stop(kill=True)
                 broker.start()
+                failovers.append((killed, time.monotonic()))
                 faults.append(f"{now:.0f}s broker restarted ({time.monotonic() - t0 - now:.0f}s down)")
                 say(faults[-1])
+            if cluster is not None:
+                if (down_node is None and restarted is None and now >= next_node_kill
+                        and load.is_alive()):
+                    # The node leading the most of the run's partitions: the kill that
+                    # moves the most leaders (and the group coordinators with them).
+                    leads = cluster.leaders(stack.prefix)
+                    node = max(leads, key=lambda k: (leads[k], -k))
+                    cluster.kill_node(node)
+                    down_node = (node, time.monotonic(), time.monotonic() + broker_down)
+                    faults.append(f"{now:.0f}s kill -9 broker node {node} (leading {leads[node]} "
+                                  f"of {sum(leads.values())} partitions)")
+                    say(faults[-1])
+                    next_node_kill = now + broker_kill_every
+                if down_node and time.monotonic() >= down_node[2]:
+                    cluster.start_node(down_node[0], wait=False)
+                    restarted = (down_node[0], down_node[1], time.monotonic())
+                    down_node = None
+                    say(f"broker node {restarted[0]} started again")
+                if restarted and time.monotonic() - last_probe > 1.0:
+                    # The failover is over once the node serves again and every
+                    # partition has its replicas back in sync.
+                    last_probe = time.monotonic()
+                    node, killed, started = restarted
+                    try:
+                        in_sync = (cluster.alive(node) and node_serves(cluster, node)
+                                   and not cluster.under_replicated(stack.prefix))
+                    except Exception:
+                        in_sync = False
+                    if in_sync:
+                        failovers.append((killed, time.monotonic()))
+                        faults.append(f"{now:.0f}s broker node {node} back in sync "
+                                      f"({time.monotonic() - killed:.0f}s after the kill, "
+                                      f"{time.monotonic() - started:.0f}s after its start)")
+                        say(faults[-1])
+                        restarted = None
+                    elif not cluster.alive(node):
+                        faults.append(f"{now:.0f}s broker node {node} exited; started again")
+                        say(faults[-1])
+                        cluster.start_node(node, wait=False)
+                    elif time.monotonic() - started > 300:
+                        raise RuntimeError(f"broker node {node} not back in sync after 300 s")
             for name, (label, length, down, up) in outages.items():
                 if name in plan and now >= plan[name] * duration:
                     del plan[name]
@@ -422,6 +627,7 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
                     say(f"{label} back")
             time.sleep(0.2)
         load.join()
+        stalls = stall.stop()
         if load.unanswered:
             say(f"load done; asking again about {len(load.unanswered)} messages given up on")
             load.settle()
@@ -431,16 +637,37 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
         if load.unanswered:  # their fate is unknown, so the run proves nothing about them
             report["problems"].append(f"{len(load.unanswered)} submissions never answered")
             report["ok"] = False
-        report.update({"duration_s": duration, "rate": rate, "refused": dict(load.refused),
-                       "retried": dict(load.retried), "settled_after_load": load.settled,
-                       "faults": faults})
+        if cluster is not None:
+            wrong = replication_problems(cluster, stack.settings(), min(3, brokers), min(2, brokers))
+            if wrong:
+                report["problems"].append(f"{len(wrong)} topics not replicated as asked: {wrong[:5]}")
+            lagging = cluster.under_replicated(stack.prefix)
+            if lagging:
+                report["problems"].append(f"{len(lagging)} partitions under-replicated at the end, "
+                                          f"e.g. {lagging[:5]}")
+            report["ok"] = not report["problems"]
+        report.update({"duration_s": duration, "rate": rate, "brokers": brokers,
+                       "refused": dict(load.refused), "retried": dict(load.retried),
+                       "settled_after_load": load.settled, "faults": faults,
+                       "broker_failovers": len(failovers),
+                       "failover_s": [round(b - a, 1) for a, b in failovers],
+                       "longest_stall_s": stalls, **client_view(load, failovers)})
         return report
     finally:
+        if stall is not None:
+            stall.running = False
         if stack is not None:
             stack.stop()
         peer.stop()
         clamd.stop()
-        broker.stop()
+        (cluster or broker).stop()  # type: ignore[union-attr]
+
+
+def node_serves(cluster: Any, node: int) -> bool:
+    """Whether cluster node `node` answers a metadata request on its own port."""
+    from mailflow.broker import is_ready
+
+    return is_ready(cluster.nodes[node - 1].bootstrap)
 
 
 def main() -> int:
@@ -452,15 +679,27 @@ def main() -> int:
     p.add_argument("--clamd-down", default="30s", help="how long clamd is down")
     p.add_argument("--drain-timeout", default="15m", help="how long to wait for the pipeline to drain")
     p.add_argument("--seed", type=int, help="random seed for the choice of replicas to kill")
+    p.add_argument("--brokers", type=int, default=1,
+                   help="1: the single broker, restarted once; 3: a three-node cluster, replication 3")
+    p.add_argument("--broker-kill-every", default="60s",
+                   help="with --brokers 3: kill -9 the node leading the most partitions this often")
+    p.add_argument("--broker-down", default="10s", help="how long a killed node stays down")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="mailflow-chaos-") as tmp:
         report = run(parse_duration(a.duration), a.rate, parse_duration(a.kill_every),
                      parse_duration(a.peer_down), parse_duration(a.clamd_down), Path(tmp),
-                     parse_duration(a.drain_timeout), a.seed)
+                     parse_duration(a.drain_timeout), a.seed, a.brokers,
+                     parse_duration(a.broker_kill_every), parse_duration(a.broker_down))
     print(f"accepted {report['accepted_messages']} messages ({report['recipients']} recipients); "
           f"final {report['final']}; at the peer {report['at_peer']}; "
           f"longest delay {report['longest_delay_s']} s; copies sent twice in a deliver "
           f"replica's kill window {report['duplicates_at_deliver_kill']}")
+    print(f"{report['brokers']} broker(s), {report['broker_failovers']} broker failovers "
+          f"({report['failover_s']} s); 5xx answers {report['refused_5xx']} "
+          f"({report['refused_5xx_in_broker_failover']} in failovers); delayed > {DELAYED:.0f} s "
+          f"{report['delayed']} ({report['delayed_in_broker_failover']} in failovers); longest "
+          f"wait {report['longest_wait_s']} s; longest gap in acceptance "
+          f"{report['longest_acceptance_gap_s']} s; longest stall per stage {report['longest_stall_s']}")
     for line in report["problems"]:
         print(f"PROBLEM: {line}")
     print("all checks passed" if report["ok"] else "CHECKS FAILED")

@@ -149,11 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="run the whole local stack")
     up.add_argument("--detach", action="store_true", help="run in the background; stop with `mailflow down`")
     up.add_argument("--no-scanners", action="store_true", help="do not start clamd and rspamd")
+    up.add_argument("--brokers", type=int, metavar="N",
+                    help="run Kafka as a local cluster of N nodes (sets MAILFLOW_BROKER_NODES)")
     sub.add_parser("down", help="stop a stack started with `mailflow up --detach`")
 
-    b = sub.add_parser("broker", help="the embedded Kafka broker (KRaft, single node)")
-    b.add_argument("--port", type=int, default=9092)
-    b.add_argument("--controller-port", type=int, default=9093)
+    b = sub.add_parser("broker", help="the embedded Kafka broker (KRaft; one node, or a local cluster)")
+    b.add_argument("--port", type=int, default=9092,
+                   help="client port (of node 1; node k uses PORT + 2(k-1))")
+    b.add_argument("--controller-port", type=int,
+                   help="controller port (default PORT + 1; node k uses it + 2(k-1))")
+    b.add_argument("--nodes", type=int, default=None,
+                   help="run a local cluster of this many nodes (default $MAILFLOW_BROKER_NODES or 1)")
+    b.add_argument("--node", type=int, metavar="K", help="run only node K of the cluster")
+    b.add_argument("--heap", help="each JVM's -Xmx (default 1g for one node, 512m per cluster node)")
     b.add_argument("--loglevel", default="warn")
 
     w = sub.add_parser("worker", help="run stages")
@@ -257,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "broker":
         from mailflow import broker
 
-        return broker.run(settings.data_dir, args.port, args.controller_port, args.loglevel)
+        return broker.run(settings.data_dir, args.port, args.controller_port, args.loglevel,
+                          nodes=args.nodes or settings.broker_nodes, only=args.node, heap=args.heap)
     if args.cmd == "worker":
         from mailflow import worker
 
@@ -273,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         return server.run(settings, args.host, args.port, reuse_port=args.reuse_port)
     if args.cmd == "up":
         from mailflow import stack
+
+        if args.brokers:
+            # Through the environment, so that every process the stack starts (and the
+            # detached `up` itself) sees the cluster's addresses and replication.
+            os.environ["MAILFLOW_BROKER_NODES"] = str(args.brokers)
+            settings = Settings.from_env()
 
         return stack.up(settings, detach=args.detach, scanners=not args.no_scanners)
     if args.cmd == "down":

@@ -90,6 +90,10 @@ class Settings:
     topic_prefix: str = "mailflow."
     partitions: int = 4
     replication: int = 1
+    # Nodes of the local Kafka cluster `mailflow broker`/`mailflow up` run (1: one
+    # broker). With more, KAFKA_BOOTSTRAP defaults to every node's address and
+    # REPLICATION to min(3, nodes).
+    broker_nodes: int = 1
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     # Slow clients (mailflow.api.server): a connection must send a whole request's
@@ -113,8 +117,17 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         d = cls()
+        nodes = int(_env("BROKER_NODES", str(d.broker_nodes)))
+        if nodes < 1:
+            raise ValueError(f"MAILFLOW_BROKER_NODES must be at least 1, not {nodes}")
+        bootstrap = d.kafka_bootstrap
+        if nodes > 1:
+            from mailflow.broker import cluster_bootstrap
+
+            bootstrap = cluster_bootstrap(nodes)
         return cls(
-            kafka_bootstrap=_env("KAFKA_BOOTSTRAP", d.kafka_bootstrap),
+            kafka_bootstrap=_env("KAFKA_BOOTSTRAP", bootstrap),
+            broker_nodes=nodes,
             data_dir=Path(_env("DATA_DIR", str(d.data_dir))).absolute(),
             object_store=_env("OBJECT_STORE", ""),
             local_domains=frozenset(
@@ -147,7 +160,7 @@ class Settings:
             domain_rate=parse_rate(_env("DOMAIN_RATE", "")) if _env("DOMAIN_RATE", "") else None,
             topic_prefix=_env("TOPIC_PREFIX", d.topic_prefix),
             partitions=int(_env("PARTITIONS", str(d.partitions))),
-            replication=int(_env("REPLICATION", str(d.replication))),
+            replication=int(_env("REPLICATION", str(min(3, nodes)))),
             api_host=_env("API_HOST", d.api_host),
             api_port=int(_env("API_PORT", str(d.api_port))),
             api_header_timeout=parse_duration(_env("API_HEADER_TIMEOUT", f"{d.api_header_timeout}s")),

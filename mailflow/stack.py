@@ -1,6 +1,7 @@
 """`mailflow up` / `mailflow down`: the whole local stack under one supervisor.
 
-Order: Kafka broker (unless one already answers at ``KAFKA_BOOTSTRAP``), clamd,
+Order: Kafka broker (unless one already answers at ``KAFKA_BOOTSTRAP``; with
+``BROKER_NODES`` > 1 each node of the local cluster, restarted if it dies), clamd,
 rspamd and the loopback DNS server, the SMTP sink (when a route points at it),
 one process per stage, then the HTTP API. Each is waited on until it is ready.
 Ctrl-C (or `mailflow down` for ``--detach``) stops them in reverse order.
@@ -47,7 +48,9 @@ def build(settings: Settings, scanners: bool = True) -> Supervisor:
 
     me = [sys.executable, "-m", "mailflow.cli"]
     sup = Supervisor()
-    if not broker.is_ready(settings.kafka_bootstrap):
+    if settings.broker_nodes > 1:
+        broker.supervise_cluster(sup, me, settings.kafka_bootstrap, settings.broker_nodes)
+    elif not broker.is_ready(settings.kafka_bootstrap):
         host, _, port = settings.kafka_bootstrap.rpartition(":")
         sup.add("kafka broker", [*me, "broker", "--port", port],
                 ready=lambda: broker.is_ready(settings.kafka_bootstrap))

@@ -25,6 +25,7 @@ from faust.transport.consumer import Consumer, ensure_TP
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.producer import ProducerBuffer
 
+import streams.failover  # noqa: F401  (patches aiokafka: stale leaders after a failover)
 from mailflow.config import Settings
 from streams.topics import full_name, topic_specs
 

@@ -50,6 +50,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free loopback ports (a local cluster's)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 40000 - count)
+        try:
+            for p in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def wait_for(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2,
              what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
@@ -133,10 +149,12 @@ def get_raw_target(base: str, target: bytes, auth: str | None) -> tuple[int, dic
 class Broker:
     """A `mailflow broker` process of our own (or none, if one already runs)."""
 
-    def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093) -> None:
+    def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093,
+                 heap: str | None = None) -> None:
         self.data_dir = data_dir
         self.port = port
         self.controller_port = controller_port
+        self.heap = heap  # the JVM's -Xmx; None: `mailflow broker`'s default
         self.proc: subprocess.Popen[bytes] | None = None
         self.bootstrap = f"127.0.0.1:{port}"
 
@@ -147,7 +165,8 @@ class Broker:
         log = open(self.data_dir / f"broker-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mailflow.cli", "broker", "--port", str(self.port),
-             "--controller-port", str(self.controller_port)],
+             "--controller-port", str(self.controller_port),
+             *(["--heap", self.heap] if self.heap else [])],
             env=env, stdout=log, stderr=log, start_new_session=True)
         wait_for(lambda: is_ready(self.bootstrap) or self.proc.poll() is not None, timeout,
                  what=f"broker on {self.port}")
@@ -162,6 +181,100 @@ class Broker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+class Cluster:
+    """A local KRaft cluster of our own: each node its own ``mailflow broker --nodes N
+    --node K`` process (so one can be killed -9 and started again while the others
+    serve), on consecutive free ports from `port` (node k: ``port + 2(k-1)``, its
+    controller the port after), data under `data_dir`. Never the shared 9092."""
+
+    def __init__(self, data_dir: Path, nodes: int = 3, port: int | None = None,
+                 heap: str | None = None) -> None:
+        from mailflow.broker import cluster_nodes
+
+        self.data_dir = data_dir
+        self.heap = heap  # each JVM's -Xmx; None: `mailflow broker`'s default (512m)
+        self.port = port or free_ports(2 * nodes)
+        self.nodes = cluster_nodes(nodes, self.port)
+        self.bootstrap = ",".join(n.bootstrap for n in self.nodes)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self, timeout: float = 180) -> None:
+        """Start every node; return once all are registered with the cluster."""
+        from mailflow.broker import cluster_ready
+
+        for n in self.nodes:
+            self.start_node(n.node_id, wait=False)
+        wait_for(lambda: cluster_ready(self.bootstrap, len(self.nodes))
+                 or any(p.poll() is not None for p in self.procs.values()), timeout,
+                 what=f"{len(self.nodes)}-node cluster on {self.port}")
+        dead = [k for k, p in self.procs.items() if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"cluster nodes {dead} exited: see {self.data_dir}/node-*.log")
+
+    def start_node(self, node_id: int, wait: bool = True, timeout: float = 120) -> None:
+        """Start one node (again); with `wait`, until it answers on its own port."""
+        from mailflow.broker import is_ready
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MAILFLOW_DATA_DIR": str(self.data_dir)}
+        log = open(self.data_dir / f"node-{node_id}.log", "ab")  # noqa: SIM115
+        self.procs[node_id] = proc = subprocess.Popen(
+            [sys.executable, "-m", "mailflow.cli", "broker", "--nodes", str(len(self.nodes)),
+             "--node", str(node_id), "--port", str(self.port),
+             *(["--heap", self.heap] if self.heap else [])],
+            env=env, stdout=log, stderr=log, start_new_session=True)
+        if wait:
+            node = self.nodes[node_id - 1]
+            wait_for(lambda: is_ready(node.bootstrap) or proc.poll() is not None, timeout,
+                     what=f"cluster node {node_id}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"cluster node {node_id} exited: see {log.name}")
+
+    def alive(self, node_id: int) -> bool:
+        p = self.procs.get(node_id)
+        return p is not None and p.poll() is None
+
+    def kill_node(self, node_id: int, sig: int = signal.SIGKILL) -> None:
+        """Signal one node's process group (the JVM with it) and reap it."""
+        p = self.procs[node_id]
+        if p.poll() is None:
+            os.killpg(p.pid, sig)
+            p.wait(60)
+
+    def leaders(self, prefix: str = "") -> dict[int, int]:
+        """Node id -> how many partitions (of topics named from `prefix`) it leads."""
+        from confluent_kafka.admin import AdminClient
+
+        md = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=10)
+        out = {n.node_id: 0 for n in self.nodes}
+        for name, t in md.topics.items():
+            if name.startswith(prefix):
+                for p in t.partitions.values():
+                    if p.leader in out:
+                        out[p.leader] += 1
+        return out
+
+    def under_replicated(self, prefix: str = "") -> list[str]:
+        """Partitions (of topics named from `prefix`) whose in-sync replicas are fewer
+        than their replicas, as ``topic/partition``."""
+        from confluent_kafka.admin import AdminClient
+
+        md = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=10)
+        return sorted(f"{name}/{p.id}" for name, t in md.topics.items() if name.startswith(prefix)
+                      for p in t.partitions.values() if len(p.isrs) < len(p.replicas))
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
 
 
 class Stack:

@@ -179,7 +179,7 @@ class SyncReader(CompactedReader):
         n = self.partitions.get(topic)
         return (murmur2(key) & 0x7FFFFFFF) % n if n else None
 
-    async def caught_up(self, topic: str, partition: int, within: float = 3.0) -> bool:
+    async def caught_up(self, topic: str, partition: int, within: float = 15.0) -> bool:
         """Wait until every record on one partition that existed when called has been
         read; False on timeout or broker trouble.
 
@@ -192,11 +192,19 @@ class SyncReader(CompactedReader):
         if shared is None:
             shared = self._ends[(topic, partition)] = _SharedQuery(
                 lambda: self._end_offset(topic, partition, within))
-        try:
-            end = await asyncio.wait_for(shared.get(), within)
-        except Exception:  # KafkaException, TimeoutError: the broker did not answer
-            return False
         deadline = time.monotonic() + within
+        while True:
+            try:
+                end = await asyncio.wait_for(shared.get(), max(0.1, deadline - time.monotonic()))
+                break
+            except Exception:  # KafkaException, TimeoutError: the broker did not answer
+                # On a cluster, a partition whose leader just died answers nothing
+                # until the controller has fenced it and elected another (6 s or so):
+                # ask again until `within` is spent rather than refuse at once. With
+                # every broker away the ingress answers 503 before it gets here.
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.25)
         while self.positions.get((topic, partition), 0) < end:
             if time.monotonic() > deadline:
                 return False

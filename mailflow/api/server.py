@@ -169,7 +169,9 @@ class Ingress:
     # ---- lifecycle -------------------------------------------------------
     async def on_startup(self, _app: web.Application) -> None:
         s = self.settings
-        self.producer = AsyncProducer(s.kafka_bootstrap)
+        # 30 s for a new partition leader: a broker failover delays a submission
+        # instead of refusing it; with no broker at all, 503 within a second.
+        self.producer = AsyncProducer(s.kafka_bootstrap, timeout_ms=30000, purge_when_down=True)
         self.reader = SyncReader(s.kafka_bootstrap,
                                  [full_name(s, "throttle"), full_name(s, "registry"),
                                   full_name(s, "auth"), self.idem_topic])

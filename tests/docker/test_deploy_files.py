@@ -403,3 +403,60 @@ def test_dockerfile_copies_every_package() -> None:
         top = pattern.rstrip("*").split(".")[0]
         assert top in copied, f"Dockerfile does not COPY package {top}"
         assert (ROOT / top).is_dir(), top
+
+
+# ------------------------------------------------- compose vs the local cluster
+
+# The broker settings whose values decide what a node's loss costs: replication,
+# in-sync replicas, leader election, failover timing, the listeners' names. The
+# cluster chaos run (tests/pipeline/test_cluster.py) runs mailflow/broker.py's
+# cluster with these; production runs compose.yaml's. They must be the same.
+FAILOVER_KEYS = (
+    "process.roles", "default.replication.factor", "min.insync.replicas",
+    "offsets.topic.replication.factor", "transaction.state.log.replication.factor",
+    "transaction.state.log.min.isr", "share.coordinator.state.topic.replication.factor",
+    "share.coordinator.state.topic.min.isr", "unclean.leader.election.enable",
+    "broker.session.timeout.ms", "broker.heartbeat.interval.ms",
+    "leader.imbalance.check.interval.seconds", "controller.listener.names",
+    "inter.broker.listener.name", "listener.security.protocol.map",
+)
+
+
+def kafka_env_name(key: str) -> str:
+    """The apache/kafka image's environment name for a server property."""
+    return "KAFKA_" + key.upper().replace(".", "_")
+
+
+def test_compose_kafka_matches_the_tested_cluster(tmp_path: Path) -> None:
+    from mailflow import broker
+
+    voters = broker.cluster_nodes(3)
+    services = compose()["services"]
+    for node in voters:
+        tested = dict(line.split("=", 1) for line in broker.server_properties(
+            tmp_path, node.port, node.controller_port, node=node, voters=voters).splitlines()
+            if "=" in line)
+        env = {k: default_of(str(v)) for k, v in services[f"kafka-{node.node_id}"]["environment"].items()}
+        for key in FAILOVER_KEYS:
+            assert env.get(kafka_env_name(key)) == tested[key], (node.node_id, key)
+        assert env["KAFKA_NODE_ID"] == tested["node.id"]
+        # Same listeners and voters; hosts differ (loopback ports vs container names).
+        def shape(value: str) -> list[str]:
+            return sorted(re.sub(r"//[^:]*:", "//:", p).split(":")[0] for p in value.split(","))
+        assert shape(env["KAFKA_LISTENERS"]) == shape(tested["listeners"])
+        assert env["KAFKA_LISTENERS"].endswith(f":{broker.cluster_nodes(1)[0].controller_port}")
+        assert [v.split("@")[0] for v in env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")] == [
+            v.split("@")[0] for v in tested["controller.quorum.voters"].split(",")]
+    # And mailflow's side: the replication its topics get on the tested cluster.
+    mf = services["api"]["environment"]
+    assert mf["MAILFLOW_REPLICATION"] == tested["default.replication.factor"]
+
+
+def test_docker_readme_states_the_replication_and_failover_settings() -> None:
+    from mailflow import broker
+
+    text = (DOCKER / "README.md").read_text()
+    for phrase in ("replication factor 3", "`min.insync.replicas=2`",
+                   f"`broker.session.timeout.ms={broker.BROKER_SESSION_MS}`", "acks=all",
+                   "bench/chaos.py --brokers 3"):
+        assert phrase in text, phrase
