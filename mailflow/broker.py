@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from mailflow.supervise import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[1]
 POM = ROOT / "broker" / "pom.xml"
 
@@ -188,7 +190,8 @@ def run(data_dir: Path, port: int = 9092, controller_port: int = 9093, loglevel:
     except BrokerError as exc:
         log(str(exc))
         return 2
-    proc = subprocess.Popen(cmd)
+    # The JVM stops (cleanly, on SIGTERM) when this process ends, however it ends.
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent(signal.SIGTERM))
     stop = {"sig": False}
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -146,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mailflow", description="Outbound mail pipeline on Kafka")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    up = sub.add_parser("up", help="run the whole local stack")
+    up = sub.add_parser("up", help="run the whole local stack (one per data dir: refuses, naming it, "
+                        "while another runs there or holds its ports)")
     up.add_argument("--detach", action="store_true", help="run in the background; stop with `mailflow down`")
     up.add_argument("--no-scanners", action="store_true", help="do not start clamd and rspamd")
-    sub.add_parser("down", help="stop a stack started with `mailflow up --detach`")
+    sub.add_parser("down", help="stop the stack running on this data dir (MAILFLOW_DATA_DIR), "
+                   "whether started in the foreground or with --detach, and wait until it has stopped")
+    sub.add_parser("env", help="print export lines (MAILFLOW_API, MAILFLOW_API_KEY, MAILFLOW_TOKEN) "
+                   "for the stack on this data dir: eval \"$(mailflow env)\"")
 
     b = sub.add_parser("broker", help="the embedded Kafka broker (KRaft, single node)")
     b.add_argument("--port", type=int, default=9092)
@@ -259,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         from mailflow import stack
 
         return stack.down(settings)
+    if args.cmd == "env":
+        from mailflow import stack
+
+        return stack.print_env(settings)
     if args.cmd == "send":
         return cmd_send(args, settings)
     if args.cmd == "status":

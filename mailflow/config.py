@@ -88,6 +88,7 @@ class Settings:
     replication: int = 1
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    lag_port: int = 9308  # `mailflow up`'s lag exporter (Prometheus gauges)
     advertise_host: str = ""  # how other processes reach this worker's web port
     # bodies above this travel by reference through the object store (claim check)
     inline_max_bytes: int = 256 * 1024
@@ -137,6 +138,7 @@ class Settings:
             replication=int(_env("REPLICATION", str(d.replication))),
             api_host=_env("API_HOST", d.api_host),
             api_port=int(_env("API_PORT", str(d.api_port))),
+            lag_port=int(_env("LAG_PORT", str(d.lag_port))),
             advertise_host=_env("ADVERTISE_HOST", ""),
             inline_max_bytes=parse_size(_env("INLINE_MAX_BYTES", str(d.inline_max_bytes))),
             ehlo_name=_env("EHLO_NAME", d.ehlo_name),
