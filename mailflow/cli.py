@@ -61,8 +61,18 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    status, body = _http("GET", f"{_api(settings, args.api)}/v1/messages/{args.id}",
-                         key=_credential(args))
+    import time
+
+    url = f"{_api(settings, args.api)}/v1/messages/{args.id}"
+    deadline = time.monotonic() + (args.wait or 0)
+    while True:
+        status, body = _http("GET", url, key=_credential(args))
+        # --wait: a message accepted a moment ago is not known to the status stage
+        # yet (404); then until every recipient has reached a final state.
+        if time.monotonic() >= deadline or (status == 200 and orjson.loads(body).get("final")) \
+                or status not in (200, 404):
+            break
+        time.sleep(0.3)
     if status != 200:
         print(f"mailflow: {status}: {body.decode(errors='replace')}", file=sys.stderr)
         return 1
@@ -181,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="one message's state and timeline")
     st.add_argument("id")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--wait", type=float, metavar="SECONDS", default=0,
+                    help="wait up to SECONDS until every recipient is in a final state")
     st.add_argument("--api")
     st.add_argument("--key", help="API key or mailbox token (default: $MAILFLOW_API_KEY, $MAILFLOW_TOKEN)")
 

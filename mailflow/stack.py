@@ -55,21 +55,26 @@ def lock_path(settings: Settings) -> Path:
     return settings.data_dir / "run" / "up.lock"
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None
+    if the process is gone or a zombie (dead, waiting to be reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields
+
+
 def _proc_start(pid: int) -> int | None:
     """The start time of process `pid` (clock ticks since boot), or None if it is gone;
     with the pid it names one process, never a later one that reused the pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def _proc_pgid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):
-        return None
+    fields = _proc_stat(pid)
+    return int(fields[2]) if fields else None
 
 
 class StackLock:
