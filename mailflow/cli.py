@@ -68,9 +68,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     while True:
         status, body = _http("GET", url, key=_credential(args))
         # --wait: a message accepted a moment ago is not known to the status stage
-        # yet (404); then until every recipient has reached a final state.
+        # yet (404), a status replica may be restarting (503); then until every
+        # recipient has reached a final state.
         if time.monotonic() >= deadline or (status == 200 and orjson.loads(body).get("final")) \
-                or status not in (200, 404):
+                or status not in (200, 404, 503):
             break
         time.sleep(0.3)
     if status != 200:

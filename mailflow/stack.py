@@ -343,20 +343,28 @@ def up(settings: Settings, detach: bool = False, scanners: bool = True) -> int:
                                         "start": _proc_start(c.proc.pid)}]
             lock.write(info)
 
+        def ready() -> None:  # what `mailflow up --detach` waits for
+            info["ready"] = True
+            lock.write(info)
+
         lock.write(info)
-        return _run(settings, build(settings, scanners, on_spawn=record))
+        return _run(settings, build(settings, scanners, on_spawn=record), ready)
     finally:
         lock.release()
 
 
-def _run(settings: Settings, sup: Supervisor) -> int:
+def _run(settings: Settings, sup: Supervisor, on_ready: Any = None) -> int:
     """Start, print the credentials, supervise; whatever ends it, stop every child."""
     from mailflow.kafka_ready import BrokerNotReady
 
     sup.install_signals()
+    since = time.time()
     try:
         sup.start()
+        wait_stages(settings, sup, since)
         print_demo_credentials(settings)
+        if on_ready:
+            on_ready()
         _say(f"stack ready; API {api_url(settings)} (Ctrl-C or `mailflow down` stops it)")
         return sup.run_forever()
     except (RuntimeError, BrokerNotReady) as exc:  # BrokerNotReady is a RuntimeError too
@@ -369,6 +377,36 @@ def _run(settings: Settings, sup: Supervisor) -> int:
         sup.stop()
 
 
+def wait_stages(settings: Settings, sup: Supervisor, since: float, timeout: float = 240.0) -> None:
+    """Until every stage the supervisor started has said on ``registry`` that it is
+    consuming (a heartbeat newer than `since`: one of a previous run does not count),
+    so that "stack ready" means a status or mailbox read is answered. Children that die
+    meanwhile are restarted as usual; RuntimeError after `timeout`, naming the stages."""
+    from mailflow.kafka_io import CompactedReader
+    from streams.topics import full_name
+
+    stages = [c.name.removeprefix("stage ") for c in sup.children if c.name.startswith("stage ")]
+    topic = full_name(settings, "registry")
+    reader = CompactedReader(settings.kafka_bootstrap, [topic])
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            live = {v.get("stage") for v in list(reader.values[topic].values())
+                    if float(v.get("ts") or 0) >= since}
+            missing = [st for st in stages if st not in live]
+            if not missing:
+                sup.log(f"stages consuming: {', '.join(stages)}")
+                return
+            if sup.stopping:
+                raise RuntimeError("stopped while the stages were starting")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stage(s) not consuming after {timeout:.0f}s: {', '.join(missing)}")
+            sup.check()
+            time.sleep(0.5)
+    finally:
+        reader.close()
+
+
 def _up_detached(settings: Settings, scanners: bool) -> int:
     log = settings.data_dir / "run" / "up.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -378,9 +416,8 @@ def _up_detached(settings: Settings, scanners: bool) -> int:
                                 + ([] if scanners else ["--no-scanners"]),
                                 stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    api = f"{api_url(settings)}/healthz"
-    deadline = time.monotonic() + 300
-    while not _http_ok(api):
+    deadline = time.monotonic() + 420
+    while not (running(settings) or {}).get("ready"):
         if proc.poll() is not None or time.monotonic() > deadline:
             _say(f"the stack did not come up; see {log}")
             return 1
