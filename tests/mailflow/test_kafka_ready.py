@@ -113,9 +113,9 @@ def test_first_reads_right_after_the_broker_becomes_ready(tmp_path: Path) -> Non
             _first_reads(kept, entry if restart else None)
             if not restart:
                 _write_registry(kept, entry)
-            for i in range(4):  # topic creation and leader election each time
+            for i in range(3):  # topic creation and leader election each time
                 _first_reads(fresh(f"r{restart}n{i}"), None)
                 runs += 1
-        assert runs == 12
+        assert runs == 9
     finally:
         broker.stop(kill=True)
