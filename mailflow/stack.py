@@ -454,5 +454,9 @@ def down(settings: Settings, timeout: float = 60.0) -> int:
                 pass
             return 1
         time.sleep(0.3)
+    # The lock goes once every child has stopped; the process itself a moment later.
+    gone_by = time.monotonic() + 5
+    while _proc_start(int(pid)) is not None and time.monotonic() < gone_by:
+        time.sleep(0.1)
     print(f"mailflow: stack stopped ({describe(info)})")
     return 0
