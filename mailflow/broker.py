@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mailflow.supervise import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[1]
 POM = ROOT / "broker" / "pom.xml"
 
@@ -366,7 +368,8 @@ def run(data_dir: Path, port: int = 9092, controller_port: int | None = None, lo
     except BrokerError as exc:
         log(str(exc))
         return 2
-    procs = [subprocess.Popen(cmd) for cmd in cmds]
+    # Each JVM stops (cleanly, on SIGTERM) when this process ends, however it ends.
+    procs = [subprocess.Popen(cmd, preexec_fn=die_with_parent(signal.SIGTERM)) for cmd in cmds]
     stop = {"sig": False}
 
     def on_signal(signum: int, _frame: object) -> None:

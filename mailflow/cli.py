@@ -61,8 +61,19 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    status, body = _http("GET", f"{_api(settings, args.api)}/v1/messages/{args.id}",
-                         key=_credential(args))
+    import time
+
+    url = f"{_api(settings, args.api)}/v1/messages/{args.id}"
+    deadline = time.monotonic() + (args.wait or 0)
+    while True:
+        status, body = _http("GET", url, key=_credential(args))
+        # --wait: a message accepted a moment ago is not known to the status stage
+        # yet (404), a status replica may be restarting (503); then until every
+        # recipient has reached a final state.
+        if time.monotonic() >= deadline or (status == 200 and orjson.loads(body).get("final")) \
+                or status not in (200, 404, 503):
+            break
+        time.sleep(0.3)
     if status != 200:
         print(f"mailflow: {status}: {body.decode(errors='replace')}", file=sys.stderr)
         return 1
@@ -146,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mailflow", description="Outbound mail pipeline on Kafka")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    up = sub.add_parser("up", help="run the whole local stack")
+    up = sub.add_parser("up", help="run the whole local stack (one per data dir: refuses, naming it, "
+                        "while another runs there or holds its ports)")
     up.add_argument("--detach", action="store_true", help="run in the background; stop with `mailflow down`")
     up.add_argument("--no-scanners", action="store_true", help="do not start clamd and rspamd")
     up.add_argument("--brokers", type=int, metavar="N",
                     help="run Kafka as a local cluster of N nodes (sets MAILFLOW_BROKER_NODES)")
-    sub.add_parser("down", help="stop a stack started with `mailflow up --detach`")
+    sub.add_parser("down", help="stop the stack running on this data dir (MAILFLOW_DATA_DIR), "
+                   "whether started in the foreground or with --detach, and wait until it has stopped")
+    sub.add_parser("env", help="print export lines (MAILFLOW_API, MAILFLOW_API_KEY, MAILFLOW_TOKEN) "
+                   "for the stack on this data dir: eval \"$(mailflow env)\"")
 
     b = sub.add_parser("broker", help="the embedded Kafka broker (KRaft; one node, or a local cluster)")
     b.add_argument("--port", type=int, default=9092,
@@ -185,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="one message's state and timeline")
     st.add_argument("id")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--wait", type=float, metavar="SECONDS", default=0,
+                    help="wait up to SECONDS until every recipient is in a final state")
     st.add_argument("--api")
     st.add_argument("--key", help="API key or mailbox token (default: $MAILFLOW_API_KEY, $MAILFLOW_TOKEN)")
 
@@ -294,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         from mailflow import stack
 
         return stack.down(settings)
+    if args.cmd == "env":
+        from mailflow import stack
+
+        return stack.print_env(settings)
     if args.cmd == "send":
         return cmd_send(args, settings)
     if args.cmd == "status":

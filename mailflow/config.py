@@ -101,6 +101,7 @@ class Settings:
     # idle time), and a submission's whole body within api_body_timeout.
     api_header_timeout: float = 15.0
     api_body_timeout: float = 120.0
+    lag_port: int = 9308  # `mailflow up`'s lag exporter (Prometheus gauges)
     advertise_host: str = ""  # how other processes reach this worker's web port
     # bodies above this travel by reference through the object store (claim check)
     inline_max_bytes: int = 256 * 1024
@@ -165,6 +166,7 @@ class Settings:
             api_port=int(_env("API_PORT", str(d.api_port))),
             api_header_timeout=parse_duration(_env("API_HEADER_TIMEOUT", f"{d.api_header_timeout}s")),
             api_body_timeout=parse_duration(_env("API_BODY_TIMEOUT", f"{d.api_body_timeout}s")),
+            lag_port=int(_env("LAG_PORT", str(d.lag_port))),
             advertise_host=_env("ADVERTISE_HOST", ""),
             inline_max_bytes=parse_size(_env("INLINE_MAX_BYTES", str(d.inline_max_bytes))),
             ehlo_name=_env("EHLO_NAME", d.ehlo_name),

@@ -21,6 +21,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from mailflow.kafka_ready import wait_for_partitions
+
 log = logging.getLogger("mailflow.kafka")
 
 
@@ -210,16 +212,15 @@ class CompactedReader:
         self._thread.start()
 
     def _assign(self) -> bool:
+        # Every topic, each partition led: a reader that assigned the topics present at
+        # the first look would never read one created a moment later.
         try:
-            md = self._consumer.list_topics(timeout=5)
-        except KafkaException:
+            marks = wait_for_partitions(self._consumer, self._topics, timeout=5)
+        except Exception as exc:  # BrokerNotReady, or the broker still coming up
+            log.debug("reader not assigned yet: %s", exc)
             return False
-        tps = [TopicPartition(t, p, OFFSET_BEGINNING)
-               for t in self._topics if t in md.topics for p in md.topics[t].partitions]
-        if len(tps) == 0:
-            return False
-        self._consumer.assign(tps)
-        self.partitions = {t: len(md.topics[t].partitions) for t in self._topics if t in md.topics}
+        self._consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in marks])
+        self.partitions = {t: sum(1 for tt, _ in marks if tt == t) for t in self._topics}
         return True
 
     def _run(self) -> None:
@@ -255,9 +256,9 @@ def read_to_end(bootstrap: str, topic: str, idle_timeout: float = 10.0) -> list[
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"mailflow-read-{uuid.uuid4().hex[:8]}",
                   "enable.auto.commit": False})
     try:
-        md = c.list_topics(topic, timeout=10)
-        parts = list(md.topics[topic].partitions)
-        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        marks = wait_for_partitions(c, [topic], 60.0)  # a broker just started: bounded wait
+        parts = [p for _t, p in marks]
+        ends = {p: marks[(topic, p)][1] for p in parts}
         c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         remaining = {p for p, e in ends.items() if e > 0}
         out: list[tuple[bytes | None, bytes | None]] = []

@@ -55,6 +55,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailflow.supervise import die_with_parent
+
 __all__ = [
     "CLAMD_PORT",
     "DEFAULT_DATA_DIR",
@@ -783,6 +785,9 @@ class ServiceGroup:
                 cwd=svc.data_dir,
                 env=env,
                 start_new_session=True,
+                # A daemon outlives neither us nor a SIGKILL of us; SIGTERM lets
+                # rspamd's main process stop its own workers.
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
         with self._lock:
             self._started.append(svc)

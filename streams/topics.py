@@ -73,42 +73,45 @@ def ensure_topics(settings: Settings, timeout: float = 30.0,
 
 def create_topics(settings: Settings, wanted: Sequence[tuple[str, int, dict[str, str]]],
                   timeout: float = 30.0) -> list[str]:
+    """Create what of `wanted` is missing; return the names created, once every
+    partition of every wanted topic has a leader that serves it.
+
+    A broker that has only just become ready may time out, have no controller yet
+    or no leaders: those answers are retried (`mailflow.kafka_ready`), for `timeout`."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
+    from mailflow.kafka_ready import is_transient, retry_kafka, wait_until_served
+
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    existing = set(admin.list_topics(timeout=timeout).topics)
-    new = [
-        NewTopic(name, num_partitions=partitions, replication_factor=settings.replication,
-                 config={"min.insync.replicas": str(min(2, settings.replication)), **config})
-        for name, partitions, config in wanted if name not in existing
-    ]
-    if not new:
-        return []
-    created = []
-    for name, fut in admin.create_topics(new, operation_timeout=timeout).items():
-        try:
-            fut.result()
-            created.append(name)
-        except Exception as exc:  # another process created it first
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise
-    _wait_for_leaders(admin, [t.topic for t in new], timeout)
-    return created
-
-
-def _wait_for_leaders(admin: Any, names: list[str], timeout: float) -> None:
-    """A created topic is not usable until every partition has a leader in metadata;
-    a Faust worker that looks earlier can stay convinced the topic is missing."""
     deadline = time.monotonic() + timeout
+    created: list[str] = []
     while True:
-        topics = admin.list_topics(timeout=timeout).topics
-        waiting = [n for n in names if n not in topics or topics[n].error is not None
-                   or any(p.leader < 0 for p in topics[n].partitions.values())]
-        if not waiting:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"topics without a leader after {timeout:.0f} s: {', '.join(waiting)}")
-        time.sleep(0.1)
+        existing = set(retry_kafka(lambda: admin.list_topics(timeout=timeout).topics,
+                                   "listing topics", timeout))
+        new = [
+            NewTopic(name, num_partitions=partitions, replication_factor=settings.replication,
+                     config={"min.insync.replicas": str(min(2, settings.replication)), **config})
+            for name, partitions, config in wanted if name not in existing
+        ]
+        if not new:
+            break
+        retry = False
+        for name, fut in admin.create_topics(new, operation_timeout=timeout).items():
+            try:
+                fut.result()
+                created.append(name)
+            except Exception as exc:  # another process created it first
+                if "TOPIC_ALREADY_EXISTS" in str(exc):
+                    continue
+                if not is_transient(exc) or time.monotonic() > deadline:
+                    raise
+                retry = True
+        if not retry:
+            break
+        time.sleep(0.5)
+    wait_until_served(settings.kafka_bootstrap, [name for name, _, _ in wanted],
+                      max(5.0, deadline - time.monotonic()))
+    return created
 
 
 def delete_prefix_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
@@ -158,23 +161,21 @@ def init_group_offsets(settings: Settings, group: str, topics: Sequence[str],
     """
     from confluent_kafka import KafkaException, TopicPartition
 
+    from mailflow.kafka_ready import retry_kafka, wait_for_partitions
+
     c = group_client(settings, group)
     try:
-        md = c.list_topics(timeout=timeout)
-        tps = [TopicPartition(t, p) for t in topics if t in md.topics for p in md.topics[t].partitions]
-        deadline = time.monotonic() + 3 * timeout
-        while True:
-            try:
-                committed = c.committed(tps, timeout=timeout)
-                break
-            except KafkaException:  # a fresh broker's offsets topic is still being made
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        md = retry_kafka(lambda: c.list_topics(timeout=timeout), "listing topics", timeout)
+        present = [t for t in topics if t in md.topics]
+        marks = wait_for_partitions(c, present, 3 * timeout)
+        tps = [TopicPartition(t, p) for t, p in marks]
+        # A fresh broker's offsets topic (the group coordinator) may still be in the making.
+        committed = retry_kafka(lambda: c.committed(tps, timeout=timeout),
+                                f"reading the committed offsets of {group}", 3 * timeout)
         missing = [tp for tp in committed if tp.offset < 0]
         if not missing:
             return 0
-        starts = [TopicPartition(tp.topic, tp.partition, c.get_watermark_offsets(tp, timeout=timeout)[0])
+        starts = [TopicPartition(tp.topic, tp.partition, marks[(tp.topic, tp.partition)][0])
                   for tp in missing]
         try:
             c.commit(offsets=starts, asynchronous=False)

@@ -44,6 +44,7 @@ from aiokafka.partitioner import murmur2
 
 from mailflow.config import Settings
 from mailflow.kafka_io import CompactedReader
+from mailflow.kafka_ready import BrokerNotReady, retry_kafka, wait_for_partitions
 from mailflow.mailrules import AddressError, mailbox_key, normalize_address
 from streams.topics import full_name
 
@@ -226,8 +227,11 @@ class SyncReader(CompactedReader):
         with self._sync_lock:
             probe = self._probe_consumer()
         # Outside the lock: librdkafka takes concurrent queries, and a slow one must
-        # not hold up another partition's or another topic's.
-        return int(probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)[1])
+        # not hold up another partition's or another topic's. A leader still taking
+        # over (a broker just started) answers NOT_LEADER for a moment: retried.
+        return int(retry_kafka(
+            lambda: probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout),
+            f"the end offset of {topic}[{partition}]", timeout)[1])
 
     def sync(self, topic: str, timeout: float = 3.0, min_interval: float = 0.0) -> bool:
         """Wait (blocking; call from a thread) until every record on `topic` that
@@ -239,11 +243,10 @@ class SyncReader(CompactedReader):
         try:
             with self._sync_lock:
                 probe = self._probe_consumer()
-            md = probe.list_topics(topic, timeout=timeout)
-            parts = list(md.topics[topic].partitions) if topic in md.topics else []
-            ends = {p: self._end_offset(topic, p, timeout) for p in parts}
-        except KafkaException:
+            marks = wait_for_partitions(probe, [topic], timeout)
+        except (KafkaException, BrokerNotReady):
             return False
+        ends = {p: high for (_t, p), (_low, high) in marks.items()}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(self.positions.get((topic, p), 0) >= end for p, end in ends.items()):
@@ -397,9 +400,10 @@ def read_all(settings: Settings, timeout: float = 10.0) -> dict[str, dict[str, A
                   "enable.auto.commit": False})
     out: dict[str, dict[str, Any]] = {}
     try:
-        md = c.list_topics(name, timeout=timeout)
-        parts = list(md.topics[name].partitions)
-        ends = {p: c.get_watermark_offsets(TopicPartition(name, p), timeout=timeout)[1] for p in parts}
+        # Bounded wait for a broker that has just become ready (the first `mailflow up`).
+        marks = wait_for_partitions(c, [name], max(timeout, 60.0))
+        parts = [p for _t, p in marks]
+        ends = {p: marks[(name, p)][1] for p in parts}
         remaining = {p for p, e in ends.items() if e > 0}
         c.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in parts])
         deadline = time.monotonic() + timeout

@@ -243,3 +243,46 @@ def test_group_times_out_and_cleans_up(tmp_path: Path) -> None:
         group.start(timeout=0.5)
     assert time.monotonic() - t0 < 10
     assert svc.proc is not None and svc.proc.returncode == -signal.SIGTERM
+
+
+def test_rspamd_and_its_workers_die_when_their_starter_is_killed(services, tmp_path: Path) -> None:
+    """The process that started the daemons (`mailflow.services up` under `mailflow up`)
+    is SIGKILLed: rspamd's main process gets its death signal (SIGTERM) and takes its
+    forked workers along; nothing of the group is left after 10 s."""
+    import subprocess
+    import textwrap
+
+    port, ctl = free_port(), free_port()
+    script = tmp_path / "starter.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from mailflow.services import ServiceGroup, prepare_rspamd
+        svc = prepare_rspamd(Path({str(tmp_path / "rspamd")!r}), port={port}, controller_port={ctl},
+                             workers=2)
+        group = ServiceGroup([svc], log=lambda m: None)
+        group.start(60)
+        print(svc.proc.pid, flush=True)
+        time.sleep(300)
+    """))
+    root = Path(__file__).resolve().parents[2]
+    starter = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(root)}, start_new_session=True)
+    pgid = 0
+    try:
+        assert starter.stdout is not None
+        pgid = int(starter.stdout.readline())
+        members = group_members(pgid)
+        assert len(members) >= 4, members  # main, controller, 2 normal (+ hs_helper)
+        starter.kill()
+        starter.wait(10)
+        deadline = time.monotonic() + 10
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not group_members(pgid), group_members(pgid)
+        assert not rspamd_ping(HOST, port)
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+        if pgid and group_members(pgid):
+            os.killpg(pgid, signal.SIGKILL)
