@@ -1,0 +1,331 @@
+"""Every change mailflow makes to Faust's internals, in one place, and the check
+that the installed Faust is the one they were written for.
+
+faust-streaming is pinned to `TESTED_VERSION` (pyproject.toml). Each entry of
+`PATCHES` names the Faust attribute it replaces, why, and the upstream issue; the
+attributes of Faust that the protections below only read are in `READS`.
+`install()` runs `check()` first and refuses to patch anything (raising
+`FaustCompatError`, with every mismatch listed) unless the version is the tested
+one and every patched or read attribute is there with the shape the patches
+assume: the same parameters, and the lines of Faust's own code they depend on.
+On another Faust a stage then fails at start with a message saying what moved,
+instead of running with a guarantee silently gone.
+
+Only stage worker processes install the patches: `streams.app.make_app` calls
+`install()` before it builds a stage's app. Importing this module, `streams.app`
+or anything the API imports changes nothing in Faust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from faust.transport.consumer import Consumer, ensure_TP
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.producer import ProducerBuffer
+
+TESTED_VERSION = "0.15.3"
+
+log = logging.getLogger("mailflow.stage")
+
+
+class FaustCompatError(RuntimeError):
+    """The installed Faust is not the one mailflow's patches were written for."""
+
+
+# --- ProducerBuffer.max_messages --------------------------------------------------------
+
+# Table writes queue their changelog records in Faust's ProducerBuffer; past 100
+# pending records Faust pauses every stream until the buffer drains one record at
+# a time (with 0.1 s waits), which caps a stage far below what Kafka takes. A
+# larger bound keeps the back-pressure and removes the stall.
+PRODUCER_BUFFER_MAX = 10_000
+
+
+# --- Consumer._read_offset ----------------------------------------------------------------
+
+class NoReadOffsets(MutableMapping[Any, Any]):
+    """Stands in for Faust's per-partition "read offset", which it uses to drop any
+    fetched record below the highest offset it has seen, and to call a jump a "gap"
+    whose offsets count as acknowledged.
+
+    After a rebalance Faust resumes fetching a stream partition before it seeks it
+    back to the committed offset (faust-streaming #221, #606). Records fetched early
+    raise the read offset; the queue they sat in is cleared; the re-fetch after the
+    seek is then dropped as old. A CI run's store skipped 103 records that way and
+    its commit stopped for good; a chaos run's deliver stage had the offsets of a
+    skipped record counted as a gap and committed past it: mail lost. Without read
+    offsets nothing is dropped and nothing is assumed: a record fetched twice is
+    handled twice, which every stage is idempotent for, and Faust's ack still
+    ignores offsets below the committed one.
+    """
+
+    def __getitem__(self, tp: Any) -> None:
+        return None
+
+    def __setitem__(self, tp: Any, offset: Any) -> None:
+        pass
+
+    def __delitem__(self, tp: Any) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_consumer_init = Consumer.__init__
+
+
+def _init_without_read_offsets(self: Any, *args: Any, **kwargs: Any) -> None:
+    _consumer_init(self, *args, **kwargs)
+    self._read_offset = NoReadOffsets()
+
+
+# --- Consumer._new_offset, Consumer.perform_seek: the commit base -----------------------
+
+# Faust commits the first run of consecutive acknowledged offsets with a check that
+# is one short: with C committed (the next offset to read) it commits past C while
+# the record at C is still being handled, as soon as C+1 is done; and with no
+# committed offset (a fresh group, or one committed at 0, which Faust reads as none)
+# it does not check at all. A stage with records in flight out of order (deliver's
+# 32 actors) that is killed then never handles the record it committed past: mail
+# lost. A commit here starts exactly at the partition's committed offset.
+_faust_new_offset = Consumer._new_offset
+
+
+def commit_base(consumer: Any, tp: Any) -> int | None:
+    """The offset a commit of `tp` must start from: the committed one, 0 included."""
+    base = consumer._committed_offset[tp]
+    return base if base is not None else getattr(consumer, "_seek_base", {}).get(tp)
+
+
+def _new_offset_from_base(self: Any, tp: Any) -> int | None:
+    acked = self._acked[tp]
+    base = commit_base(self, tp)
+    if acked and base is not None and min(acked) > base:
+        return None  # the record at `base` is not done (or was dropped: see `refetch_holes`)
+    return _faust_new_offset(self, tp)
+
+
+async def _perform_seek_keeping_base(self: Any) -> None:
+    # Faust keeps the committed offsets but turns 0 into None; keep them exactly.
+    offsets = await self.seek_to_committed()
+    self._seek_base = {ensure_TP(tp): off for tp, off in offsets.items() if off is not None and off >= 0}
+    self._committed_offset.update({tp: off or None for tp, off in self._seek_base.items()})
+
+
+# --- AIOKafkaConsumerThread.commit: a commit that never returns ---------------------------
+
+# An offset commit that never returns stops a stage for good, with nothing but a
+# Faust log line after five minutes ("Has not committed TP"): a five-minute chaos run's
+# scan stage sent a commit as the broker was killed and waited on it for the rest
+# of the run while every other stage went on. A replica whose commit has not
+# returned after COMMIT_STUCK seconds exits, as if killed; its supervisor (`mailflow
+# up`, an orchestrator, bench/chaos) starts it again and it resumes from its last
+# commit like after any crash, handling a few records twice (every stage is
+# idempotent). Commits wait out a broker restart (15 s in the chaos runs); a broker
+# away for longer makes replicas restart until it is back.
+COMMIT_STUCK = 120.0
+_thread_commit = AIOKafkaConsumerThread.commit
+
+
+async def _commit_or_exit(self: Any, offsets: Any) -> Any:
+    try:
+        return await asyncio.wait_for(_thread_commit(self, offsets), COMMIT_STUCK)
+    except TimeoutError:
+        log.critical("offset commit has not returned in %.0f s; exiting so that this replica "
+                     "is started again", COMMIT_STUCK)  # a stream handler flushes each record
+        os._exit(75)  # EX_TEMPFAIL; no clean shutdown: it would wait on the same commit
+
+
+# --- refetch_holes: records Faust fetched and dropped (reads Faust's consumer state) ------
+
+# Records Faust fetched and then dropped without handling: its fetch loop discards
+# the rest of a fetched batch when flow control pauses or the generation changes, and
+# records fetched while a partition is not yet active, trusting a later seek to read
+# them again. Right after a table's recovery some were not read again: a status stage
+# started over a backlog with its changelog to restore handled the first 5 records of
+# each partition, never saw the next 37, and handled everything after; its commit
+# stayed at 5 for good (nothing lost, since the commit cannot pass them, but the
+# stage's lag never fell and every restart handled it all again). A partition whose
+# acknowledged offsets start past its commit base, with no record below them fetched
+# and unacknowledged, for HOLE_GRACE seconds, is sought back to the base and read again
+# (every stage is idempotent for a record handled twice). Related upstream:
+# faust-streaming #88 (records dropped when a buffer fills).
+HOLE_GRACE = 5.0
+
+
+def hole_start(base: int | None, acked: list[int], in_flight: list[int]) -> int | None:
+    """Where a partition must be read again from, or None: its lowest acked offset is
+    past `base` and no record in between is in flight (fetched, not yet acked)."""
+    if base is None or not acked:
+        return None
+    first_acked = min(acked)
+    if first_acked <= base or any(base <= off < first_acked for off in in_flight):
+        return None
+    return base
+
+
+async def refetch_holes(app: faust.App, seen: dict[Any, float], now: float) -> list[tuple[Any, int]]:
+    """One check of every partition for records fetched and dropped (see HOLE_GRACE);
+    seeks those whose hole lasted the grace period. Returns the (tp, offset) sought."""
+    consumer = app.consumer
+    if app.rebalancing or not consumer.flow_active:
+        seen.clear()
+        return []
+    in_flight: dict[Any, list[int]] = {}
+    for m in list(consumer._unacked_messages):
+        if not m.acked:
+            in_flight.setdefault(m.tp, []).append(m.offset)
+    sought = []
+    for tp, acked in list(consumer._acked.items()):
+        start = hole_start(commit_base(consumer, tp), list(acked), in_flight.get(tp, []))
+        if start is None:
+            seen.pop(tp, None)
+        elif now - seen.setdefault(tp, now) >= HOLE_GRACE:
+            log.warning("%s: records %d to %d were fetched but never handled; reading from %d "
+                        "again", tp, start, min(acked) - 1, start)
+            await consumer.seek(tp, start)
+            seen.pop(tp, None)
+            sought.append((tp, start))
+    return sought
+
+
+# --- the list, the check, the installation ------------------------------------------------
+
+@dataclass(frozen=True)
+class Patch:
+    """One Faust attribute mailflow replaces (or, with `replacement` None, only reads).
+
+    `params`: the parameter names the attribute (a function) must have; `value_type`:
+    the type it must be (a plain value); `source_has`: fragments of Faust's code that
+    the patch depends on, each of which must appear in `source_of`'s source (the
+    attribute's own by default)."""
+
+    owner: type
+    name: str
+    replacement: Any
+    reason: str
+    upstream: str
+    params: tuple[str, ...] | None = None
+    value_type: type | None = None
+    source_has: tuple[str, ...] = ()
+    source_of: Callable[..., Any] | None = field(default=None, compare=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(ProducerBuffer, "max_messages", PRODUCER_BUFFER_MAX,
+          "100 pending changelog records paused every stream (see PRODUCER_BUFFER_MAX)",
+          "faust-streaming #173", value_type=int),
+    Patch(Consumer, "__init__", _init_without_read_offsets,
+          "read offsets dropped records re-fetched after a rebalance (see NoReadOffsets)",
+          "faust-streaming #221, #606",
+          params=("self", "transport", "callback", "on_partitions_revoked",
+                  "on_partitions_assigned"),
+          source_has=("self._read_offset = defaultdict(", "self._acked = defaultdict(list)",
+                      "self._committed_offset = defaultdict(",
+                      "self._unacked_messages = WeakSet()")),
+    Patch(Consumer, "_new_offset", _new_offset_from_base,
+          "commits passed a record still in flight at the committed offset",
+          "faust-streaming #606 (fix proposed in #707), #312",
+          params=("self", "tp"), source_has=("acked = self._acked[tp]",)),
+    Patch(Consumer, "perform_seek", _perform_seek_keeping_base,
+          "a committed offset of 0 became None, so no commit base was known",
+          "aiokafka #1003 (the same 0-is-falsy slip in seek_to_committed)",
+          params=("self",),
+          source_has=("await self.seek_to_committed()", "offset if offset else None")),
+    Patch(AIOKafkaConsumerThread, "commit", _commit_or_exit,
+          "an offset commit sent as the broker died never returned and stopped the stage",
+          "none found upstream (Faust only logs 'Has not committed TP' after 300 s)",
+          params=("self", "offsets"), source_has=("call_thread(self._commit, offsets)",)),
+    # Read, not replaced: the fetch loop must read the read offset through the mapping
+    # (so NoReadOffsets takes effect), and refetch_holes reads the consumer's state.
+    Patch(Consumer, "_drain_messages", None,
+          "NoReadOffsets works only if the fetch loop reads read offsets through it",
+          "faust-streaming #221", params=("self", "fetcher"),
+          source_has=("get_read_offset = self._read_offset.__getitem__",)),
+    Patch(Consumer, "seek", None, "refetch_holes seeks a partition back to its commit base",
+          "faust-streaming #88", params=("self", "partition", "offset")),
+    Patch(Consumer, "flow_active", None, "refetch_holes judges nothing while flow is paused",
+          "faust-streaming #88"),
+)
+READS = tuple(p for p in PATCHES if p.replacement is None)
+
+_originals: dict[tuple[type, str], Any] = {}
+
+
+def _problems_of(p: Patch) -> list[str]:
+    if not hasattr(p.owner, p.name):
+        return [f"{p.where} is missing"]
+    current = _originals.get((p.owner, p.name), inspect.getattr_static(p.owner, p.name))
+    if p.value_type is not None and not isinstance(current, p.value_type):
+        return [f"{p.where} is {type(current).__name__}, expected {p.value_type.__name__}"]
+    out = []
+    if p.params is not None:
+        if not callable(current):
+            return [f"{p.where} is not callable"]
+        try:
+            names = tuple(inspect.signature(current).parameters)
+        except (TypeError, ValueError):
+            names = ()
+        if names[: len(p.params)] != p.params:
+            out.append(f"{p.where} takes ({', '.join(names)}), expected ({', '.join(p.params)}, ...)")
+    if p.source_has:
+        target = p.source_of or current
+        try:
+            source = inspect.getsource(target)
+        except (OSError, TypeError):
+            source = ""
+        out += [f"{p.where} no longer contains {frag!r}" for frag in p.source_has
+                if frag not in source]
+    return out
+
+
+def check(patches: tuple[Patch, ...] = PATCHES, version: str | None = None) -> list[str]:
+    """Every way the installed Faust differs from what `patches` assume, as sentences
+    (empty when all is as tested). `version` defaults to the installed one."""
+    version = faust.__version__ if version is None else version
+    problems = []
+    if version != TESTED_VERSION:
+        problems.append(f"faust-streaming is {version}, but mailflow's patches were written "
+                        f"and tested for {TESTED_VERSION}")
+    for p in patches:
+        problems += _problems_of(p)
+    return problems
+
+
+def install(patches: tuple[Patch, ...] = PATCHES) -> None:
+    """Check, then install every patch (once per process; later calls do nothing).
+
+    Raises `FaustCompatError` listing every problem `check` found, before changing
+    anything."""
+    problems = check(patches)
+    if problems:
+        raise FaustCompatError(
+            "mailflow cannot run its stages on this Faust: " + "; ".join(problems)
+            + f". Install faust-streaming=={TESTED_VERSION} (pyproject.toml pins it), or "
+            "port the patches in streams/faust_compat.py to this version first.")
+    for p in patches:
+        if p.replacement is None or (p.owner, p.name) in _originals:
+            continue
+        _originals[(p.owner, p.name)] = inspect.getattr_static(p.owner, p.name)
+        setattr(p.owner, p.name, p.replacement)
+
+
+def installed() -> bool:
+    """Whether this process's Faust has mailflow's patches."""
+    return bool(_originals)
