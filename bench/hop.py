@@ -47,6 +47,7 @@ from typing import Any
 MODES = ("librdkafka", "aiokafka", "stage")
 BATCH = 500  # records per consume/getmany in the bare loops
 RESULT_TAG = "HOP-RESULT "  # a child's line with its figures
+BASELINE = "stage@baseline"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -60,6 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", default=os.environ.get("MAILFLOW_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     p.add_argument("--prefix", default=f"hop-{uuid.uuid4().hex[:8]}.",
                    help="topic prefix of this run's topics (default a fresh one)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also run the stage mode on the mailflow checkout in DIR (as mode "
+                        "'stage@baseline'), alternated with this one: an A/B of the runtime")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--group", help=argparse.SUPPRESS)
@@ -255,12 +259,18 @@ def fill(args: argparse.Namespace) -> None:
 
 
 def run_child(args: argparse.Namespace, mode: str, run: int) -> dict[str, float]:
-    group = f"{args.prefix}{mode}{run}"
+    code = Path(__file__).resolve().parents[1]
+    if mode == BASELINE:
+        mode, code = "stage", Path(args.baseline).resolve()
+        group = f"{args.prefix}baseline{run}"
+    else:
+        group = f"{args.prefix}{mode}{run}"
+    # The stage's code comes from `code` (PYTHONPATH); this script is the same.
     cmd = [sys.executable, __file__, "--child", mode, "--group", group, "--prefix", args.prefix,
            "--count", str(args.count), "--bootstrap", args.bootstrap,
            "--partitions", str(args.partitions)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          env={**os.environ, "PYTHONPATH": str(code)})
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
@@ -277,19 +287,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streams.topics import delete_prefix_topics
 
     fill(args)
-    runs: dict[str, list[dict[str, float]]] = {m: [] for m in args.modes}
+    modes = [*args.modes, BASELINE] if args.baseline else list(args.modes)
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     try:
         for run in range(args.runs):
-            for mode in args.modes:
+            for mode in modes:
                 result = run_child(args, mode, run)
                 runs[mode].append(result)
-                print(f"run {run + 1} {mode:10s} {result['cpu_ms_per_record']:.4f} ms CPU/record "
+                print(f"run {run + 1} {mode:14s} {result['cpu_ms_per_record']:.4f} ms CPU/record "
                       f"{result['records_per_s']:9.0f} records/s", flush=True)
     finally:
         delete_prefix_topics(Settings(kafka_bootstrap=args.bootstrap, topic_prefix=args.prefix))
     summary = summarize(runs)
     for mode, s in summary.items():
-        print(f"median     {mode:10s} {s['cpu_ms_per_record']:.4f} ms CPU/record "
+        print(f"median     {mode:14s} {s['cpu_ms_per_record']:.4f} ms CPU/record "
               f"{s['records_per_s']:9.0f} records/s")
     print(json.dumps({"bench": "hop", "count": args.count, "size": args.size, "runs": args.runs,
                       "partitions": args.partitions, "modes": summary}))

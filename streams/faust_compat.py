@@ -19,15 +19,16 @@ or anything the API imports changes nothing in Faust.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Coroutine, Generator, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from faust.transport.consumer import Consumer, ensure_TP
+from faust.transport.consumer import CONSUMER_FETCHING, Consumer, ensure_TP
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.producer import ProducerBuffer
 
@@ -201,6 +202,123 @@ async def refetch_holes(app: faust.App, seen: dict[Any, float], now: float) -> l
     return sought
 
 
+# --- Consumer._drain_messages: the fetch loop without four tasks per record -------------
+
+class _Rest:
+    """The rest of a coroutine that `run_eagerly` started: awaiting it hands the
+    future the coroutine was waiting on to the task that awaits this, then goes on
+    driving the coroutine (the same trampoline a Task is)."""
+
+    __slots__ = ("coro", "waiting_on")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+        self.coro = coro
+        self.waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.waiting_on
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation included: the coroutine sees it
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _finish(rest: _Rest) -> Any:
+    return await rest
+
+
+def run_eagerly(coro: Coroutine[Any, Any, Any], context: contextvars.Context | None = None,
+                ) -> tuple[bool, Any]:
+    """Run `coro` now, in `context` (default: the caller's), up to its first wait.
+
+    Returns ``(True, result)`` when it finished without waiting, else ``(False,
+    task)``: a task (in the same context) that runs the rest. An exception raised
+    before the first wait is raised here. Python 3.12's eager tasks, for 3.11: most
+    records need no task at all, since handing them on never waits."""
+    try:
+        waiting_on = context.run(coro.send, None) if context is not None else coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    task = asyncio.get_running_loop().create_task(_finish(_Rest(coro, waiting_on)),
+                                                  context=context)
+    return False, task
+
+
+# Faust's fetch loop hands each record to the conductor through
+# ``wait_first(callback(message), suspend_flow.wait())``: four tasks, an
+# ``asyncio.wait`` and their cancellations per record, so that a rebalance can stop a
+# hand-over that waits (on flow control, the producer buffer or a full stream
+# queue). Nearly every hand-over never waits. Here the callback runs at once while
+# flow is not suspended; only one that does wait goes on as a task under the same
+# ``wait_first``, and while flow is suspended Faust's own path is taken. The read
+# offsets Faust's loop consults are gone (see NoReadOffsets: every record was
+# delivered and none counted as a gap), so this loop delivers every record. Measured
+# with bench/hop.py (docs/BENCHMARKS.md). Upstream: faust-streaming #229 (a
+# deadlock in this very wait_first), robinhood/faust #563 (slow consumption).
+async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: no cover
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = self._stopped.is_set
+    fetcher_should_stop = fetcher._stopped.is_set
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    suspend_flow = self.suspend_flow
+    suspended = suspend_flow.is_set
+    yield_every = 100
+    num_since_yield = 0
+    sleep = asyncio.sleep
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(CONSUMER_FETCHING)
+            ait = getmany(timeout=1.0)
+            # As Faust: getmany can return at once, in a loop never yielding.
+            await self.sleep(0)
+            if not self.should_stop:
+                async for _tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    if suspended():
+                        await self.wait_first(callback(message), suspend_flow.wait())
+                        continue
+                    done, rest = run_eagerly(callback(message))
+                    if not done:
+                        await self.wait_first(rest, suspend_flow.wait())
+                unset_flag(CONSUMER_FETCHING)
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(CONSUMER_FETCHING)
+
+
 # --- the list, the check, the installation ------------------------------------------------
 
 @dataclass(frozen=True)
@@ -252,12 +370,15 @@ PATCHES: tuple[Patch, ...] = (
           "an offset commit sent as the broker died never returned and stopped the stage",
           "none found upstream (Faust only logs 'Has not committed TP' after 300 s)",
           params=("self", "offsets"), source_has=("call_thread(self._commit, offsets)",)),
-    # Read, not replaced: the fetch loop must read the read offset through the mapping
-    # (so NoReadOffsets takes effect), and refetch_holes reads the consumer's state.
-    Patch(Consumer, "_drain_messages", None,
-          "NoReadOffsets works only if the fetch loop reads read offsets through it",
-          "faust-streaming #221", params=("self", "fetcher"),
-          source_has=("get_read_offset = self._read_offset.__getitem__",)),
+    # The replacement mirrors Faust's loop; these are the lines it was written from.
+    Patch(Consumer, "_drain_messages", _drain_messages_eagerly,
+          "four tasks per record to hand each to the conductor (see _drain_messages_eagerly)",
+          "faust-streaming #229; robinhood/faust #563", params=("self", "fetcher"),
+          source_has=("getmany(timeout=1.0)", "if self._n_acked >= commit_every:",
+                      "callback(message), self.suspend_flow.wait()",
+                      "get_read_offset = self._read_offset.__getitem__",
+                      "except self.consumer_stopped_errors:")),
+    # Read, not replaced: refetch_holes reads the consumer's state and seeks.
     Patch(Consumer, "seek", None, "refetch_holes seeks a partition back to its commit base",
           "faust-streaming #88", params=("self", "partition", "offset")),
     Patch(Consumer, "flow_active", None, "refetch_holes judges nothing while flow is paused",

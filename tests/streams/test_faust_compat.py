@@ -202,3 +202,66 @@ async def test_a_hole_is_sought_back_after_the_grace_period_only():
     app.rebalancing = True
     assert await refetch_holes(app, seen, now=0.0) == []
     assert await refetch_holes(app, seen, now=60.0) == []
+
+
+async def test_run_eagerly_finishes_what_never_waits_without_a_task() -> None:
+    import asyncio
+
+    async def hand_on(x: int) -> int:
+        return x + 1
+
+    assert faust_compat.run_eagerly(hand_on(1)) == (True, 2)
+
+    async def waits(fut: asyncio.Future[int]) -> int:
+        return await fut + 1
+
+    fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    done, task = faust_compat.run_eagerly(waits(fut))
+    assert not done and isinstance(task, asyncio.Task)
+    fut.set_result(41)
+    assert await task == 42
+
+
+async def test_run_eagerly_raises_early_failures_and_keeps_one_context_throughout() -> None:
+    import asyncio
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="outside")
+
+    async def fails() -> None:
+        raise ValueError("bad record")
+
+    with pytest.raises(ValueError, match="bad record"):
+        faust_compat.run_eagerly(fails())
+
+    async def sets_across_a_wait() -> str:
+        token = var.set("inside")
+        await asyncio.sleep(0)
+        seen = var.get()
+        var.reset(token)  # a token is only valid in the context that made it
+        return seen
+
+    ctx = contextvars.copy_context()
+    done, task = faust_compat.run_eagerly(sets_across_a_wait(), ctx)
+    assert not done
+    assert await task == "inside"
+    assert var.get() == "outside"  # the caller's context is untouched
+
+
+async def test_a_task_of_the_rest_can_be_cancelled_while_it_waits() -> None:
+    import asyncio
+
+    cleaned: list[str] = []
+
+    async def waits_forever() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.append("finally ran")
+
+    done, task = faust_compat.run_eagerly(waits_forever())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == ["finally ran"]
