@@ -168,6 +168,7 @@ def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
         broker_session_timeout=15.0,
         broker_heartbeat_interval=3.0,
         logging_config=None,
+        Monitor=faust_compat.StageMonitor,  # no per-record statistics nobody reads
     )
     holes: dict[Any, float] = {}
 
@@ -180,10 +181,7 @@ def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
 
 def topic(app: faust.App, settings: Settings, short: str, **kw: object) -> faust.TopicT:
     """A raw-bytes topic of the graph by its short name."""
-    return app.topic(
-        full_name(settings, short), key_type=bytes, value_type=bytes,
-        key_serializer="raw", value_serializer="raw", **kw,
-    )
+    return app.topic(full_name(settings, short), schema=faust_compat.RawSchema(), **kw)
 
 
 def internal_topics(app: faust.App) -> list[tuple[str, int, dict[str, str]]]:

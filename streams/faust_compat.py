@@ -23,14 +23,18 @@ import contextvars
 import inspect
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Generator, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from faust.sensors.monitor import Monitor
 from faust.transport.consumer import CONSUMER_FETCHING, Consumer, ensure_TP
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.producer import ProducerBuffer
+from faust.types import EventT, Message, StreamT
+from faust.types.tuples import TP
 
 TESTED_VERSION = "0.15.3"
 
@@ -319,6 +323,52 @@ async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: n
         unset_flag(CONSUMER_FETCHING)
 
 
+# --- subclasses through Faust's public settings, written against its internals ---------
+
+class RawSchema(faust.Schema):
+    """Keys and values as the bytes Kafka holds, decoded without Faust's serializer
+    registry: a raw topic's decode went through the registry and the codec for both
+    (a tenth of a no-op hop's CPU) to return the same bytes. For topics of raw bytes
+    only (`streams.app.topic`)."""
+
+    def __init__(self) -> None:
+        super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw")
+
+    def compile(self, app: Any, *, on_key_decode_error: Any = None,
+                on_value_decode_error: Any = None, default_propagate: bool = False) -> Any:
+        create_event = app.create_event
+
+        async def decode(message: Message, *, propagate: bool = default_propagate) -> EventT:
+            return create_event(message.key, message.value, message.headers, message)
+
+        return decode
+
+
+class StageMonitor(Monitor):
+    """Faust's monitor without its per-record statistics.
+
+    Faust's `Monitor` counts every record and event by topic, stream and task, and
+    times each in and out, for its own web views, which no stage serves or reads
+    (a stage's figures are `mailflow.metrics`). It keeps what Faust itself reads: when
+    each partition's stream last took an event (the consumer's slow-stream check,
+    `verify_event_path`). Commit, rebalance and table statistics stay Faust's.
+    Installed with the app's ``Monitor`` setting (`streams.app.make_app`)."""
+
+    def on_message_in(self, tp: TP, offset: int, message: Message) -> None:
+        pass
+
+    def on_stream_event_in(self, tp: TP, offset: int, stream: StreamT, event: EventT) -> None:
+        self.stream_inbound_time[tp] = time.monotonic()
+
+    def on_stream_event_out(self, tp: TP, offset: int, stream: StreamT, event: EventT,
+                            state: dict[str, Any] | None = None) -> None:
+        pass
+
+    def on_message_out(self, tp: TP, offset: int, message: Message) -> None:
+        pass
+
+
 # --- the list, the check, the installation ------------------------------------------------
 
 @dataclass(frozen=True)
@@ -379,6 +429,22 @@ PATCHES: tuple[Patch, ...] = (
                       "get_read_offset = self._read_offset.__getitem__",
                       "except self.consumer_stopped_errors:")),
     # Read, not replaced: refetch_holes reads the consumer's state and seeks.
+    # Overridden by RawSchema and StageMonitor, which must stay what Faust calls.
+    Patch(faust.Schema, "compile", None, "RawSchema replaces the decode it compiles",
+          "none (a public extension point)",
+          params=("self", "app", "on_key_decode_error", "on_value_decode_error",
+                  "default_propagate"),
+          source_has=("create_event(k, v, message.headers, message)",)),
+    Patch(Monitor, "on_stream_event_in", None, "StageMonitor keeps only its inbound time",
+          "none (a public extension point)", params=("self", "tp", "offset", "stream", "event"),
+          source_has=("self.stream_inbound_time[tp] = monotonic()",)),
+    Patch(AIOKafkaConsumerThread, "verify_event_path", None,
+          "the only reader of the monitor's per-partition figures a stage needs",
+          "none", params=("self", "now", "tp"),
+          source_has=("monitor.stream_inbound_time.get(tp)",)),
+    *(Patch(Monitor, name, None, "StageMonitor overrides it to do nothing",
+            "none (a public extension point)", params=("self", "tp", "offset"))
+      for name in ("on_message_in", "on_stream_event_out", "on_message_out")),
     Patch(Consumer, "seek", None, "refetch_holes seeks a partition back to its commit base",
           "faust-streaming #88", params=("self", "partition", "offset")),
     Patch(Consumer, "flow_active", None, "refetch_holes judges nothing while flow is paused",
