@@ -87,6 +87,9 @@ def test_install_is_idempotent_and_keeps_faust_originals_to_call_through() -> No
     faust_compat.install()
     faust_compat.install()
     assert Consumer.__init__ is faust_compat._init_without_read_offsets
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    assert AIOKafkaConsumerThread._create_worker_consumer is faust_compat._worker_consumer_short_poll
     assert faust_compat._consumer_init.__module__ == "faust.transport.consumer"
     assert faust_compat.check() == []  # the originals' shapes are still what is checked
 
