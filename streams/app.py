@@ -7,186 +7,22 @@ reads them. Replicas of a stage share the app id and split its partitions.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
-import logging
 import os
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faust
-from faust.transport.consumer import Consumer, ensure_TP
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.transport.producer import ProducerBuffer
 
 import streams.failover  # noqa: F401  (patches aiokafka: stale leaders after a failover)
 from mailflow.config import Settings
+from streams import faust_compat
 from streams.topics import full_name, topic_specs
-
-# Table writes queue their changelog records in Faust's ProducerBuffer; past 100
-# pending records Faust pauses every stream until the buffer drains one record at
-# a time (with 0.1 s waits), which caps a stage far below what Kafka takes. A
-# larger bound keeps the back-pressure and removes the stall.
-ProducerBuffer.max_messages = 10_000
-
-
-class _NoReadOffsets(MutableMapping[Any, Any]):
-    """Stands in for Faust's per-partition "read offset", which it uses to drop any
-    fetched record below the highest offset it has seen, and to call a jump a "gap"
-    whose offsets count as acknowledged.
-
-    After a rebalance Faust resumes fetching a stream partition before it seeks it
-    back to the committed offset (faust-streaming #221, #606). Records fetched early
-    raise the read offset; the queue they sat in is cleared; the re-fetch after the
-    seek is then dropped as old. A CI run's store skipped 103 records that way and
-    its commit stopped for good; a chaos run's deliver stage had the offsets of a
-    skipped record counted as a gap and committed past it: mail lost. Without read
-    offsets nothing is dropped and nothing is assumed: a record fetched twice is
-    handled twice, which every stage is idempotent for, and Faust's ack still
-    ignores offsets below the committed one.
-    """
-
-    def __getitem__(self, tp: Any) -> None:
-        return None
-
-    def __setitem__(self, tp: Any, offset: Any) -> None:
-        pass
-
-    def __delitem__(self, tp: Any) -> None:
-        pass
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-_consumer_init = Consumer.__init__
-
-
-def _init_without_read_offsets(self: Any, *args: Any, **kwargs: Any) -> None:
-    _consumer_init(self, *args, **kwargs)
-    self._read_offset = _NoReadOffsets()
-
-
-Consumer.__init__ = _init_without_read_offsets
-
-# Faust commits the first run of consecutive acknowledged offsets with a check that
-# is one short: with C committed (the next offset to read) it commits past C while
-# the record at C is still being handled, as soon as C+1 is done; and with no
-# committed offset (a fresh group, or one committed at 0, which Faust reads as none)
-# it does not check at all. A stage with records in flight out of order (deliver's
-# 32 actors) that is killed then never handles the record it committed past: mail
-# lost. A commit here starts exactly at the partition's committed offset.
-_faust_new_offset = Consumer._new_offset
-
-
-def commit_base(consumer: Any, tp: Any) -> int | None:
-    """The offset a commit of `tp` must start from: the committed one, 0 included."""
-    base = consumer._committed_offset[tp]
-    return base if base is not None else getattr(consumer, "_seek_base", {}).get(tp)
-
-
-def _new_offset_from_base(self: Any, tp: Any) -> int | None:
-    acked = self._acked[tp]
-    base = commit_base(self, tp)
-    if acked and base is not None and min(acked) > base:
-        return None  # the record at `base` is not done (or was dropped: see `refetch_holes`)
-    return _faust_new_offset(self, tp)
-
-
-async def _perform_seek_keeping_base(self: Any) -> None:
-    # Faust keeps the committed offsets but turns 0 into None; keep them exactly.
-    offsets = await self.seek_to_committed()
-    self._seek_base = {ensure_TP(tp): off for tp, off in offsets.items() if off is not None and off >= 0}
-    self._committed_offset.update({tp: off or None for tp, off in self._seek_base.items()})
-
-
-Consumer._new_offset = _new_offset_from_base
-Consumer.perform_seek = _perform_seek_keeping_base
-
-# Records Faust fetched and then dropped without handling: its fetch loop discards
-# the rest of a fetched batch when flow control pauses or the generation changes, and
-# records fetched while a partition is not yet active, trusting a later seek to read
-# them again. Right after a table's recovery some were not read again: a status stage
-# started over a backlog with its changelog to restore handled the first 5 records of
-# each partition, never saw the next 37, and handled everything after; its commit
-# stayed at 5 for good (nothing lost, since the commit cannot pass them, but the
-# stage's lag never fell and every restart handled it all again). A partition whose
-# acknowledged offsets start past its commit base, with no record below them fetched
-# and unacknowledged, for HOLE_GRACE seconds, is sought back to the base and read again
-# (every stage is idempotent for a record handled twice).
-HOLE_GRACE = 5.0
-
-
-def hole_start(base: int | None, acked: list[int], in_flight: list[int]) -> int | None:
-    """Where a partition must be read again from, or None: its lowest acked offset is
-    past `base` and no record in between is in flight (fetched, not yet acked)."""
-    if base is None or not acked:
-        return None
-    first_acked = min(acked)
-    if first_acked <= base or any(base <= off < first_acked for off in in_flight):
-        return None
-    return base
-
-
-async def refetch_holes(app: faust.App, seen: dict[Any, float], now: float) -> list[tuple[Any, int]]:
-    """One check of every partition for records fetched and dropped (see HOLE_GRACE);
-    seeks those whose hole lasted the grace period. Returns the (tp, offset) sought."""
-    consumer = app.consumer
-    if app.rebalancing or not consumer.flow_active:
-        seen.clear()
-        return []
-    in_flight: dict[Any, list[int]] = {}
-    for m in list(consumer._unacked_messages):
-        if not m.acked:
-            in_flight.setdefault(m.tp, []).append(m.offset)
-    sought = []
-    for tp, acked in list(consumer._acked.items()):
-        start = hole_start(commit_base(consumer, tp), list(acked), in_flight.get(tp, []))
-        if start is None:
-            seen.pop(tp, None)
-        elif now - seen.setdefault(tp, now) >= HOLE_GRACE:
-            logging.getLogger("mailflow.stage").warning(
-                "%s: records %d to %d were fetched but never handled; reading from %d again",
-                tp, start, min(acked) - 1, start)
-            await consumer.seek(tp, start)
-            seen.pop(tp, None)
-            sought.append((tp, start))
-    return sought
-
-
-# An offset commit that never returns stops a stage for good, with nothing but a
-# Faust log line after five minutes ("Has not committed TP"): a five-minute chaos run's
-# scan stage sent a commit as the broker was killed and waited on it for the rest
-# of the run while every other stage went on. A replica whose commit has not
-# returned after COMMIT_STUCK seconds exits, as if killed; its supervisor (`mailflow
-# up`, an orchestrator, bench/chaos) starts it again and it resumes from its last
-# commit like after any crash, handling a few records twice (every stage is
-# idempotent). Commits wait out a broker restart (15 s in the chaos runs); a broker
-# away for longer makes replicas restart until it is back.
-COMMIT_STUCK = 120.0
-_thread_commit = AIOKafkaConsumerThread.commit
-
-
-async def _commit_or_exit(self: Any, offsets: Any) -> Any:
-    try:
-        return await asyncio.wait_for(_thread_commit(self, offsets), COMMIT_STUCK)
-    except TimeoutError:
-        logging.getLogger("mailflow.stage").critical(
-            "offset commit has not returned in %.0f s; exiting so that this replica is "
-            "started again", COMMIT_STUCK)  # a stream handler flushes each record
-        os._exit(75)  # EX_TEMPFAIL; no clean shutdown: it would wait on the same commit
-
-
-AIOKafkaConsumerThread.commit = _commit_or_exit
 
 STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status")
 
@@ -299,6 +135,10 @@ def claim_port(settings: Settings, start: int) -> tuple[int, int]:
 
 
 def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
+    """The Faust app of one replica of `stage`, with mailflow's Faust patches
+    installed in this process first (`streams.faust_compat`: a stage is only safe
+    with them, and a Faust they do not fit stops it here)."""
+    faust_compat.install()
     url = f"http://{settings.web_advertise_host}:{replica.web_port}"
     app = faust.App(
         f"{settings.topic_prefix}{stage}",
@@ -329,22 +169,20 @@ def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
         broker_session_timeout=15.0,
         broker_heartbeat_interval=3.0,
         logging_config=None,
+        Monitor=faust_compat.StageMonitor,  # no per-record statistics nobody reads
     )
     holes: dict[Any, float] = {}
 
     @app.timer(1.0)
     async def check_holes() -> None:
-        await refetch_holes(app, holes, time.monotonic())
+        await faust_compat.refetch_holes(app, holes, time.monotonic())
 
     return app
 
 
 def topic(app: faust.App, settings: Settings, short: str, **kw: object) -> faust.TopicT:
     """A raw-bytes topic of the graph by its short name."""
-    return app.topic(
-        full_name(settings, short), key_type=bytes, value_type=bytes,
-        key_serializer="raw", value_serializer="raw", **kw,
-    )
+    return app.topic(full_name(settings, short), schema=faust_compat.RawSchema(), **kw)
 
 
 def internal_topics(app: faust.App) -> list[tuple[str, int, dict[str, str]]]:

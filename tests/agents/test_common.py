@@ -108,3 +108,58 @@ async def test_resync_sends_the_keys_current_value_not_the_refused_one(stage):
     ledger.data["page"] = ["a", "b"]  # a later write, as a mailbox page grows
     await io.resync()
     assert [orjson.loads(v) for _, _, v, _ in producer.acked] == [["a", "b"]]
+
+
+class _Ev:
+    """The part of a Faust event a batch reads: its value (and a weak reference)."""
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+
+
+async def test_a_batch_hands_each_record_on_in_order_and_redoes_only_the_one_refused(stage):
+    io, ledger, producer = stage  # the first record produced is refused
+    calls: list[bytes] = []
+
+    async def forward(raw: bytes) -> list:
+        calls.append(raw)
+        return [await io.send("clean", raw, raw)]
+
+    await io.process_batch([_Ev(b"r1"), _Ev(b"r2"), _Ev(b"r3")], forward)
+    assert calls == [b"r1", b"r2", b"r3", b"r1"]  # in offset order; r1 again after the refusal
+    assert sorted(k for _, k, _, _ in producer.acked) == [b"r1", b"r2", b"r3"]
+
+
+async def test_a_poison_pill_in_a_batch_is_parked_and_the_rest_pass(stage):
+    from schemas.records import PoisonPill
+
+    io, _, producer = stage
+    producer.fail = 0
+
+    async def handle(raw: bytes) -> list:
+        if raw == b"bad":
+            raise PoisonPill("unparseable", "not JSON")
+        await asyncio.sleep(0)  # a handler that waits goes on as a task
+        return [await io.send("clean", raw, raw)]
+
+    await io.process_batch([_Ev(b"ok1"), _Ev(b"bad"), _Ev(b"ok2")], handle)
+    topics = sorted((t.rsplit(".", 1)[-1], k) for t, k, _, _ in producer.acked)
+    assert topics == [("clean", b"ok1"), ("clean", b"ok2"), ("errors", None)]
+    parked = [orjson.loads(v) for t, _, v, _ in producer.acked if t.endswith("errors")]
+    assert parked[0]["reason"] == "unparseable" and parked[0]["record"] == "bad"
+
+
+async def test_each_record_of_a_batch_is_faust_current_event_across_its_waits(stage):
+    from faust.streams import current_event
+
+    io, _, producer = stage
+    producer.fail = 0
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handle(raw: bytes) -> list:
+        await asyncio.sleep(0)  # the other records' handlers run meanwhile
+        seen.append((raw, current_event().value))
+        return []
+
+    await io.process_batch([_Ev(b"a"), _Ev(b"b")], handle)
+    assert sorted(seen) == [(b"a", b"a"), (b"b", b"b")]

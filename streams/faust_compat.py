@@ -1,0 +1,547 @@
+"""Every change mailflow makes to Faust's internals, in one place, and the check
+that the installed Faust is the one they were written for.
+
+faust-streaming is pinned to `TESTED_VERSION` (pyproject.toml). Each entry of
+`PATCHES` names the Faust attribute it replaces, why, and the upstream issue; the
+attributes of Faust that the protections below only read are in `READS`.
+`install()` runs `check()` first and refuses to patch anything (raising
+`FaustCompatError`, with every mismatch listed) unless the version is the tested
+one and every patched or read attribute is there with the shape the patches
+assume: the same parameters, and the lines of Faust's own code they depend on.
+On another Faust a stage then fails at start with a message saying what moved,
+instead of running with a guarantee silently gone.
+
+Only stage worker processes install the patches: `streams.app.make_app` calls
+`install()` before it builds a stage's app. Importing this module, `streams.app`
+or anything the API imports changes nothing in Faust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine, Generator, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiokafka
+import faust
+from faust.sensors.monitor import Monitor
+from faust.transport.consumer import CONSUMER_FETCHING, Consumer, ensure_TP
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.producer import ProducerBuffer
+from faust.types import EventT, Message, StreamT
+from faust.types.tuples import TP
+
+TESTED_VERSION = "0.15.3"
+
+log = logging.getLogger("mailflow.stage")
+
+
+class FaustCompatError(RuntimeError):
+    """The installed Faust is not the one mailflow's patches were written for."""
+
+
+# --- ProducerBuffer.max_messages --------------------------------------------------------
+
+# Table writes queue their changelog records in Faust's ProducerBuffer; past 100
+# pending records Faust pauses every stream until the buffer drains one record at
+# a time (with 0.1 s waits), which caps a stage far below what Kafka takes. A
+# larger bound keeps the back-pressure and removes the stall.
+PRODUCER_BUFFER_MAX = 10_000
+
+
+# --- Consumer._read_offset ----------------------------------------------------------------
+
+class NoReadOffsets(MutableMapping[Any, Any]):
+    """Stands in for Faust's per-partition "read offset", which it uses to drop any
+    fetched record below the highest offset it has seen, and to call a jump a "gap"
+    whose offsets count as acknowledged.
+
+    After a rebalance Faust resumes fetching a stream partition before it seeks it
+    back to the committed offset (faust-streaming #221, #606). Records fetched early
+    raise the read offset; the queue they sat in is cleared; the re-fetch after the
+    seek is then dropped as old. A CI run's store skipped 103 records that way and
+    its commit stopped for good; a chaos run's deliver stage had the offsets of a
+    skipped record counted as a gap and committed past it: mail lost. Without read
+    offsets nothing is dropped and nothing is assumed: a record fetched twice is
+    handled twice, which every stage is idempotent for, and Faust's ack still
+    ignores offsets below the committed one.
+    """
+
+    def __getitem__(self, tp: Any) -> None:
+        return None
+
+    def __setitem__(self, tp: Any, offset: Any) -> None:
+        pass
+
+    def __delitem__(self, tp: Any) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_consumer_init = Consumer.__init__
+
+
+def _init_without_read_offsets(self: Any, *args: Any, **kwargs: Any) -> None:
+    _consumer_init(self, *args, **kwargs)
+    self._read_offset = NoReadOffsets()
+
+
+# --- Consumer._new_offset, Consumer.perform_seek: the commit base -----------------------
+
+# Faust commits the first run of consecutive acknowledged offsets with a check that
+# is one short: with C committed (the next offset to read) it commits past C while
+# the record at C is still being handled, as soon as C+1 is done; and with no
+# committed offset (a fresh group, or one committed at 0, which Faust reads as none)
+# it does not check at all. A stage with records in flight out of order (deliver's
+# 32 actors) that is killed then never handles the record it committed past: mail
+# lost. A commit here starts exactly at the partition's committed offset.
+_faust_new_offset = Consumer._new_offset
+
+
+def commit_base(consumer: Any, tp: Any) -> int | None:
+    """The offset a commit of `tp` must start from: the committed one, 0 included."""
+    base = consumer._committed_offset[tp]
+    return base if base is not None else getattr(consumer, "_seek_base", {}).get(tp)
+
+
+def _new_offset_from_base(self: Any, tp: Any) -> int | None:
+    acked = self._acked[tp]
+    base = commit_base(self, tp)
+    if acked and base is not None and min(acked) > base:
+        return None  # the record at `base` is not done (or was dropped: see `refetch_holes`)
+    return _faust_new_offset(self, tp)
+
+
+async def _perform_seek_keeping_base(self: Any) -> None:
+    # Faust keeps the committed offsets but turns 0 into None; keep them exactly.
+    offsets = await self.seek_to_committed()
+    self._seek_base = {ensure_TP(tp): off for tp, off in offsets.items() if off is not None and off >= 0}
+    self._committed_offset.update({tp: off or None for tp, off in self._seek_base.items()})
+
+
+# --- AIOKafkaConsumerThread.commit: a commit that never returns ---------------------------
+
+# An offset commit that never returns stops a stage for good, with nothing but a
+# Faust log line after five minutes ("Has not committed TP"): a five-minute chaos run's
+# scan stage sent a commit as the broker was killed and waited on it for the rest
+# of the run while every other stage went on. A replica whose commit has not
+# returned after COMMIT_STUCK seconds exits, as if killed; its supervisor (`mailflow
+# up`, an orchestrator, bench/chaos) starts it again and it resumes from its last
+# commit like after any crash, handling a few records twice (every stage is
+# idempotent). Commits wait out a broker restart (15 s in the chaos runs); a broker
+# away for longer makes replicas restart until it is back.
+COMMIT_STUCK = 120.0
+_thread_commit = AIOKafkaConsumerThread.commit
+
+
+async def _commit_or_exit(self: Any, offsets: Any) -> Any:
+    try:
+        return await asyncio.wait_for(_thread_commit(self, offsets), COMMIT_STUCK)
+    except TimeoutError:
+        log.critical("offset commit has not returned in %.0f s; exiting so that this replica "
+                     "is started again", COMMIT_STUCK)  # a stream handler flushes each record
+        os._exit(75)  # EX_TEMPFAIL; no clean shutdown: it would wait on the same commit
+
+
+# --- refetch_holes: records Faust fetched and dropped (reads Faust's consumer state) ------
+
+# Records Faust fetched and then dropped without handling: its fetch loop discards
+# the rest of a fetched batch when flow control pauses or the generation changes, and
+# records fetched while a partition is not yet active, trusting a later seek to read
+# them again. Right after a table's recovery some were not read again: a status stage
+# started over a backlog with its changelog to restore handled the first 5 records of
+# each partition, never saw the next 37, and handled everything after; its commit
+# stayed at 5 for good (nothing lost, since the commit cannot pass them, but the
+# stage's lag never fell and every restart handled it all again). A partition whose
+# acknowledged offsets start past its commit base, with no record below them fetched
+# and unacknowledged, for HOLE_GRACE seconds, is sought back to the base and read again
+# (every stage is idempotent for a record handled twice). Related upstream:
+# faust-streaming #88 (records dropped when a buffer fills).
+HOLE_GRACE = 5.0
+
+
+def hole_start(base: int | None, acked: list[int], in_flight: list[int]) -> int | None:
+    """Where a partition must be read again from, or None: its lowest acked offset is
+    past `base` and no record in between is in flight (fetched, not yet acked)."""
+    if base is None or not acked:
+        return None
+    first_acked = min(acked)
+    if first_acked <= base or any(base <= off < first_acked for off in in_flight):
+        return None
+    return base
+
+
+async def refetch_holes(app: faust.App, seen: dict[Any, float], now: float) -> list[tuple[Any, int]]:
+    """One check of every partition for records fetched and dropped (see HOLE_GRACE);
+    seeks those whose hole lasted the grace period. Returns the (tp, offset) sought."""
+    consumer = app.consumer
+    if app.rebalancing or not consumer.flow_active:
+        seen.clear()
+        return []
+    in_flight: dict[Any, list[int]] = {}
+    for m in list(consumer._unacked_messages):
+        if not m.acked:
+            in_flight.setdefault(m.tp, []).append(m.offset)
+    sought = []
+    for tp, acked in list(consumer._acked.items()):
+        start = hole_start(commit_base(consumer, tp), list(acked), in_flight.get(tp, []))
+        if start is None:
+            seen.pop(tp, None)
+        elif now - seen.setdefault(tp, now) >= HOLE_GRACE:
+            log.warning("%s: records %d to %d were fetched but never handled; reading from %d "
+                        "again", tp, start, min(acked) - 1, start)
+            await consumer.seek(tp, start)
+            seen.pop(tp, None)
+            sought.append((tp, start))
+    return sought
+
+
+# --- Consumer._drain_messages: the fetch loop without four tasks per record -------------
+
+class _Rest:
+    """The rest of a coroutine that `run_eagerly` started: awaiting it hands the
+    future the coroutine was waiting on to the task that awaits this, then goes on
+    driving the coroutine (the same trampoline a Task is)."""
+
+    __slots__ = ("coro", "waiting_on")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+        self.coro = coro
+        self.waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.waiting_on
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation included: the coroutine sees it
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _finish(rest: _Rest) -> Any:
+    return await rest
+
+
+def run_eagerly(coro: Coroutine[Any, Any, Any], context: contextvars.Context | None = None,
+                ) -> tuple[bool, Any]:
+    """Run `coro` now, in `context` (default: the caller's), up to its first wait.
+
+    Returns ``(True, result)`` when it finished without waiting, else ``(False,
+    task)``: a task (in the same context) that runs the rest. An exception raised
+    before the first wait is raised here. Python 3.12's eager tasks, for 3.11: most
+    records need no task at all, since handing them on never waits."""
+    try:
+        waiting_on = context.run(coro.send, None) if context is not None else coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    task = asyncio.get_running_loop().create_task(_finish(_Rest(coro, waiting_on)),
+                                                  context=context)
+    return False, task
+
+
+# Faust's fetch loop hands each record to the conductor through
+# ``wait_first(callback(message), suspend_flow.wait())``: four tasks, an
+# ``asyncio.wait`` and their cancellations per record, so that a rebalance can stop a
+# hand-over that waits (on flow control, the producer buffer or a full stream
+# queue). Nearly every hand-over never waits. Here the callback runs at once while
+# flow is not suspended; only one that does wait goes on as a task under the same
+# ``wait_first``, and while flow is suspended Faust's own path is taken. The read
+# offsets Faust's loop consults are gone (see NoReadOffsets: every record was
+# delivered and none counted as a gap), so this loop delivers every record. Measured
+# with bench/hop.py (docs/BENCHMARKS.md). Upstream: faust-streaming #229 (a
+# deadlock in this very wait_first), robinhood/faust #563 (slow consumption).
+async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: no cover
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = self._stopped.is_set
+    fetcher_should_stop = fetcher._stopped.is_set
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    suspend_flow = self.suspend_flow
+    suspended = suspend_flow.is_set
+    yield_every = 100
+    num_since_yield = 0
+    sleep = asyncio.sleep
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(CONSUMER_FETCHING)
+            ait = getmany(timeout=1.0)
+            # As Faust: getmany can return at once, in a loop never yielding.
+            await self.sleep(0)
+            if not self.should_stop:
+                async for _tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    if suspended():
+                        await self.wait_first(callback(message), suspend_flow.wait())
+                        continue
+                    done, rest = run_eagerly(callback(message))
+                    if not done:
+                        await self.wait_first(rest, suspend_flow.wait())
+                unset_flag(CONSUMER_FETCHING)
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(CONSUMER_FETCHING)
+
+
+# --- AIOKafkaConsumerThread._create_worker_consumer: the fetch long poll --------------
+
+# aiokafka sends one fetch at a time to a broker and leaves out of it every partition
+# whose last fetched records the stream has not taken yet; Faust makes that fetch
+# wait up to 1.5 s (a hard-coded fetch_max_wait_ms) for data. Right after a record
+# arrives, the next fetch is sent without its partition, so the partition's next
+# record waits for that fetch to run out: the hops of up to about a second that a
+# stack showed at idle or just after its start, while under load fetches return
+# full at once and the wait never matters. A shorter wait bounds that delay; an idle
+# stage pays one empty fetch per FETCH_MAX_WAIT_MS.
+FETCH_MAX_WAIT_MS = 50
+_faust_worker_consumer = AIOKafkaConsumerThread._create_worker_consumer
+
+
+def _worker_consumer_short_poll(self: Any, transport: Any) -> aiokafka.AIOKafkaConsumer:
+    consumer = _faust_worker_consumer(self, transport)
+    consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by start(), for its fetcher
+    return consumer
+
+
+# --- subclasses through Faust's public settings, written against its internals ---------
+
+class RawSchema(faust.Schema):
+    """Keys and values as the bytes Kafka holds, decoded without Faust's serializer
+    registry: a raw topic's decode went through the registry and the codec for both
+    (a tenth of a no-op hop's CPU) to return the same bytes. For topics of raw bytes
+    only (`streams.app.topic`)."""
+
+    def __init__(self) -> None:
+        super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw")
+
+    def compile(self, app: Any, *, on_key_decode_error: Any = None,
+                on_value_decode_error: Any = None, default_propagate: bool = False) -> Any:
+        create_event = app.create_event
+
+        async def decode(message: Message, *, propagate: bool = default_propagate) -> EventT:
+            return create_event(message.key, message.value, message.headers, message)
+
+        return decode
+
+
+class StageMonitor(Monitor):
+    """Faust's monitor without its per-record statistics.
+
+    Faust's `Monitor` counts every record and event by topic, stream and task, and
+    times each in and out, for its own web views, which no stage serves or reads
+    (a stage's figures are `mailflow.metrics`). It keeps what Faust itself reads: when
+    each partition's stream last took an event (the consumer's slow-stream check,
+    `verify_event_path`). Commit, rebalance and table statistics stay Faust's.
+    Installed with the app's ``Monitor`` setting (`streams.app.make_app`)."""
+
+    def on_message_in(self, tp: TP, offset: int, message: Message) -> None:
+        pass
+
+    def on_stream_event_in(self, tp: TP, offset: int, stream: StreamT, event: EventT) -> None:
+        self.stream_inbound_time[tp] = time.monotonic()
+
+    def on_stream_event_out(self, tp: TP, offset: int, stream: StreamT, event: EventT,
+                            state: dict[str, Any] | None = None) -> None:
+        pass
+
+    def on_message_out(self, tp: TP, offset: int, message: Message) -> None:
+        pass
+
+
+# --- the list, the check, the installation ------------------------------------------------
+
+@dataclass(frozen=True)
+class Patch:
+    """One Faust attribute mailflow replaces (or, with `replacement` None, only reads).
+
+    `params`: the parameter names the attribute (a function) must have; `value_type`:
+    the type it must be (a plain value); `source_has`: fragments of Faust's code that
+    the patch depends on, each of which must appear in `source_of`'s source (the
+    attribute's own by default)."""
+
+    owner: type
+    name: str
+    replacement: Any
+    reason: str
+    upstream: str
+    params: tuple[str, ...] | None = None
+    value_type: type | None = None
+    source_has: tuple[str, ...] = ()
+    source_of: Callable[..., Any] | None = field(default=None, compare=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(ProducerBuffer, "max_messages", PRODUCER_BUFFER_MAX,
+          "100 pending changelog records paused every stream (see PRODUCER_BUFFER_MAX)",
+          "faust-streaming #173", value_type=int),
+    Patch(Consumer, "__init__", _init_without_read_offsets,
+          "read offsets dropped records re-fetched after a rebalance (see NoReadOffsets)",
+          "faust-streaming #221, #606",
+          params=("self", "transport", "callback", "on_partitions_revoked",
+                  "on_partitions_assigned"),
+          source_has=("self._read_offset = defaultdict(", "self._acked = defaultdict(list)",
+                      "self._committed_offset = defaultdict(",
+                      "self._unacked_messages = WeakSet()")),
+    Patch(Consumer, "_new_offset", _new_offset_from_base,
+          "commits passed a record still in flight at the committed offset",
+          "faust-streaming #606 (fix proposed in #707), #312",
+          params=("self", "tp"), source_has=("acked = self._acked[tp]",)),
+    Patch(Consumer, "perform_seek", _perform_seek_keeping_base,
+          "a committed offset of 0 became None, so no commit base was known",
+          "aiokafka #1003 (the same 0-is-falsy slip in seek_to_committed)",
+          params=("self",),
+          source_has=("await self.seek_to_committed()", "offset if offset else None")),
+    Patch(AIOKafkaConsumerThread, "commit", _commit_or_exit,
+          "an offset commit sent as the broker died never returned and stopped the stage",
+          "none found upstream (Faust only logs 'Has not committed TP' after 300 s)",
+          params=("self", "offsets"), source_has=("call_thread(self._commit, offsets)",)),
+    Patch(AIOKafkaConsumerThread, "_create_worker_consumer", _worker_consumer_short_poll,
+          "a record could wait out a 1.5 s fetch that left its partition out (idle latency)",
+          "none found upstream (Faust hard-codes fetch_max_wait_ms=1500)",
+          params=("self", "transport"), source_has=("fetch_max_wait_ms=1500",)),
+    Patch(aiokafka.AIOKafkaConsumer, "start", None,
+          "the fetch wait set on a made consumer takes effect only if start() reads it",
+          "none", params=("self",),
+          source_has=("fetch_max_wait_ms=self._fetch_max_wait_ms",)),
+    # The replacement mirrors Faust's loop; these are the lines it was written from.
+    Patch(Consumer, "_drain_messages", _drain_messages_eagerly,
+          "four tasks per record to hand each to the conductor (see _drain_messages_eagerly)",
+          "faust-streaming #229; robinhood/faust #563", params=("self", "fetcher"),
+          source_has=("getmany(timeout=1.0)", "if self._n_acked >= commit_every:",
+                      "callback(message), self.suspend_flow.wait()",
+                      "get_read_offset = self._read_offset.__getitem__",
+                      "except self.consumer_stopped_errors:")),
+    # Read, not replaced: refetch_holes reads the consumer's state and seeks.
+    # Overridden by RawSchema and StageMonitor, which must stay what Faust calls.
+    Patch(faust.Schema, "compile", None, "RawSchema replaces the decode it compiles",
+          "none (a public extension point)",
+          params=("self", "app", "on_key_decode_error", "on_value_decode_error",
+                  "default_propagate"),
+          source_has=("create_event(k, v, message.headers, message)",)),
+    Patch(Monitor, "on_stream_event_in", None, "StageMonitor keeps only its inbound time",
+          "none (a public extension point)", params=("self", "tp", "offset", "stream", "event"),
+          source_has=("self.stream_inbound_time[tp] = monotonic()",)),
+    Patch(AIOKafkaConsumerThread, "verify_event_path", None,
+          "the only reader of the monitor's per-partition figures a stage needs",
+          "none", params=("self", "now", "tp"),
+          source_has=("monitor.stream_inbound_time.get(tp)",)),
+    *(Patch(Monitor, name, None, "StageMonitor overrides it to do nothing",
+            "none (a public extension point)", params=("self", "tp", "offset"))
+      for name in ("on_message_in", "on_stream_event_out", "on_message_out")),
+    Patch(Consumer, "seek", None, "refetch_holes seeks a partition back to its commit base",
+          "faust-streaming #88", params=("self", "partition", "offset")),
+    Patch(Consumer, "flow_active", None, "refetch_holes judges nothing while flow is paused",
+          "faust-streaming #88"),
+)
+READS = tuple(p for p in PATCHES if p.replacement is None)
+
+_originals: dict[tuple[type, str], Any] = {}
+
+
+def _problems_of(p: Patch) -> list[str]:
+    if not hasattr(p.owner, p.name):
+        return [f"{p.where} is missing"]
+    current = _originals.get((p.owner, p.name), inspect.getattr_static(p.owner, p.name))
+    if p.value_type is not None and not isinstance(current, p.value_type):
+        return [f"{p.where} is {type(current).__name__}, expected {p.value_type.__name__}"]
+    out = []
+    if p.params is not None:
+        if not callable(current):
+            return [f"{p.where} is not callable"]
+        try:
+            names = tuple(inspect.signature(current).parameters)
+        except (TypeError, ValueError):
+            names = ()
+        if names[: len(p.params)] != p.params:
+            out.append(f"{p.where} takes ({', '.join(names)}), expected ({', '.join(p.params)}, ...)")
+    if p.source_has:
+        target = p.source_of or current
+        try:
+            source = inspect.getsource(target)
+        except (OSError, TypeError):
+            source = ""
+        out += [f"{p.where} no longer contains {frag!r}" for frag in p.source_has
+                if frag not in source]
+    return out
+
+
+def check(patches: tuple[Patch, ...] = PATCHES, version: str | None = None) -> list[str]:
+    """Every way the installed Faust differs from what `patches` assume, as sentences
+    (empty when all is as tested). `version` defaults to the installed one."""
+    version = faust.__version__ if version is None else version
+    problems = []
+    if version != TESTED_VERSION:
+        problems.append(f"faust-streaming is {version}, but mailflow's patches were written "
+                        f"and tested for {TESTED_VERSION}")
+    for p in patches:
+        problems += _problems_of(p)
+    return problems
+
+
+def install(patches: tuple[Patch, ...] = PATCHES) -> None:
+    """Check, then install every patch (once per process; later calls do nothing).
+
+    Raises `FaustCompatError` listing every problem `check` found, before changing
+    anything."""
+    problems = check(patches)
+    if problems:
+        raise FaustCompatError(
+            "mailflow cannot run its stages on this Faust: " + "; ".join(problems)
+            + f". Install faust-streaming=={TESTED_VERSION} (pyproject.toml pins it), or "
+            "port the patches in streams/faust_compat.py to this version first.")
+    for p in patches:
+        if p.replacement is None or (p.owner, p.name) in _originals:
+            continue
+        _originals[(p.owner, p.name)] = inspect.getattr_static(p.owner, p.name)
+        setattr(p.owner, p.name, p.replacement)
+
+
+def installed() -> bool:
+    """Whether this process's Faust has mailflow's patches."""
+    return bool(_originals)
