@@ -19,7 +19,6 @@ from typing import Any
 
 import faust
 
-import streams.failover  # noqa: F401  (patches aiokafka: stale leaders after a failover)
 from mailflow.config import Settings
 from streams import faust_compat
 from streams.topics import full_name, topic_specs

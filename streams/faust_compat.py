@@ -30,6 +30,8 @@ from typing import Any
 
 import aiokafka
 import faust
+from aiokafka import errors as KafkaErrors
+from aiokafka.consumer.fetcher import Fetcher
 from faust.sensors.monitor import Monitor
 from faust.transport.consumer import CONSUMER_FETCHING, Consumer, ensure_TP
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -38,6 +40,7 @@ from faust.types import EventT, Message, StreamT
 from faust.types.tuples import TP
 
 TESTED_VERSION = "0.15.3"
+TESTED_AIOKAFKA = "0.14.0"  # Faust's Kafka client, patched below too
 
 log = logging.getLogger("mailflow.stage")
 
@@ -346,6 +349,29 @@ def _worker_consumer_short_poll(self: Any, transport: Any) -> aiokafka.AIOKafkaC
 
 # --- subclasses through Faust's public settings, written against its internals ---------
 
+
+# --- aiokafka's Fetcher._proc_offset_request (Faust's Kafka client) ----------------------
+
+# aiokafka 0.14's fetcher, looking up a partition's start position (ListOffsets, right
+# after an assignment or a reset), gets "not the leader" from a node that lost the
+# partition, waits `retry_backoff` and asks the same node again: unlike its other paths
+# it never refreshes the metadata that named that node, so the consumer stays on the
+# stale leader until the periodic refresh (`metadata_max_age_ms`, five minutes). On a
+# three-node cluster whose killed broker came back and took its leaderships again, a
+# validate replica asked the old leader 681 times and never read a record. An answer
+# that says the metadata is stale now asks for fresh metadata, as the fetch path does.
+_fetcher_offset_request = Fetcher._proc_offset_request
+
+
+async def _offsets_refreshing_stale_metadata(self: Any, node_id: int, topic_data: Any) -> Any:
+    try:
+        return await _fetcher_offset_request(self, node_id, topic_data)
+    except KafkaErrors.KafkaError as err:
+        if getattr(err, "invalid_metadata", False):
+            self._client.force_metadata_update()
+        raise
+
+
 class RawSchema(faust.Schema):
     """Keys and values as the bytes Kafka holds, decoded without Faust's serializer
     registry: a raw topic's decode went through the registry and the codec for both
@@ -457,6 +483,11 @@ PATCHES: tuple[Patch, ...] = (
                       "callback(message), self.suspend_flow.wait()",
                       "get_read_offset = self._read_offset.__getitem__",
                       "except self.consumer_stopped_errors:")),
+    Patch(Fetcher, "_proc_offset_request", _offsets_refreshing_stale_metadata,
+          "an offset lookup answered by a stale leader retried it for five minutes",
+          "none found upstream (aiokafka's fetch path refreshes; this one does not)",
+          params=("self", "node_id", "topic_data"),
+          source_has=("response = await self._client.send(node_id, request)",)),
     # Read, not replaced: refetch_holes reads the consumer's state and seeks.
     # Overridden by RawSchema and StageMonitor, which must stay what Faust calls.
     Patch(faust.Schema, "compile", None, "RawSchema replaces the decode it compiles",
@@ -519,6 +550,9 @@ def check(patches: tuple[Patch, ...] = PATCHES, version: str | None = None) -> l
     if version != TESTED_VERSION:
         problems.append(f"faust-streaming is {version}, but mailflow's patches were written "
                         f"and tested for {TESTED_VERSION}")
+    if aiokafka.__version__ != TESTED_AIOKAFKA:
+        problems.append(f"aiokafka is {aiokafka.__version__}, but mailflow's patches were written "
+                        f"and tested for {TESTED_AIOKAFKA}")
     for p in patches:
         problems += _problems_of(p)
     return problems
@@ -533,7 +567,8 @@ def install(patches: tuple[Patch, ...] = PATCHES) -> None:
     if problems:
         raise FaustCompatError(
             "mailflow cannot run its stages on this Faust: " + "; ".join(problems)
-            + f". Install faust-streaming=={TESTED_VERSION} (pyproject.toml pins it), or "
+            + f". Install faust-streaming=={TESTED_VERSION} and aiokafka=={TESTED_AIOKAFKA} "
+            "(pyproject.toml pins both), or "
             "port the patches in streams/faust_compat.py to this version first.")
     for p in patches:
         if p.replacement is None or (p.owner, p.name) in _originals:

@@ -1,4 +1,4 @@
-"""streams/failover.py: a ListOffsets answer naming a stale leader refreshes the
+"""streams/faust_compat.py, the aiokafka fetcher patch: a ListOffsets answer naming a stale leader refreshes the
 metadata (aiokafka 0.14 retried the same node until its five-minute refresh)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from aiokafka import errors as Errors
 from aiokafka.consumer.fetcher import Fetcher
 
-import streams.failover as failover
+from streams import faust_compat
 
 
 class Client:
@@ -32,8 +32,13 @@ class Stub:
         self._client = client
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _installed() -> None:
+    faust_compat.install()  # as a stage worker does (make_app)
+
+
 def test_the_patch_is_installed():
-    assert Fetcher._proc_offset_request is failover._offsets_refreshing_stale_metadata
+    assert Fetcher._proc_offset_request is faust_compat._offsets_refreshing_stale_metadata
 
 
 def test_a_stale_leader_answer_refreshes_metadata_and_still_fails_this_try():

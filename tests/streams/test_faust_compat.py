@@ -29,6 +29,17 @@ def test_another_faust_version_is_refused_by_name() -> None:
                         f"and tested for {faust_compat.TESTED_VERSION}"]
 
 
+def test_another_aiokafka_version_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiokafka
+
+    monkeypatch.setattr(aiokafka, "__version__", "0.15.0")
+    assert faust_compat.check() == ["aiokafka is 0.15.0, but mailflow's patches were written "
+                                    f"and tested for {faust_compat.TESTED_AIOKAFKA}"]
+    pinned = [line for line in (ROOT / "pyproject.toml").read_text().splitlines()
+              if '"aiokafka' in line]
+    assert pinned and f'"aiokafka=={faust_compat.TESTED_AIOKAFKA}"' in pinned[0]
+
+
 class _StandIn:
     """A class shaped like one of Faust's after a refactor."""
 
