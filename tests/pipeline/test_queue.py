@@ -34,6 +34,8 @@ from harness import (
     wait_for,
 )
 
+from mailflow.ids import new_id
+
 ALL_STAGES = ["ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status"]
 PARTITIONS = 4
 SENDER = "queue@mailflow.test"  # local: its bounces land in its inbox
@@ -113,7 +115,7 @@ TAKES_EFFECT = 1.5
 def test_held_domain_and_message_wait_without_attempts_and_go_once_after_release(qstack: Stack, peers):
     s = qstack
     assert queue(s, "hold", HELD)["domain"] == HELD
-    by_id = f"heldbyid{time.time_ns()}"
+    by_id = new_id()  # a real id: the API answers 400 for anything else
     assert queue(s, "hold", "--id", by_id)["id"] == by_id
     time.sleep(TAKES_EFFECT)
     held_id, held_mid = mail(s, HELD, "held")
