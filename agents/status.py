@@ -22,7 +22,8 @@ from schemas.records import Event, PoisonPill, parse_event
 
 STAGE = "status"
 
-FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"})
+FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited",
+                   "suppressed"})
 # How far along each non-final state is; a state never moves back.
 RANK = {"accepted": 0, "replayed": 0, "validated": 1, "scanned": 2, "sent_folder": 3, "deferred": 4}
 WAITING_ON = {

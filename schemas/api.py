@@ -38,7 +38,7 @@ ACCEPTED = {"type": "object", "required": ["id", "status_url"],
 RECIPIENT_STATE = {"type": "object", "required": ["state", "ts"], "properties": {
     "state": {"type": "string", "enum": [
         "accepted", "validated", "rate_limited", "rejected", "stored", "scanned", "quarantined",
-        "sent_folder", "deferred", "delivered", "bounced"]},
+        "sent_folder", "deferred", "delivered", "bounced", "suppressed"]},
     "ts": {"type": "number"}, "detail": {"type": "object"}, "waiting_on": {"type": "string"}}}
 
 STATUS = {"type": "object", "required": ["id", "recipients", "timeline", "state"], "properties": {

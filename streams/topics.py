@@ -5,7 +5,8 @@ Every topic of the contract (``submissions``, ``admitted``, ``local``, ``outgoin
 compacted topics of our own: ``throttle`` (senders the rate limiter currently
 holds back, read by the ingress to answer 429), ``registry`` (the web address
 of each live worker, read by the ingress to route mailbox and status reads),
-``auth`` (API keys and mailbox tokens by id: hashes only, see mailflow/api/auth.py)
+``auth`` (API keys and mailbox tokens by id: hashes only, see mailflow/api/auth.py),
+``suppressions`` ((sender domain, recipient) -> reason; see mailflow/suppression.py)
 and ``idempotency`` (credential + Idempotency-Key -> request hash and message id;
 compacted and also deleted after 2 days, the window being 24 h).
 
@@ -41,6 +42,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     specs += [TopicSpec("throttle", compacted=True, partitions=1),
               TopicSpec("registry", compacted=True, partitions=1),
               TopicSpec("auth", compacted=True, partitions=1),
+              TopicSpec("suppressions", compacted=True, partitions=1),
               TopicSpec("idempotency", compacted=True, partitions=1,
                         config=(("cleanup.policy", "compact,delete"),
                                 ("retention.ms", str(2 * 86400 * 1000))))]

@@ -77,3 +77,15 @@ def test_raw_envelope_override_and_errors():
     assert "to" in err.value.fields
     with pytest.raises(InputError):
         prepare_raw(b"", message_id="<m@x>", date=NOW, env_from=None, env_to=None, max_recipients=10)
+
+
+def test_unsubscribe_flag() -> None:
+    base = {"from": "a@x.test", "to": "b@y.test", "text": "x"}
+    assert compose({**base, "unsubscribe": True}).extra["unsubscribe"] is True
+    assert compose(base).extra["unsubscribe"] is False
+    with pytest.raises(InputError) as e:
+        compose({**base, "unsubscribe": "yes"})
+    assert "unsubscribe" in e.value.fields
+    with pytest.raises(InputError) as e:
+        compose({**base, "unsubscribe": True, "headers": {"List-Unsubscribe": "<https://evil>"}})
+    assert "headers.List-Unsubscribe" in e.value.fields
