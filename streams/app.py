@@ -187,7 +187,8 @@ async def _commit_or_exit(self: Any, offsets: Any) -> Any:
 
 AIOKafkaConsumerThread.commit = _commit_or_exit
 
-STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status")
+STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status",
+          "webhooks")
 
 # Each stage's input topic: what its consumer lag measures.
 STAGE_INPUT = {
@@ -199,6 +200,7 @@ STAGE_INPUT = {
     "deliver": "delivery",
     "retry": "retry.*",
     "status": "events",
+    "webhooks": "events",  # its own group: a slow receiver is this stage's lag
 }
 
 

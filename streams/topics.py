@@ -6,7 +6,9 @@ compacted topics of our own: ``throttle`` (senders the rate limiter currently
 holds back, read by the ingress to answer 429), ``registry`` (the web address
 of each live worker, read by the ingress to route mailbox and status reads),
 ``auth`` (API keys and mailbox tokens by id: hashes only, see mailflow/api/auth.py),
-``suppressions`` ((sender domain, recipient) -> reason; see mailflow/suppression.py)
+``suppressions`` ((sender domain, recipient) -> reason; see mailflow/suppression.py),
+``webhooks`` (webhook id -> URL, events, owner, encrypted secret; mailflow/webhooks.py)
+and the webhooks stage's retry tiers ``webhooks.retry.1..N``
 and ``idempotency`` (credential + Idempotency-Key -> request hash and message id;
 compacted and also deleted after 2 days, the window being 24 h).
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailflow.config import Settings
+from mailflow.webhooks import retry_schedule as webhook_retry_schedule
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                   "dead", "errors", "events")
     ]
     specs += [TopicSpec(f"retry.{i}") for i in range(1, len(settings.retry_schedule) + 1)]
+    specs += [TopicSpec(f"webhooks.retry.{i}") for i in range(1, len(webhook_retry_schedule()) + 1)]
     specs += [TopicSpec("throttle", compacted=True, partitions=1),
               TopicSpec("registry", compacted=True, partitions=1),
               TopicSpec("auth", compacted=True, partitions=1),
               TopicSpec("suppressions", compacted=True, partitions=1),
+              TopicSpec("webhooks", compacted=True, partitions=1),
               TopicSpec("idempotency", compacted=True, partitions=1,
                         config=(("cleanup.policy", "compact,delete"),
                                 ("retention.ms", str(2 * 86400 * 1000))))]

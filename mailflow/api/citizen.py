@@ -200,3 +200,6 @@ def register(app: web.Application, ing: Any) -> None:
     app.router.add_get("/v1/unsubscribe/{token}", c.unsubscribe_page)
     app.router.add_post("/v1/unsubscribe/{token}", c.unsubscribe)
     app["citizen"] = c
+    from mailflow.api import webhooks
+
+    webhooks.register(app, ing)
