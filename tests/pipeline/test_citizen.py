@@ -20,14 +20,15 @@ from typing import Any
 import pytest
 from harness import FINAL, ScriptedPeer, Stack, http, wait_for
 
-STAGES = ["ratelimit", "validate", "scan", "sentfolder", "deliver", "retry", "status"]
+STAGES = ["ratelimit", "validate", "scan", "sentfolder", "deliver", "retry", "status", "webhooks"]
 SENDER = "news@shop.test"
 RATE_SLOW = 1.0  # the test's pause after a rate-limit reply (an operator rule)
 
 
 class Peer(ScriptedPeer):
     """``gone*`` 550 5.1.1, ``policy*`` 550 5.7.1, ``busy*`` 451 4.7.650 to its first
-    two RCPTs; every RCPT is recorded with its time."""
+    two RCPTs, ``later*`` 451 4.3.0 to each address's first RCPT; every RCPT is
+    recorded with its time."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,6 +42,8 @@ class Peer(ScriptedPeer):
             return f"550 5.1.1 <{address}>: no such user"
         if local.startswith("policy"):
             return "550 5.7.1 message refused by policy"
+        if local.startswith("later") and self.seen(address) == 1:
+            return "451 4.3.0 try again later"
         if local.startswith("busy") and self.busy_left > 0:
             self.busy_left -= 1
             return "451 4.7.650 The mail server has been temporarily rate limited"
@@ -66,7 +69,8 @@ def stack(kafka: str, work_dir: Path, peer: Peer) -> Iterator[Stack]:
     rules.write_text(json.dumps([{"status": "4.7.650", "class": "rate_limited", "slow": f"{RATE_SLOW}s"}]))
     s = Stack(work_dir, kafka, smtp_routes=f"*=127.0.0.1:{peer.port}", retry_schedule="200ms,400ms,800ms",
               max_queue_age="60s", rate_limit="100000/60s", scanners="none", smtp_timeout="10s",
-              bounce_rules=str(rules))
+              bounce_rules=str(rules), webhook_allow_private="true",
+              webhook_retry_schedule="300ms,600ms,1s,2s")
     s.env["MAILFLOW_PUBLIC_URL"] = s.api  # links in mail lead back to this stack's API
     try:
         yield s.start(STAGES)
@@ -211,3 +215,138 @@ def test_rate_limit_slows_the_destination_without_spending_attempts(stack: Stack
     assert times[1] - times[0] >= RATE_SLOW * 0.9
     assert times[2] - times[1] >= 2 * RATE_SLOW * 0.9
     assert any("paused until" in e["detail"]["error"] for e in deferred)
+
+
+class Receiver:
+    """A webhook receiver (aiohttp, its own loop in a thread) that checks every
+    signature with `hmac` as a user's code would; can go down and come back."""
+
+    def __init__(self) -> None:
+        from harness import free_port
+
+        self.port = free_port()
+        self.secret = ""
+        self.got: dict[str, dict[str, Any]] = {}  # event_id -> body
+        self.posts = 0
+        self.bad: list[str] = []
+        self._stop: Any = None
+
+    async def _handle(self, request: Any) -> Any:
+        import hashlib
+        import hmac
+
+        from aiohttp import web
+
+        raw = await request.read()
+        self.posts += 1
+        parts = dict(p.split("=", 1) for p in request.headers.get("Mailflow-Signature", "").split(","))
+        want = hmac.new(self.secret.encode(), parts.get("t", "").encode() + b"." + raw, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(want, parts.get("v1", "")) or abs(time.time() - int(parts["t"])) > 300:
+            self.bad.append(request.headers.get("Mailflow-Signature", ""))
+            return web.Response(status=400)
+        body = json.loads(raw)
+        assert body["event_id"] == request.headers["Mailflow-Event-Id"]
+        self.got[body["event_id"]] = body
+        return web.Response(text="ok")
+
+    def up(self) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        ready = threading.Event()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            app = web.Application()
+            app.router.add_post("/hook", self._handle)
+            runner = web.AppRunner(app)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            stop = loop.create_future()
+            self._stop = (loop, stop)
+            ready.set()
+            loop.run_until_complete(stop)
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def down(self) -> None:
+        loop, stop = self._stop
+        loop.call_soon_threadsafe(stop.set_result, None)
+        self._thread.join(10)
+
+
+def expected_events(s: Stack, ids: list[str], states: set[str]) -> set[tuple[str, str, str]]:
+    """(event_id, recipient, state) of every state change of `ids` a webhook for `states` gets."""
+    from mailflow.webhooks import event_id
+
+    out = set()
+    for i in ids:
+        for e in s.status(i)["timeline"]:
+            if e["state"] in states:
+                for r in e.get("recipients") or []:
+                    out.add((event_id(i, r, e["state"], e["ts"]), r, e["state"]))
+    return out
+
+
+def test_signed_webhooks_survive_receiver_outage_and_kill(stack: Stack, peer: Peer) -> None:
+    from mailflow.api.auth import create_key
+
+    s = stack
+    shop, _ = create_key(s.settings(), ["shop.test"], name="hooks")
+    other, _ = create_key(s.settings(), ["other.test"], name="other")
+    rx = Receiver()
+    rx.up()
+    states = ["delivered", "bounced", "deferred", "suppressed"]
+    code, doc, _ = http("POST", f"{s.api}/v1/webhooks", {"url": f"http://127.0.0.1:{rx.port}/hook",
+                                                         "events": states}, auth=shop)
+    assert code == 201 and doc["secret"].startswith("whsec_"), doc
+    rx.secret, hook_id = doc["secret"], doc["id"]
+    code, doc, _ = http("GET", f"{s.api}/v1/webhooks", auth=shop)
+    assert code == 200 and [h["id"] for h in doc["webhooks"]] == [hook_id]
+    assert "secret" not in doc["webhooks"][0]
+    assert http("GET", f"{s.api}/v1/webhooks", auth=other)[1]["webhooks"] == []
+    assert http("DELETE", f"{s.api}/v1/webhooks/{hook_id}", auth=other)[0] == 404
+    assert http("POST", f"{s.api}/v1/webhooks", {"url": "ftp://x", "events": ["nope"]}, auth=shop)[0] == 400
+    # The secret is never on Kafka in clear text.
+    assert not any(rx.secret.encode() in (v or b"") for _, v in s.read_topic("webhooks"))
+    time.sleep(1.5)  # the stage's view of the webhooks topic
+
+    ids = [send(s, ["ok-w1@w.test", "gone-w1@w.test", "later-w1@w.test"])]
+    final(s, ids[0])
+    wait_for(lambda: "gone-w1@w.test" in suppressions(s), 20, what="the suppression")
+    ids.append(send(s, ["gone-w1@w.test", "ok-w2@w.test"]))
+    final(s, ids[1])
+    want = expected_events(s, ids, set(states))
+    assert {st for _, _, st in want} == set(states)
+    wait_for(lambda: {e for e, _, _ in want} <= set(rx.got), 60, interval=0.5,
+             what="the events while the receiver is up")
+
+    # The receiver goes down; mail goes on; the webhooks stage is killed -9 and restarted.
+    rx.down()
+    ids_down = [send(s, [f"ok-d{i}@w.test", f"later-d{i}@w.test"]) for i in range(3)]
+    for i in ids_down:
+        final(s, i)
+    s.kill("webhooks")
+    s.start_stage("webhooks")
+    time.sleep(3)
+    rx.up()
+    want_all = expected_events(s, ids + ids_down, set(states))
+    wait_for(lambda: {e for e, _, _ in want_all} <= set(rx.got), 120, interval=0.5,
+             what=f"every event after the outage (missing "
+                  f"{sorted(r for e, r, _ in want_all if e not in rx.got)})")
+    assert rx.bad == []
+    for e, r, st in want_all:
+        body = rx.got[e]
+        assert (body["recipient"], body["state"]) == (r, st) and body["message_id"] in ids + ids_down
+    assert all(rx.got[e]["class"] == "hard" for e, _, st in want_all if st == "bounced")
+    # Mail from domains the key does not cover was never announced to it.
+    assert all(b["sender"] == SENDER for b in rx.got.values())
+    assert http("DELETE", f"{s.api}/v1/webhooks/{hook_id}", auth=shop)[0] == 200
+    assert http("GET", f"{s.api}/v1/webhooks", auth=shop)[1]["webhooks"] == []
+    rx.down()
