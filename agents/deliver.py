@@ -165,7 +165,8 @@ def register(app: faust.App, settings: Settings) -> None:
         for r in (r for r in msg.recipients if r not in todo):
             entry = entries[r] or {}
             state = "delivered" if entry.get("kind") == DELIVERED else "bounced"
-            pending.append(await io.event(msg.id, state, [r], {"reply": entry.get("reply"), "note": note}))
+            pending.append(await io.event(msg.id, state, [r], {"reply": entry.get("reply"), "note": note},
+                                          sender=msg.sender))
         if not todo:
             return pending
         if msg.sender:  # a bounce (null sender) is never suppressed
@@ -216,7 +217,7 @@ def register(app: faust.App, settings: Settings) -> None:
             metrics.SMTP_REPLIES.labels("suppressed", "routed" if settings.smtp_routes else "mx").inc()
             pending.append(await io.event(msg.id, "suppressed", [r], {
                 "reason": hit.get("reason"), "suppressed_at": hit.get("ts"),
-                **({"reply": hit["reply"]} if hit.get("reply") else {})}))
+                **({"reply": hit["reply"]} if hit.get("reply") else {})}, sender=msg.sender))
         return left
 
     async def attempt_all(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
@@ -257,7 +258,7 @@ def register(app: faust.App, settings: Settings) -> None:
         temporary = [o for o in temporary if o not in limited]
         for o in delivered:
             pending.append(await io.event(msg.id, "delivered", [o.recipient],
-                                          {"reply": o.reply, "host": o.host}))
+                                          {"reply": o.reply, "host": o.host}, sender=msg.sender))
         if delivered and not limited:
             backoff.clear(domain)
         for o in failed:
@@ -301,7 +302,8 @@ def register(app: faust.App, settings: Settings) -> None:
         metrics.RETRIES.labels(str(tier)).inc()
         return [await io.event(msg.id, "deferred", rcpts, {"attempt": attempt_no, "next_attempt_at": due,
                                                           "tier": tier, "error": reason,
-                                                          **({"class": klass} if klass else {})}),
+                                                          **({"class": klass} if klass else {})},
+                               sender=msg.sender),
                 await io.send(f"retry.{tier}", domain, rec.to_json())]
 
     async def bounce(msg: Message, failed: list[Outcome], first: float, now: float,
@@ -314,7 +316,8 @@ def register(app: faust.App, settings: Settings) -> None:
         for o in failed:
             cls = (classes or {}).get(o.recipient)
             pending.append(await io.event(msg.id, "bounced", [o.recipient],
-                                          {**detail, "reply": o.reply, **({"class": cls} if cls else {})}))
+                                          {**detail, "reply": o.reply, **({"class": cls} if cls else {})},
+                                          sender=msg.sender))
         body = await io.body(msg)
         history = [*msg.meta.get("history", []), {"ts": now, "failed": rcpts, "error": failed[0].reply}]
         dead = msg.with_(recipients=rcpts, meta={**msg.meta, "history": history[-MAX_HISTORY:],

@@ -52,7 +52,8 @@ def register(app: faust.App, settings: Settings) -> None:
             cache.drop_prefix((msg.mailbox, msg.folder))
         # The event is repeated on a replay; the status stage applies it once.
         if msg.folder == "inbox":
-            event = await io.event(msg.id, "stored", [msg.mailbox], {"mailbox": msg.mailbox})
+            event = await io.event(msg.id, "stored", [msg.mailbox], {"mailbox": msg.mailbox},
+                                   sender=msg.sender)
         else:
             event = await io.event(msg.id, "sent_folder", [], {"mailbox": msg.mailbox})
         return [*writes.acks, event]

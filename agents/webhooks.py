@@ -8,9 +8,11 @@ deliveries that failed; ``errors`` for deliveries given up after
 ``MAILFLOW_WEBHOOK_MAX_AGE`` (3 days).
 
 For each event, each recipient it is about and each registered webhook that wants
-its state and may hear of its sender (`mailflow.webhooks.matches`; the sender of a
-message is learnt from its ``accepted`` event and kept in the ``senders`` table),
-one POST is tried at once. A failure (no answer in 5 s, not 2xx, a refused
+its state and may hear of its sender (`mailflow.webhooks.matches`; the stages name
+the sender in every event a webhook can ask for), one POST is tried at once. The
+stage keeps no table: a table's recovery after a kill -9 left this stage's retry
+tiers unread in a test run (Faust's fetch after recovery, see README), and it needs
+none. A failure (no answer in 5 s, not 2xx, a refused
 address) parks the delivery on the first retry tier and opens that endpoint's
 circuit: for 1 s, doubling with each failure in a row up to a minute, its new
 deliveries go straight to the tiers without a connection, so a receiver that is
@@ -35,7 +37,7 @@ import faust
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from agents.common import JSON_TABLE, Pending, StageIO
+from agents.common import Pending, StageIO
 from mailflow import metrics
 from mailflow.config import Settings
 from mailflow.webhooks import (
@@ -100,7 +102,6 @@ class Circuits:
 
 def register(app: faust.App, settings: Settings) -> None:
     io = StageIO(app, settings, STAGE)
-    senders = app.Table("senders", partitions=settings.partitions, schema=JSON_TABLE)
     # A retry agent sleeps until its head record is due; a rebalance must not wait
     # for that sleep to end.
     app.conf.stream_wait_empty = False
@@ -187,9 +188,7 @@ def register(app: faust.App, settings: Settings) -> None:
     async def handle(raw: bytes | None) -> Pending:
         ev = parse_event(raw)
         pending: Pending = []
-        if ev.state == "accepted" and ev.sender:
-            pending.append(io.table_write(senders, ev.id, ev.sender))
-        sender = ev.sender or senders.get(ev.id)
+        sender = ev.sender
         if not sender:
             return pending  # a bounce's own events (null sender), or one not ours to tell
         registered = await hooks()

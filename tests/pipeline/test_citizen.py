@@ -273,7 +273,7 @@ class Receiver:
 
         self._thread = threading.Thread(target=serve, daemon=True)
         self._thread.start()
-        ready.wait(10)
+        assert ready.wait(10), "the receiver did not start"
 
     def down(self) -> None:
         loop, stop = self._stop
