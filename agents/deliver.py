@@ -211,7 +211,7 @@ def register(app: faust.App, settings: Settings) -> None:
         left = []
         for r in todo:
             hit = suppressions.get(sender_domain, r)
-            if hit is None:
+            if hit is None or replayed_past(msg, hit):
                 left.append(r)
                 continue
             metrics.SMTP_REPLIES.labels("suppressed", "routed" if settings.smtp_routes else "mx").inc()
@@ -219,6 +219,12 @@ def register(app: faust.App, settings: Settings) -> None:
                 "reason": hit.get("reason"), "suppressed_at": hit.get("ts"),
                 **({"reply": hit["reply"]} if hit.get("reply") else {})}, sender=msg.sender))
         return left
+
+    def replayed_past(msg: Message, hit: dict[str, Any]) -> bool:
+        """An operator replayed this very message after its own hard bounce suppressed
+        the recipient (`mailflow replay dead`, after a fix): try it once more."""
+        return (hit.get("reason") == "hard_bounce" and hit.get("message_id") == msg.id
+                and float(msg.meta.get("replayed_at", 0)) > float(hit.get("ts", 0)))
 
     async def attempt_all(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
         """One transaction for the record's recipients; one per recipient when the
@@ -261,6 +267,13 @@ def register(app: faust.App, settings: Settings) -> None:
                                           {"reply": o.reply, "host": o.host}, sender=msg.sender))
         if delivered and not limited:
             backoff.clear(domain)
+        for o in delivered:
+            # Delivered: the mailbox exists after all; a hard-bounce entry is wrong now
+            # (an unsubscribe or an API entry is the person's or operator's, and stays).
+            hit = suppressions.get(domain_of(msg.sender), o.recipient) if msg.sender else None
+            if hit is not None and hit.get("reason") == "hard_bounce":
+                pending.append(produce_suppression(io.producer, settings, None,
+                                                   domain_of(msg.sender), o.recipient))
         for o in failed:
             if msg.sender and verdicts[o.recipient].suppress:
                 pending.append(suppress(msg, o, now))
