@@ -50,6 +50,7 @@ Tests point it at an unprivileged port where a scripted peer listens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -60,6 +61,7 @@ import faust
 
 from agents.common import JSON_TABLE, Pending, StageIO
 from mailflow import metrics
+from mailflow.bounce_rules import DestinationBackoff, Verdict, classify, load_rules
 from mailflow.config import Settings
 from mailflow.delivery import (
     DELIVERED,
@@ -78,8 +80,11 @@ from mailflow.mtasts import MtaSts
 from mailflow.mtasts import plan as sts_plan
 from mailflow.mx import PermanentDnsError, Resolver, TemporaryDnsError, route_for
 from mailflow.queue import HOLD, OPERATOR_BOUNCE_REPLY, ControlView, bounce_requested, hold_of
-from mailflow.signing import Signer, signed_body
+from mailflow.signing import Signer, wire_copies
 from mailflow.smtp import Pool
+from mailflow.suppression import SuppressionList
+from mailflow.suppression import entry as suppression_entry
+from mailflow.suppression import produce as produce_suppression
 from schemas.records import Message, parse_message
 
 STAGE = "deliver"
@@ -122,6 +127,11 @@ def register(app: faust.App, settings: Settings) -> None:
         if not reading:
             reading.append(asyncio.ensure_future(asyncio.to_thread(control.ready.wait)))
         return reading[0]
+    # Issue 16: replies classified by the rule table (mailflow/bounce_rules.py),
+    # destinations that rate-limit us paused, suppressed recipients never attempted.
+    rules = load_rules()
+    backoff = DestinationBackoff()
+    suppressions = SuppressionList(settings)
 
     async def attempt(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
         route = route_for(domain, settings.smtp_routes)
@@ -193,12 +203,17 @@ def register(app: faust.App, settings: Settings) -> None:
         for r in (r for r in msg.recipients if r not in todo):
             entry = entries[r] or {}
             state = "delivered" if entry.get("kind") == DELIVERED else "bounced"
-            pending.append(await io.event(msg.id, state, [r], {"reply": entry.get("reply"), "note": note}))
+            pending.append(await io.event(msg.id, state, [r], {"reply": entry.get("reply"), "note": note},
+                                          sender=msg.sender))
         if not todo:
             return pending
         if not control.ready.is_set():  # holds made before a restart apply to the first record
             await control_read()
         controls = control.controls()
+        if msg.sender:  # a bounce (null sender) is never suppressed
+            todo = await drop_suppressed(msg, todo, pending)
+            if not todo:
+                return pending
         now = time.time()
         first = float(msg.meta.get("first_attempt", now))
         if bounce_requested(controls, msg.id, msg.meta) is not None:
@@ -212,16 +227,20 @@ def register(app: faust.App, settings: Settings) -> None:
             outcomes = [Outcome(r, PERMANENT, None, f"expired after {settings.max_queue_age:g}s; last error: {last}")
                         for r in todo]
             return pending + await finish(msg, domain, outcomes, first, now, why="expired")
+        if (until := backoff.paused(domain, now)) is not None:
+            # The destination asked us to slow down: wait without spending an attempt.
+            return pending + await to_retry(msg, domain, todo, first, now,
+                                            f"{domain} rate-limited us; paused until {until:.0f}",
+                                            count_attempt=False, klass="rate_limited")
         if not shaper.try_acquire(domain):
             # The destination is at its bound: step aside to the first retry tier
             # without spending an attempt, so the partition keeps moving.
             return pending + await to_retry(msg, domain, todo, first, now, "destination busy (shaped)",
                                   count_attempt=False)
         try:
-            # The DKIM-Signature lines made once before the first attempt (sentfolder).
-            body = signed_body(msg.meta, await io.body(msg))
+            body = await io.body(msg)
             try:
-                outcomes = await attempt(domain, msg, todo, body)
+                outcomes = await attempt_all(domain, msg, todo, body)
             except Exception as exc:  # never park mail on a fault of ours: defer it
                 log.exception("deliver: attempt for %s failed", domain)
                 outcomes = [Outcome(r, TEMPORARY, None, f"4.3.0 local error: {exc!r}") for r in todo]
@@ -231,9 +250,55 @@ def register(app: faust.App, settings: Settings) -> None:
         # attempt that took its whole SMTP timeout must not make the next one early.
         return pending + await finish(msg, domain, outcomes, first, time.time())
 
+    async def drop_suppressed(msg: Message, todo: list[str], pending: Pending) -> list[str]:
+        """`todo` without the recipients on the sender domain's suppression list; each
+        of those gets its final `suppressed` event (added to `pending`), no SMTP."""
+        await suppressions.ready()
+        sender_domain = domain_of(msg.sender)
+        left = []
+        for r in todo:
+            hit = suppressions.get(sender_domain, r)
+            if hit is None or replayed_past(msg, hit):
+                left.append(r)
+                continue
+            metrics.SMTP_REPLIES.labels("suppressed", "routed" if settings.smtp_routes else "mx").inc()
+            pending.append(await io.event(msg.id, "suppressed", [r], {
+                "reason": hit.get("reason"), "suppressed_at": hit.get("ts"),
+                **({"reply": hit["reply"]} if hit.get("reply") else {})}, sender=msg.sender))
+        return left
+
+    def replayed_past(msg: Message, hit: dict[str, Any]) -> bool:
+        """An operator replayed this very message after its own hard bounce suppressed
+        the recipient (`mailflow replay dead`, after a fix): try it once more."""
+        return (hit.get("reason") == "hard_bounce" and hit.get("message_id") == msg.id
+                and float(msg.meta.get("replayed_at", 0)) > float(hit.get("ts", 0)))
+
+    async def attempt_all(domain: str, msg: Message, rcpts: list[str], body: bytes) -> list[Outcome]:
+        """One transaction for the record's recipients; one per recipient when the
+        message has per-recipient headers (one-click unsubscribe: each its own link),
+        each with the DKIM-Signature lines made once before the first attempt
+        (sentfolder; `mailflow.signing.wire_copies`)."""
+        copies = wire_copies(msg.meta, body, rcpts)
+        if len(copies) == 1:
+            return await attempt(domain, msg, *copies[0])
+        results = await asyncio.gather(*(attempt(domain, msg, rs, wire) for rs, wire in copies))
+        return [o for outcomes in results for o in outcomes]
+
+    def judge(o: Outcome, why: str) -> tuple[Outcome, Verdict | None]:
+        """The outcome as the rule table decides it (retry or bounce), and the verdict."""
+        if o.kind == DELIVERED:
+            return o, None
+        if why != "permanent":  # expired, or an operator's bounce: says nothing about the address
+            return o, Verdict("soft", False, False, rule=why)
+        v = classify(o.code, o.reply, o.kind == PERMANENT, rules)
+        return dataclasses.replace(o, kind=TEMPORARY if v.retry else PERMANENT), v
+
     async def finish(msg: Message, domain: str, outcomes: list[Outcome], first: float, now: float,
                      why: str = "permanent") -> Pending:
         pending: Pending = []
+        judged = [judge(o, why) for o in outcomes]
+        outcomes = [o for o, _ in judged]
+        verdicts = {o.recipient: v for o, v in judged if v is not None}
         for o in outcomes:
             metrics.SMTP_REPLIES.labels(reply_class(o), "routed" if settings.smtp_routes else "mx").inc()
             if o.kind != TEMPORARY:
@@ -243,20 +308,52 @@ def register(app: faust.App, settings: Settings) -> None:
         delivered = [o for o in outcomes if o.kind == DELIVERED]
         failed = [o for o in outcomes if o.kind == PERMANENT]
         temporary = [o for o in outcomes if o.kind == TEMPORARY]
+        limited = [o for o in temporary if verdicts[o.recipient].klass == "rate_limited"]
+        temporary = [o for o in temporary if o not in limited]
         for o in delivered:
             pending.append(await io.event(msg.id, "delivered", [o.recipient],
                                           {"reply": o.reply, "host": o.host,
-                                           **({"tls": o.tls} if o.tls else {})}))
+                                           **({"tls": o.tls} if o.tls else {})}, sender=msg.sender))
+        if delivered and not limited:
+            backoff.clear(domain)
+        for o in delivered:
+            # Delivered: the mailbox exists after all; a hard-bounce entry is wrong now
+            # (an unsubscribe or an API entry is the person's or operator's, and stays).
+            hit = suppressions.get(domain_of(msg.sender), o.recipient) if msg.sender else None
+            if hit is not None and hit.get("reason") == "hard_bounce":
+                pending.append(produce_suppression(io.producer, settings, None,
+                                                   domain_of(msg.sender), o.recipient))
+        for o in failed:
+            if msg.sender and verdicts[o.recipient].suppress:
+                pending.append(suppress(msg, o, now))
         if failed:
-            pending += await bounce(msg, failed, first, now, why)
+            pending += await bounce(msg, failed, first, now, why,
+                                    {r: v.klass for r, v in verdicts.items()})
+        if limited:
+            backoff.pause(domain, max(verdicts[o.recipient].slow for o in limited), now)
+            pending += await to_retry(msg, domain, [o.recipient for o in limited], first, now,
+                                      limited[0].reply, count_attempt=False, klass="rate_limited",
+                                      tls=limited[0].tls)
         if temporary:
             reason = temporary[0].reply
             pending += await to_retry(msg, domain, [o.recipient for o in temporary], first, now, reason,
-                                      tls=temporary[0].tls)
+                                      klass=verdicts[temporary[0].recipient].klass, tls=temporary[0].tls)
         return pending
 
+    def suppress(msg: Message, o: Outcome, now: float) -> asyncio.Future[Any]:
+        """Put a hard-bounced recipient on the sender domain's suppression list."""
+        rec = suppression_entry(domain_of(msg.sender), o.recipient, "hard_bounce", "deliver",
+                                now, reply=o.reply, message_id=msg.id)
+        fut = produce_suppression(io.producer, settings, rec)
+
+        def acked(f: asyncio.Future[tuple[int, int]]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                suppressions.remember(rec, *f.result())
+        fut.add_done_callback(acked)
+        return fut
+
     async def to_retry(msg: Message, domain: str, rcpts: list[str], first: float, now: float,
-                       reason: str, count_attempt: bool = True,
+                       reason: str, count_attempt: bool = True, klass: str | None = None,
                        tls: dict[str, Any] | None = None) -> Pending:
         attempt_no = int(msg.meta.get("attempt", 0)) + (1 if count_attempt else 0)
         # A shaped step-aside is no failed attempt: always the first (shortest)
@@ -269,7 +366,9 @@ def register(app: faust.App, settings: Settings) -> None:
         metrics.RETRIES.labels(str(tier)).inc()
         return [await io.event(msg.id, "deferred", rcpts, {"attempt": attempt_no, "next_attempt_at": due,
                                                           "tier": tier, "error": reason,
-                                                          **({"tls": tls} if tls else {})}),
+                                                          **({"class": klass} if klass else {}),
+                                                          **({"tls": tls} if tls else {})},
+                               sender=msg.sender),
                 await io.send(f"retry.{tier}", domain, rec.to_json())]
 
     async def to_hold(msg: Message, domain: str, rcpts: list[str], hold: dict[str, Any],
@@ -284,10 +383,10 @@ def register(app: faust.App, settings: Settings) -> None:
                 await io.send(HOLD, domain, msg.with_(recipients=rcpts, meta=meta).to_json())]
 
     async def bounce(msg: Message, failed: list[Outcome], first: float, now: float,
-                     why: str) -> Pending:
+                     why: str, classes: dict[str, str] | None = None) -> Pending:
         """Final failures: ``bounced`` events, the ``dead`` record and a DSN. `why`:
         ``permanent`` (refused), ``expired`` (MAX_QUEUE_AGE) or ``operator``
-        (`mailflow queue bounce`)."""
+        (`mailflow queue bounce`); `classes`: each recipient's reply class."""
         expired_ = why == "expired"
         pending: Pending = []
         rcpts = [o.recipient for o in failed]
@@ -295,8 +394,10 @@ def register(app: faust.App, settings: Settings) -> None:
         if why != "permanent":
             detail["reason"] = why
         for o in failed:
+            cls = (classes or {}).get(o.recipient)
             pending.append(await io.event(msg.id, "bounced", [o.recipient],
-                                          {**detail, "reply": o.reply}))
+                                          {**detail, "reply": o.reply, **({"class": cls} if cls else {})},
+                                          sender=msg.sender))
         body = await io.body(msg)
         history = [*msg.meta.get("history", []), {"ts": now, "failed": rcpts, "error": failed[0].reply}]
         dead = msg.with_(recipients=rcpts, meta={**msg.meta, "history": history[-MAX_HISTORY:],
@@ -311,7 +412,8 @@ def register(app: faust.App, settings: Settings) -> None:
             failed=[FailedRecipient(
                 address=o.recipient,
                 status="4.4.7" if expired_ else status_for_reply(o.code, parse_enhanced(o.reply), False),
-                diagnostic=o.reply, remote_mta=o.host) for o in failed],
+                diagnostic=o.reply, remote_mta=o.host,
+                bounce_class=(classes or {}).get(o.recipient)) for o in failed],
             reporting_mta=settings.ehlo_name,
             postmaster=f"postmaster@{sorted(settings.local_domains)[0] if settings.local_domains else settings.ehlo_name}",
             message_id=f"<{dsn_id}@{settings.ehlo_name}>", date=datetime.now(UTC),

@@ -76,7 +76,8 @@ def register(app: faust.App, settings: Settings) -> None:
             detail = f"over {limit} messages per {window:g}s"
             pending.append(await io.park("rate_limited", "rate_limited", raw, msg.id, detail))
             pending.append(await io.event(msg.id, "rate_limited", msg.recipients,
-                                          {"reason": "rate_limited", "message": detail}))
+                                          {"reason": "rate_limited", "message": detail},
+                                          sender=msg.sender))
         else:
             # Pass the record on as it came: no re-encoding on the hot path.
             pending.append(await io.send("admitted", msg.sender, raw))

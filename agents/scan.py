@@ -66,7 +66,8 @@ def register(app: faust.App, settings: Settings) -> None:
         if not v.clean:
             detail = {"verdict": v.kind, **v.detail}
             return [await io.park(v.kind, "quarantined", raw, msg.id, str(detail)),
-                    await io.event(msg.id, "quarantined", msg.recipients, detail)]
+                    await io.event(msg.id, "quarantined", msg.recipients, detail,
+                                   sender=msg.sender)]
         rec = msg.with_(meta={**msg.meta, "scan": {"scanned": bool(settings.scanners), **v.detail}})
         return [await io.send("clean", msg.id, rec.to_json()),
                 await io.event(msg.id, "scanned", msg.recipients, v.detail)]

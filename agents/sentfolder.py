@@ -12,8 +12,10 @@ reference), which spares the delivery stage an object-store read per message.
 
 DKIM: this is where a message's headers and body are final, so it is signed here,
 once (``mailflow.signing``): the ``DKIM-Signature`` lines go into the records'
-``meta["dkim"]`` and the delivery stage puts them in front of the body for every
-attempt, so retries send the same bytes. ``sent_folder``'s detail says whether and
+``meta["dkim"]`` (and, for one-click unsubscribe, one signature per recipient
+over its own List-Unsubscribe headers in ``meta["dkim_rcpt"]``) and the delivery
+stage puts them in front of the body for every attempt, so retries send the same
+bytes. ``sent_folder``'s detail says whether and
 with what it was signed. With ``MAILFLOW_DKIM=required`` a message whose From
 domain has no key is parked on ``errors`` (reason ``dkim_key_missing``) and
 rejected, never sent unsigned.
@@ -27,7 +29,8 @@ from agents.common import Pending, StageIO
 from mailflow.config import Settings
 from mailflow.mailrules import group_by_domain
 from mailflow.objstore import body_key, put_body
-from mailflow.signing import Signer
+from mailflow.signing import Signer, unsubscribe_links
+from mailflow.unsubscribe import with_unsubscribe_headers
 from schemas.records import parse_message
 
 STAGE = "sentfolder"
@@ -39,13 +42,24 @@ def register(app: faust.App, settings: Settings) -> None:
 
     async def handle(raw: bytes | None) -> Pending:
         msg = parse_message(raw)
-        header, dkim = await signer.sign(await io.body(msg))
+        body = await io.body(msg)
+        header, dkim = await signer.sign(body)
         if dkim.get("required"):
             return [await io.park("dkim_key_missing", "rejected", raw, msg.id, dkim["reason"]),
                     await io.event(msg.id, "rejected", msg.recipients,
                                    {"reason": "dkim_key_missing", "message": dkim["reason"]})]
         if header:
-            msg = msg.with_(meta={**msg.meta, "dkim": header.decode("ascii")})
+            meta = {**msg.meta, "dkim": header.decode("ascii")}
+            # One-click unsubscribe: each recipient's copy starts with its own two
+            # List-Unsubscribe headers (deliver adds them), signed over with them.
+            per = {}
+            for rcpt, link in unsubscribe_links(msg.meta).items():
+                h, _ = await signer.sign(with_unsubscribe_headers(body, link))
+                if h:
+                    per[rcpt] = h.decode("ascii")
+            if per:
+                meta["dkim_rcpt"] = per
+            msg = msg.with_(meta=meta)
         groups = group_by_domain(msg.recipients)
         local_sender = bool(msg.sender) and settings.is_local(msg.sender)
         by_ref = msg

@@ -22,7 +22,8 @@ from schemas.records import Event, PoisonPill, parse_event
 
 STAGE = "status"
 
-FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"})
+FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited",
+                   "suppressed"})
 # How far along each non-final state is; a state never moves back.
 # `held` (an operator's hold, `mailflow queue hold`) ranks with `deferred`: a held
 # record may have been deferred before, and is deferred or delivered after.

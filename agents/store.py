@@ -57,7 +57,7 @@ def register(app: faust.App, settings: Settings) -> None:
             # The recipients as addressed (the mailbox key may differ in case): the
             # status names recipients as they were submitted.
             event = await io.event(msg.id, "stored", list(msg.recipients) or [msg.mailbox],
-                                   {"mailbox": msg.mailbox})
+                                   {"mailbox": msg.mailbox}, sender=msg.sender)
         else:
             event = await io.event(msg.id, "sent_folder", [], {"mailbox": msg.mailbox})
         return [*writes.acks, event]

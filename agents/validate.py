@@ -45,7 +45,7 @@ def register(app: faust.App, settings: Settings) -> None:
             return [
                 await io.park(first.code, "rejected", raw, msg.id, detail),
                 await io.event(msg.id, "rejected", msg.recipients,
-                               {"reason": first.code, "message": detail}),
+                               {"reason": first.code, "message": detail}, sender=msg.sender),
             ]
         local, remote = split_recipients(msg.recipients, settings.local_domains)
         meta = {**msg.meta, "summary": summarize(body, headers)}

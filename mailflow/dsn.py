@@ -50,6 +50,9 @@ class FailedRecipient:
     action: str = "failed"
     diagnostic: str = ""  # the remote reply, e.g. "550 5.1.1 user unknown"
     remote_mta: str | None = None
+    # mailflow's class of the reply (mailflow/bounce_rules.py: hard, policy,
+    # mailbox_full ...), written as the extension field X-Mailflow-Bounce-Class.
+    bounce_class: str | None = None
 
 
 # --------------------------------------------------------------------------- status codes
@@ -254,6 +257,8 @@ def build_dsn(
             fields.append(("Remote-MTA", f"dns; {_one_line(rcpt.remote_mta)}"))
         if rcpt.diagnostic.strip():
             fields.append(("Diagnostic-Code", f"smtp; {flatten_reply(rcpt.diagnostic)}"))
+        if rcpt.bounce_class:
+            fields.append(("X-Mailflow-Bounce-Class", _one_line(rcpt.bounce_class)))
         blocks.append(_fields(fields))
     status = EmailMessage(policy=mime.SMTP)
     status["Content-Type"] = "message/delivery-status"

@@ -32,6 +32,7 @@ import dkim
 from mailflow import domains as dom
 from mailflow.config import Settings
 from mailflow.keyring import SealError, operator_key
+from mailflow.unsubscribe import with_unsubscribe_headers
 
 log = logging.getLogger("mailflow.signing")
 
@@ -214,3 +215,31 @@ def signed_body(meta: dict[str, Any], body: bytes) -> bytes:
     """What goes on the wire: the record's DKIM-Signature lines, then the message."""
     header = meta.get("dkim")
     return header.encode("ascii") + body if header else body
+
+
+def unsubscribe_links(meta: dict[str, Any]) -> dict[str, str]:
+    """The record's one-click unsubscribe link per recipient (mailflow/unsubscribe.py)."""
+    links = meta.get("unsubscribe")
+    return links if isinstance(links, dict) else {}
+
+
+def wire_copies(meta: dict[str, Any], body: bytes, rcpts: list[str]) -> list[tuple[list[str], bytes]]:
+    """The SMTP transactions for `rcpts`, each (recipients, bytes on the wire).
+
+    One for all, with the record's DKIM-Signature lines; or, for a message with
+    one-click unsubscribe links, one per recipient: its own ``List-Unsubscribe`` and
+    ``List-Unsubscribe-Post`` first, under the signature the sent-folder stage made over
+    them (``meta["dkim_rcpt"]``), so that receivers see the two headers signed (RFC 8058
+    section 4 asks for it) and every attempt sends the same bytes."""
+    links = unsubscribe_links(meta)
+    if not links:
+        return [(rcpts, signed_body(meta, body))]
+    per = meta.get("dkim_rcpt") or {}
+    out = []
+    for r in rcpts:
+        if links.get(r):
+            header = per.get(r, "").encode("ascii")
+            out.append(([r], header + with_unsubscribe_headers(body, links[r])))
+        else:
+            out.append(([r], signed_body(meta, body)))
+    return out

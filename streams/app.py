@@ -23,7 +23,8 @@ from mailflow.config import Settings
 from streams import faust_compat
 from streams.topics import full_name, topic_specs
 
-STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status")
+STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status",
+          "webhooks")
 
 # Each stage's input topic: what its consumer lag measures.
 STAGE_INPUT = {
@@ -35,6 +36,7 @@ STAGE_INPUT = {
     "deliver": "delivery",
     "retry": "retry.*",
     "status": "events",
+    "webhooks": "events",  # its own group: a slow receiver is this stage's lag
 }
 
 

@@ -5,12 +5,15 @@ Every topic of the contract (``submissions``, ``admitted``, ``local``, ``outgoin
 compacted topics of our own: ``throttle`` (senders the rate limiter currently
 holds back, read by the ingress to answer 429), ``registry`` (the web address
 of each live worker, read by the ingress to route mailbox and status reads),
-``auth`` (API keys and mailbox tokens by id: hashes only, see mailflow/api/auth.py)
+``auth`` (API keys and mailbox tokens by id: hashes only, see mailflow/api/auth.py),
 ``idempotency`` (credential + Idempotency-Key -> request hash and message id;
 compacted and also deleted after 2 days, the window being 24 h), ``domains``
-(sending domains and their DKIM selectors, private keys sealed: mailflow/domains.py)
+(sending domains and their DKIM selectors, private keys sealed: mailflow/domains.py),
+``suppressions`` ((sender domain, recipient) -> reason; see mailflow/suppression.py),
+``webhooks`` (webhook id -> URL, events, owner, encrypted secret; mailflow/webhooks.py)
 and ``queue.control`` (operators' holds, flushes and bounce requests: see
-mailflow/queue.py); held mail waits on ``retry.hold`` (key: domain).
+mailflow/queue.py); held mail waits on ``retry.hold`` (key: domain), and the
+webhooks stage's deliveries wait on its retry tiers ``webhooks.retry.1..N``.
 
 `ensure_topics` creates what is missing at start; partition count and replication
 come from the settings (``MAILFLOW_PARTITIONS``, ``MAILFLOW_REPLICATION``).
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailflow.config import Settings
+from mailflow.webhooks import retry_schedule as webhook_retry_schedule
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     # Held mail (`mailflow queue hold`), an input of the retry stage like the tiers,
     # so its consumer lag shows it; and the operators' queue actions (mailflow/queue.py).
     specs += [TopicSpec("retry.hold"), TopicSpec("queue.control", compacted=True, partitions=1)]
+    specs += [TopicSpec(f"webhooks.retry.{i}") for i in range(1, len(webhook_retry_schedule()) + 1)]
     specs += [TopicSpec("throttle", compacted=True, partitions=1),
               TopicSpec("registry", compacted=True, partitions=1),
               TopicSpec("auth", compacted=True, partitions=1),
               TopicSpec("domains", compacted=True, partitions=1),
+              TopicSpec("suppressions", compacted=True, partitions=1),
+              TopicSpec("webhooks", compacted=True, partitions=1),
               TopicSpec("idempotency", compacted=True, partitions=1,
                         config=(("cleanup.policy", "compact,delete"),
                                 ("retention.ms", str(2 * 86400 * 1000))))]

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOTSTRAP = os.environ.get("MAILFLOW_TEST_BOOTSTRAP", "127.0.0.1:9092")
 
 
-FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited"})
+FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited",
+                   "suppressed"})
 
 
 def settled(stack: Stack, ids: list[str]) -> bool:

@@ -28,7 +28,10 @@ from mailflow.mailrules import (
     parse_headers,
 )
 
-FIELDS = {"from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "headers", "attachments"}
+FIELDS = {"from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "headers", "attachments",
+          "unsubscribe"}
+# Set per recipient by mailflow with "unsubscribe": true (mailflow/unsubscribe.py).
+UNSUBSCRIBE_HEADERS = {"list-unsubscribe", "list-unsubscribe-post"}
 # Headers the JSON form sets itself; a caller may not supply them through `headers`.
 RESERVED = {"from", "to", "cc", "bcc", "reply-to", "subject", "message-id", "date", "sender",
             "mime-version", "content-type", "content-transfer-encoding", "received",
@@ -133,11 +136,15 @@ def compose_json(doc: Any, *, message_id: str, date: Any, max_recipients: int) -
             errors[f"headers.{hname}"] = why
         elif hname.lower() in RESERVED:
             errors[f"headers.{hname}"] = "is set by mailflow or by its own field"
+        elif doc.get("unsubscribe") is True and hname.lower() in UNSUBSCRIBE_HEADERS:
+            errors[f"headers.{hname}"] = "is set per recipient by mailflow with unsubscribe: true"
         elif not isinstance(hvalue, str):
             errors[f"headers.{hname}"] = "must be a string"
         elif why := bad_header_value(hvalue):
             errors[f"headers.{hname}"] = why
     attachments = _attachments(doc.get("attachments"), errors)
+    if doc.get("unsubscribe") is not None and not isinstance(doc.get("unsubscribe"), bool):
+        errors["unsubscribe"] = "must be true or false"
     if doc.get("text") is None and doc.get("html") is None and not attachments and "text" not in errors:
         errors["text"] = "one of text, html or attachments is required"
     if errors:
@@ -173,7 +180,7 @@ def compose_json(doc: Any, *, message_id: str, date: Any, max_recipients: int) -
     needs_utf8 = any(not a.isascii() for _, a in sender + to + cc + bcc + reply_to)
     raw = msg.as_bytes(policy=mime.SMTPUTF8 if needs_utf8 else mime.SMTP)
     return Composed(sender[0][1], recipients, raw, header_from=sender[0][1],
-                    extra={"smtputf8": needs_utf8})
+                    extra={"smtputf8": needs_utf8, "unsubscribe": doc.get("unsubscribe") is True})
 
 
 def _attachments(value: Any, errors: dict[str, str]) -> list[tuple[str, str, bytes]]:

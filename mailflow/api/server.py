@@ -53,6 +53,7 @@ from yarl import URL
 
 from mailflow import metrics, mime
 from mailflow.api.auth import Authenticator, Principal, SyncReader, header_from_addresses
+from mailflow.api.citizen import register as register_citizen_routes
 from mailflow.api.compose import Composed, InputError, compose_json, prepare_raw
 from mailflow.api.domains import dkim_refusal
 from mailflow.api.domains import register as register_domains
@@ -64,6 +65,7 @@ from mailflow.ids import is_id, new_id
 from mailflow.kafka_io import AsyncProducer, BrokerUnavailable
 from mailflow.mailrules import AddressError, check_message, mailbox_key, parse_headers
 from mailflow.objstore import body_key, delete_body, get_body, put_body
+from mailflow.unsubscribe import links_for
 from schemas.records import Message
 from streams.topics import full_name
 
@@ -369,6 +371,8 @@ class Ingress:
         await self.inflow.admit()
         rec = Message(id=msg_id, sender=c.sender, recipients=c.recipients,
                       received_at=time.time(), size=len(c.raw))
+        if c.extra.get("unsubscribe"):  # RFC 8058 links per recipient (mailflow/unsubscribe.py)
+            rec.meta["unsubscribe"] = links_for(s, c.sender, c.recipients)
         ref = None
         if len(c.raw) > s.inline_max_bytes:
             ref = body_key(msg_id)
@@ -617,6 +621,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_get("/{name:app\\.(?:js|css)}", ing.web_file)
     app["ingress"] = ing
     register_domains(app, ing, settings)
+    register_citizen_routes(app, ing)  # suppressions, unsubscribe, webhooks (issue 16)
     return app
 
 

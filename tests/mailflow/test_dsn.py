@@ -255,3 +255,12 @@ def test_flatten_reply_and_split_headers() -> None:
     assert split_headers(b"A: 1\r\nB: 2\r\n\r\nbody\r\n") == (b"A: 1\r\nB: 2\r\n", b"body\r\n")
     assert split_headers(b"A: 1\n\nbody") == (b"A: 1\n", b"body")
     assert split_headers(b"A: 1\r\n") == (b"A: 1\r\n", b"")
+
+
+def test_dsn_carries_the_bounce_class() -> None:
+    failed = [FailedRecipient(address="bob@remote.test", status="5.7.1", diagnostic="550 5.7.1 denied",
+                              bounce_class="policy"), FailedRecipient(address="carol@remote.test", status="5.0.0")]
+    msg = message_from_bytes(dsn(failed=failed), policy=policy.default)
+    _, bob, carol = list(msg.iter_parts())[1].get_payload()
+    assert bob["X-Mailflow-Bounce-Class"] == "policy"
+    assert carol["X-Mailflow-Bounce-Class"] is None

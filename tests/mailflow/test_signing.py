@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import dkim
 import pytest
@@ -22,7 +23,9 @@ from mailflow.signing import (
     sign_message,
     signed_body,
     signing_keys,
+    wire_copies,
 )
+from mailflow.unsubscribe import with_unsubscribe_headers
 
 KEY = os.urandom(32)
 MSG = (b"From: Alice <alice@Example.COM>\r\nTo: bob@remote.test\r\nSubject: hi\r\n"
@@ -166,3 +169,24 @@ def test_rotation_pending_then_promoted(rec: dict) -> None:
 def test_signed_body() -> None:
     assert signed_body({"dkim": "DKIM-Signature: a\r\n"}, b"X: 1\r\n\r\nb") == b"DKIM-Signature: a\r\nX: 1\r\n\r\nb"
     assert signed_body({}, b"raw") == b"raw"
+
+
+def test_one_click_copies_are_signed_over_their_own_unsubscribe_headers(rec: dict) -> None:
+    links = {"bob@remote.test": "<https://mf.test/v1/unsubscribe/T1>, <mailto:u@mf.test>"}
+    signed = _sign(rec, with_unsubscribe_headers(MSG, links["bob@remote.test"]))
+    meta = {"dkim": _sign(rec, MSG).decode(), "unsubscribe": links,
+            "dkim_rcpt": {"bob@remote.test": signed.decode()}}
+    copies = wire_copies(meta, MSG, ["bob@remote.test", "eve@remote.test"])
+    assert [rs for rs, _ in copies] == [["bob@remote.test"], ["eve@remote.test"]]
+    bob, eve = copies[0][1], copies[1][1]
+    records = _dns(rec)
+    assert bob.startswith(signed + b"List-Unsubscribe: <https://mf.test/v1/unsubscribe/T1>")
+    h_tags = re.findall(rb"\bh=([^;]+);", re.sub(rb"\s+", b"", bob.split(b"\r\n\r\n")[0]))
+    assert h_tags and all(tag.startswith(b"list-unsubscribe:list-unsubscribe-post:") for tag in h_tags)
+    assert _verify(bob, records) and _verify(eve, records)
+    assert b"List-Unsubscribe" not in eve  # no link: the whole message's signature
+    # Another recipient's link under this signature does not verify.
+    assert not _verify(bob.replace(b"/T1>", b"/T2>"), records)
+    # Without links: one transaction for all, as before.
+    assert wire_copies({"dkim": "DKIM-Signature: a\r\n"}, b"X: 1\r\n\r\nb", ["a@x", "b@x"]) == [
+        (["a@x", "b@x"], b"DKIM-Signature: a\r\nX: 1\r\n\r\nb")]

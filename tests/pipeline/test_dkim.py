@@ -154,6 +154,22 @@ def test_a_retry_after_451_sends_the_same_signature(world: dict[str, Any]) -> No
     verify_all(world, raw)
 
 
+def test_one_click_unsubscribe_headers_are_under_the_signature(world: dict[str, Any]) -> None:
+    s = world["stack"]
+    code, doc, _ = s.submit({"from": "alice@mailflow.test", "to": "dave@dkim.test", "subject": "news",
+                             "text": "monthly", "unsubscribe": True})
+    assert code == 202
+    raw = delivered(world, doc)
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert b"\r\nList-Unsubscribe: <" in head and b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in head
+    verify_all(world, raw)
+    h_tags = re.findall(rb"\bh=([^;]+);", re.sub(rb"\s+", b"", head))
+    assert h_tags and all(b"list-unsubscribe:list-unsubscribe-post" in tag for tag in h_tags)
+    # The link is signed: another token under this signature fails.
+    forged = re.sub(rb"(/v1/unsubscribe/)([^>]+)>", rb"\1AAAA\2>", raw, count=1)
+    assert forged != raw and not dkim.verify(forged, dnsfunc=dnsfunc(world))
+
+
 def test_bounces_are_signed(world: dict[str, Any]) -> None:
     s, peer = world["stack"], world["peer"]
     code, doc, _ = s.submit({"from": "carol@dkim.test", "to": "reject@dkim.test", "subject": "to bounce",

@@ -159,3 +159,15 @@ def test_json_headers_cannot_name_a_sender_or_a_receivers_verdict():
         with pytest.raises(InputError) as err:
             compose({"from": "a@x.test", "to": "b@y.test", "text": "x", "headers": {name: "c@f.test"}})
         assert f"headers.{name}" in err.value.fields
+
+
+def test_unsubscribe_flag() -> None:
+    base = {"from": "a@x.test", "to": "b@y.test", "text": "x"}
+    assert compose({**base, "unsubscribe": True}).extra["unsubscribe"] is True
+    assert compose(base).extra["unsubscribe"] is False
+    with pytest.raises(InputError) as e:
+        compose({**base, "unsubscribe": "yes"})
+    assert "unsubscribe" in e.value.fields
+    with pytest.raises(InputError) as e:
+        compose({**base, "unsubscribe": True, "headers": {"List-Unsubscribe": "<https://evil>"}})
+    assert "headers.List-Unsubscribe" in e.value.fields
