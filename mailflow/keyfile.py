@@ -2,8 +2,10 @@
 
 `key(settings, name, env)` is the value of the environment variable `env` when it
 is set (a deployment on several machines sets it the same on each), else 32
-random bytes in ``<DATA_DIR>/secrets/<name>.key`` (directory 0700, file 0600),
-created once, atomically, by whichever process needs it first. Never logged.
+random bytes in ``<MAILFLOW_SECRETS_DIR>/<name>.key`` (default ``<DATA_DIR>/secrets``;
+directory 0700, file 0600), created once, atomically, by whichever process needs it
+first. Never logged. Processes that must agree on a secret (the API replicas and the
+webhooks stage) share that directory or the variable.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def key(settings: Settings, name: str, env: str) -> bytes:
     value = os.environ.get(env, "")
     if value:
         return value.encode()
-    path = Path(settings.data_dir) / "secrets" / f"{name}.key"
+    path = Path(os.environ.get("MAILFLOW_SECRETS_DIR") or Path(settings.data_dir) / "secrets") / f"{name}.key"
     if str(path) not in _CACHE:
         _CACHE[str(path)] = read_or_make(path)
     return _CACHE[str(path)]
