@@ -102,6 +102,20 @@ QUEUE = {"type": "object", "required": ["ts", "buckets", "stages", "queues", "ho
              "bounces": {"type": "array", "items": {"type": "object", "properties": {
                  "id": {"type": "string"}, "ts": {"type": "number"}}}}}}
 
+DOMAIN = {"type": "object", "required": ["domain", "selectors"],
+          "description": "A sending domain: its DKIM selectors and the DNS records to publish "
+                         "(`mailflow domains dns`); private keys are never in an answer",
+          "properties": {"domain": {"type": "string"}, "selectors": {"type": "array", "items": {"type": "object"}},
+                         "dns": {"type": "array", "items": {"type": "object"}}}}
+SUPPRESSION = {"type": "object", "description": "(sender domain, recipient) -> why it is not mailed",
+               "properties": {"domain": {"type": "string"}, "address": {"type": "string"},
+                              "reason": {"type": "string"}, "source": {"type": "string"},
+                              "ts": {"type": "number"}}}
+WEBHOOK = {"type": "object", "required": ["id", "url", "events"],
+           "properties": {"id": {"type": "string"}, "url": {"type": "string"},
+                          "events": {"type": "array", "items": {"type": "string"}},
+                          "secret": {"type": "string", "description": "Only in the 201 answer"}}}
+
 AUTH_DESCRIPTION = """\
 Every `/v1` request needs `Authorization: Bearer <credential>`:
 
@@ -143,6 +157,8 @@ def openapi_document() -> dict[str, Any]:
     msg_id = {"name": "id", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": ID_PATTERN},
               "description": "A message id: 26 characters of 0-9 and a-z without i, l, o, u"}
+    unsub_token = {"name": "token", "in": "path", "required": True, "schema": {"type": "string"},
+                   "description": "The token of a List-Unsubscribe link"}
     read_errors = {"400": _err("Not a mailbox address or not a message id"),
                    "401": _401(), "403": _err("Not this credential's mailbox"),
                    "404": _err("Not in this mailbox"), "503": _err("No store worker")}
@@ -234,6 +250,91 @@ def openapi_document() -> dict[str, Any]:
                                                   "X-Attachment-Content-Type": {"schema": {"type": "string"}}},
                                       "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                               **read_errors, "400": _err("Bad address or id, or n is not a number")}}},
+            "/v1/domains": {
+                "get": {"summary": "Sending domains, their DKIM selectors and DNS records (admin)",
+                        "responses": {"200": _ok("The domains", "Domains"), "401": _401(),
+                                      "403": _err("Not an admin key"), "503": _err("Kafka unavailable")}},
+                "post": {"summary": "Add a sending domain: new DKIM keys under a dated selector (admin)",
+                         "description": "Private keys are sealed at rest and never returned.",
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                             "type": "object", "required": ["domain"], "additionalProperties": False,
+                             "properties": {"domain": {"type": "string", "minLength": 1},
+                                            "ed25519": {"type": "boolean"}}}}}},
+                         "responses": {"201": _ok("The domain", "Domain"), "400": _err("Not a domain"),
+                                       "401": _401(), "403": _err("Not an admin key"),
+                                       "409": _err("The domain has keys already"),
+                                       "503": _err("Kafka unavailable; nothing was made")}}},
+            "/v1/domains/{domain}": {"get": {
+                "summary": "One sending domain (admin)",
+                "parameters": [{"name": "domain", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _ok("The domain", "Domain"), "400": _err("Not a domain"), "401": _401(),
+                              "403": _err("Not an admin key"), "404": _err("Not a sending domain"),
+                              "503": _err("Kafka unavailable")}}},
+            "/v1/suppressions": {
+                "get": {"summary": "A sender domain's suppression list",
+                        "description": "API keys whose domains include D (admin keys: any D).",
+                        "parameters": [{"name": "domain", "in": "query", "required": True,
+                                        "schema": {"type": "string", "minLength": 1}}],
+                        "responses": {"200": _ok("The list", "Suppressions"), "400": _err("No domain"),
+                                      "401": _401(), "403": _err("Not a domain of this credential"),
+                                      "503": _err("Kafka unavailable")}},
+                "post": {"summary": "Suppress a recipient for a sender domain",
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                             "type": "object", "required": ["domain", "address"], "additionalProperties": False,
+                             "properties": {"domain": {"type": "string", "minLength": 1},
+                                            "address": {"type": "string", "minLength": 3},
+                                            "note": {"type": "string"}}}}}},
+                         "responses": {"201": _ok("The entry", "Suppression"), "400": _err("Invalid input"),
+                                       "401": _401(), "403": _err("Not a domain of this credential"),
+                                       "503": _err("Kafka unavailable")}}},
+            "/v1/suppressions/{domain}/{address}": {"delete": {
+                "summary": "Remove a suppression",
+                "parameters": [{"name": "domain", "in": "path", "required": True, "schema": {"type": "string"}},
+                               {"name": "address", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "Removed", "content": {"application/json": {"schema": {
+                                  "type": "object", "properties": {"deleted": {"$ref": "#/components/schemas/Suppression"}}}}}},
+                              "400": _err("No domain"), "401": _401(),
+                              "403": _err("Not a domain of this credential"), "404": _err("Not suppressed"),
+                              "503": _err("Kafka unavailable")}}},
+            "/v1/unsubscribe/{token}": {
+                "get": {"summary": "The confirmation page of a one-click link; changes nothing",
+                        "security": PUBLIC, "parameters": [unsub_token],
+                        "responses": {"200": {"description": "HTML",
+                                              "content": {"text/html": {"schema": {"type": "string"}}}},
+                                      "404": _err("No such link")}},
+                "post": {"summary": "RFC 8058 one-click unsubscribe: suppresses the recipient for its sender domain",
+                         "security": PUBLIC, "parameters": [unsub_token],
+                         "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
+                             "schema": {"type": "object", "properties": {"List-Unsubscribe": {
+                                 "type": "string", "enum": ["One-Click"]}}}}}},
+                         "responses": {"200": {"description": "Unsubscribed",
+                                               "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                       "400": _err("The body is not List-Unsubscribe=One-Click"),
+                                       "404": _err("No such link"), "503": _err("Kafka unavailable")}}},
+            "/v1/webhooks": {
+                "get": {"summary": "This credential's webhooks (never their secrets)",
+                        "responses": {"200": _ok("The webhooks", "Webhooks"), "401": _401(),
+                                      "503": _err("Kafka unavailable")}},
+                "post": {"summary": "Register a webhook; the answer holds its signing secret, shown once",
+                         "description": "URLs that resolve to private, loopback or link-local addresses are "
+                                        "refused unless MAILFLOW_WEBHOOK_ALLOW_PRIVATE=true. Each delivery is "
+                                        "signed `Mailflow-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "
+                                        "\"<t>.\" + body)>`.",
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                             "type": "object", "required": ["url", "events"], "additionalProperties": False,
+                             "properties": {"url": {"type": "string", "format": "uri"},
+                                            "events": {"type": "array", "minItems": 1,
+                                                       "items": {"type": "string"}}}}}}},
+                         "responses": {"201": _ok("The webhook and its secret", "Webhook"),
+                                       "400": _err("Invalid input"), "401": _401(),
+                                       "503": _err("Kafka unavailable")}}},
+            "/v1/webhooks/{id}": {"delete": {
+                "summary": "Delete one of this credential's webhooks",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "Deleted", "content": {"application/json": {"schema": {
+                                  "type": "object", "properties": {"deleted": {"$ref": "#/components/schemas/Webhook"}}}}}},
+                              "401": _401(), "404": _err("No such webhook of this credential"),
+                              "503": _err("Kafka unavailable")}}},
             "/healthz": {"get": {"summary": "Liveness", "security": PUBLIC, "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness (broker reachable)", "security": PUBLIC,
                                 "responses": {"200": {"description": "ready"}, "503": _err("Broker unreachable")}}},
@@ -260,5 +361,13 @@ def openapi_document() -> dict[str, Any]:
                 "description": AUTH_DESCRIPTION}},
             "schemas": {
                 "Submission": SUBMIT_JSON, "Error": ERROR, "Accepted": ACCEPTED, "Status": STATUS,
-                "Listing": LISTING, "Message": MESSAGE, "Whoami": WHOAMI, "Queue": QUEUE}},
+                "Listing": LISTING, "Message": MESSAGE, "Whoami": WHOAMI, "Queue": QUEUE,
+                "Domain": DOMAIN, "Domains": {"type": "object", "required": ["domains"], "properties": {
+                    "domains": {"type": "array", "items": {"$ref": "#/components/schemas/Domain"}}}},
+                "Suppression": SUPPRESSION, "Suppressions": {
+                    "type": "object", "required": ["domain", "suppressions"], "properties": {
+                        "domain": {"type": "string"},
+                        "suppressions": {"type": "array", "items": {"$ref": "#/components/schemas/Suppression"}}}},
+                "Webhook": WEBHOOK, "Webhooks": {"type": "object", "required": ["webhooks"], "properties": {
+                    "webhooks": {"type": "array", "items": {"$ref": "#/components/schemas/Webhook"}}}}}},
     }
