@@ -44,6 +44,7 @@ from harness import (
     wait_for,
 )
 
+from mailflow.ids import new_id
 from schemas.records import Message
 
 SCHEDULE = (0.2, 0.4, 0.8)
@@ -246,7 +247,7 @@ def test_unreachable_until_max_queue_age_bounces_expired(dstack: Stack, peers):
     # and a remote sender whose server refuses the DSN (never a bounce about a bounce)
     local_mid, remote_mid, loop_mid = "<exp-local@t.test>", "<exp-remote@t.test>", "<exp-loop@t.test>"
     local_id = submit_raw(s, raw_mail("dave@mailflow.test", "x@down.test", "expire local", local_mid))
-    remote_id, loop_id = f"exp-remote-{time.time_ns()}", f"exp-loop-{time.time_ns()}"
+    remote_id, loop_id = new_id(), new_id()  # real ids: the API answers 400 for others
     produce_submission(p, s, "erin@remote-sender.test", ["y@down.test"],
                        raw_mail("erin@remote-sender.test", "y@down.test", "expire remote", remote_mid), remote_id)
     produce_submission(p, s, "rejectfrank@remote-sender.test", ["z@down.test"],
@@ -435,7 +436,7 @@ def test_kill_one_of_two_delivery_workers_mid_batch_each_message_once(lstack: St
         sender = f"bulk{n % 17}@senders.test"  # remote senders: no Sent copies to store
         produce_submission(p, s, sender, [f"user{n}@{dom}"],
                            raw_mail(sender, f"user{n}@{dom}", f"crash {n}", mid, f"body {n}"),
-                           f"crash{n:04d}x{time.time_ns()}")
+                           new_id())
         mids.append(mid)
     assert p.flush(30) == 0
     want = set(mids)
