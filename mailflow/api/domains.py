@@ -34,6 +34,7 @@ class DomainsApi:
         self.ing, self.settings = ingress, settings
         self.topic = full_name(settings, dom.TOPIC)
         self.reader: Any = None
+        self._adding = asyncio.Lock()  # one add at a time: the check and the write agree
 
     async def on_startup(self, _app: web.Application) -> None:
         self.reader = await asyncio.get_running_loop().run_in_executor(None, dom.follow, self.settings)
@@ -98,9 +99,6 @@ class DomainsApi:
             name = dom.normalize_domain(doc["domain"])
         except dom.DomainError as exc:
             return error(400, "invalid_input", str(exc), {"domain": str(exc)})
-        if self.record(name) is not None:
-            return error(409, "exists", f"{name} has DKIM keys already (rotate them with "
-                         f"`mailflow domains rotate {name}`)")
         from mailflow.keyring import operator_key
 
         def make() -> dict[str, Any]:
@@ -108,10 +106,17 @@ class DomainsApi:
             dom.write(self.settings, name, rec)
             return rec
 
-        try:
-            rec = await asyncio.get_running_loop().run_in_executor(None, make)
-        except RuntimeError as exc:
-            return error(503, "broker_unavailable", f"{exc}; nothing was made", headers={"Retry-After": "5"})
+        async with self._adding:
+            if self.record(name) is not None:
+                return error(409, "exists", f"{name} has DKIM keys already (rotate them with "
+                             f"`mailflow domains rotate {name}`)")
+            try:
+                rec = await asyncio.get_running_loop().run_in_executor(None, make)
+            except RuntimeError as exc:
+                return error(503, "broker_unavailable", f"{exc}; nothing was made", headers={"Retry-After": "5"})
+            # Written and acknowledged: known here at once, before the reader sees it come
+            # back, so a second add right after is a 409 and never replaces the new keys.
+            self.reader.values[self.topic][name] = rec
         return json_response(self._view(rec), 201)
 
 

@@ -61,7 +61,7 @@ def world(kafka: str, work_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     base = tmp_path_factory.mktemp("dkim")
     dns_server = LocalDns(base / "dns", MX).start()
     peer = RecordingPeer().start()
-    stack = Stack(work_dir, kafka, dns=dns_server.nameserver, mx_port=str(peer.port), scanners="none",
+    stack = Stack(work_dir, kafka, smtp_routes="", dns=dns_server.nameserver, mx_port=str(peer.port), scanners="none",
                   retry_schedule="300ms,600ms", max_queue_age="1h", rate_limit="100000/60s")
     try:
         for d in ("mailflow.test", "local.test"):  # local.test: the bounces' From domain

@@ -61,7 +61,7 @@ def tls_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, .
 @pytest.fixture(scope="module")
 def tls_stack(kafka: str, work_dir: Path, tls_world) -> Iterator[Stack]:
     ca, peer, dns, _, policy = tls_world
-    stack = Stack(work_dir, kafka, smtp_tls="required", tls_ca_file=str(ca.ca_file), dns=dns.nameserver,
+    stack = Stack(work_dir, kafka, smtp_routes="", smtp_tls="required", tls_ca_file=str(ca.ca_file), dns=dns.nameserver,
                   mx_port=str(peer.port), mta_sts_port=str(policy.port), scanners="none", retry_schedule="1h",
                   max_queue_age="1d", dkim="required")
     try:
