@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ MAX_HISTORY = 30  # entries of `RetryState.history` kept (the deliver stage's li
 # The record's own keys, in the order `Message.to_json` writes them.
 _ENVELOPE = ("id", "sender", "recipients", "received_at", "size", "body", "body_ref",
              "version", "source")
-_LOCAL = ("mailbox", "folder")
+_KNOWN = frozenset((*_ENVELOPE, "meta"))
 
 R = TypeVar("R", bound="MailRecord")
 
@@ -200,6 +201,8 @@ class RetryState:
     @classmethod
     def take(cls, meta: dict[str, Any]) -> RetryState:
         """The state from a ``meta`` object, removing its keys from `meta`."""
+        if meta.keys().isdisjoint(cls.KEYS):  # most records: never tried yet
+            return cls()
         g = meta.pop
         attempt, first, last, due, tier, history, held, replayed, dead = (
             g(k, None) for k in cls.KEYS)
@@ -217,8 +220,7 @@ class RetryState:
 
     def put(self, meta: dict[str, Any]) -> None:
         """Write the state's keys that are set into a ``meta`` object."""
-        for k in self.KEYS:
-            v = getattr(self, k)
+        for k, v in zip(self.KEYS, _RETRY_VALUES(self), strict=True):
             if v is not None:
                 meta[k] = v.to_wire() if k == "dead" else v
 
@@ -229,6 +231,8 @@ class RetryState:
         """The history with `entry` appended, the last `MAX_HISTORY` entries."""
         return [*(self.history or []), entry][-MAX_HISTORY:]
 
+
+_RETRY_VALUES = operator.attrgetter(*RetryState.KEYS)
 
 # How each typed ``meta`` key is read (a PoisonPill when it does not fit) and, when
 # it is not plain JSON, written.
@@ -333,12 +337,15 @@ class MailRecord:
         with `over` (field values) winning over what they say."""
         typed: dict[str, Any] = {}
         for k in cls.META_KEYS:
-            v = meta.pop(k, None)
-            if v is not None and k not in over:
-                typed[k] = _META_PARSE[k](f"meta.{k}", v)
-        kw = {**env, **typed, **cls._own(extra, meta, over), "meta_extra": meta, "extra": extra}
-        kw.update(over)
-        rec = cls(**kw)
+            if k in meta:
+                v = meta.pop(k)
+                if v is not None and k not in over:
+                    typed[k] = _META_PARSE[k](f"meta.{k}", v)
+        own = cls._own(extra, meta, over)
+        if over:
+            rec = cls(**{**env, **typed, **own, "meta_extra": meta, "extra": extra, **over})
+        else:
+            rec = cls(**env, **typed, **own, meta_extra=meta, extra=extra)
         rec._check()
         return rec
 
@@ -495,11 +502,11 @@ def _envelope(obj: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict
     if not isinstance(meta, dict):
         raise PoisonPill("bad_field", "meta must be an object")
     source = obj.get("source", "kafka")
-    extra = {k: v for k, v in obj.items() if k not in _ENVELOPE and k != "meta"}
+    extra = {} if obj.keys() <= _KNOWN else {k: v for k, v in obj.items() if k not in _KNOWN}
     env = {"id": msg_id, "sender": sender, "recipients": list(rcpts),
            "received_at": float(received_at), "size": size, "body": body, "body_ref": body_ref,
            "version": SUBMISSION_VERSION, "source": source if isinstance(source, str) else str(source)}
-    return env, extra, dict(meta)
+    return env, extra, meta  # `obj` is ours (fresh from _loads): its meta may be consumed
 
 
 def parse_submission(raw: bytes | str | None) -> Submission:
