@@ -1,7 +1,8 @@
 """Retry stage.
 
 Input: ``retry.1`` … ``retry.N`` (key: recipient domain), each tier with one fixed
-delay (``RETRY_SCHEDULE``); every record carries ``meta.due``. Output:
+delay (``RETRY_SCHEDULE``); every record is a `schemas.mail.Delivery` that carries
+``meta.due`` (`parse_deferred`; one that does not is parked on ``errors``). Output:
 ``delivery`` (same key) once the record is due.
 
 Within one tier a partition's records are due in the order they were written, so
@@ -25,7 +26,7 @@ Operators' queue actions (`mailflow queue`, see mailflow/queue.py), read from
   committed past without a second forward when the head reaches them (`covered`).
 * ``retry.hold`` is an input too: the deliver stage's held records. They are kept
   in memory and not committed past while held (`lanes`), so they are this stage's
-  lag, and forwarded to ``delivery`` once released (`plan_lane`, `released_meta`).
+  lag, and forwarded to ``delivery`` once released (`plan_lane`, `released`).
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ from mailflow.queue import (
     key_matches,
     plan_lane,
     record_fields,
-    released_meta,
+    released,
     scan_keys,
 )
-from schemas.records import ErrorRecord
+from schemas.mail import Delivery, parse_deferred, parse_delivery
+from schemas.records import ErrorRecord, PoisonPill
 from streams.topics import full_name
 
 STAGE = "retry"
@@ -78,10 +80,17 @@ HOLD_BUFFER = 10_000
 def due_at(value: bytes | None) -> float | None:
     """When a retry record falls due, or None if it cannot be read (poison)."""
     try:
-        doc = orjson.loads(value or b"")
-        return float(doc["meta"]["due"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return parse_deferred(value).retry.due
+    except PoisonPill:
         return None
+
+
+def read_deferred(value: bytes | None) -> Delivery | PoisonPill:
+    """A retry tier's record (`schemas.mail.parse_deferred`), or why it is poison."""
+    try:
+        return parse_deferred(value)
+    except PoisonPill as pill:
+        return pill
 
 
 class RetryStage:
@@ -149,14 +158,19 @@ class RetryStage:
             log.warning("retry: could not forward (%s); trying again", errors[0] if errors else "timed out")
             time.sleep(1)
 
-    def forward(self, msg: Any) -> None:
-        """Put a due record on ``delivery`` (an unreadable one on ``errors``) and wait
-        for the broker's ack."""
-        if due_at(msg.value()) is not None:
+    def forward(self, msg: Any, pill: PoisonPill | None = None) -> None:
+        """Put a due record on ``delivery`` as it came (one that is poison, `pill`, on
+        ``errors``) and wait for the broker's ack."""
+        if pill is None:
             self.produce_acked([(self.delivery, msg.key(), msg.value())])
             return
+        self.park(msg, pill, "unreadable retry record")
+
+    def park(self, msg: Any, pill: PoisonPill, what: str) -> None:
+        """A poison record onto ``errors`` (state ``poison``, the reason the parser
+        gave), acknowledged."""
         value = ErrorRecord(
-            stage=STAGE, reason="not_json", state="poison", detail="unreadable retry record",
+            stage=STAGE, reason=pill.reason, state="poison", detail=f"{what}: {pill}",
             record=(msg.value() or b"").decode("utf-8", "replace")).to_json()
         self.produce_acked([(self.errors, msg.key(), value)])
 
@@ -191,19 +205,20 @@ class RetryStage:
 
     def on_deferred(self, msg: Any) -> None:
         """One record of a retry tier: forward it if due, else pause its partition."""
-        due = due_at(msg.value())
-        fields = record_fields(msg.key(), msg.value())
+        rec = read_deferred(msg.value())
         now = time.time()
-        if due is not None and fields is not None:
-            domain, msg_id, _, _ = fields
+        due: float | None = None
+        if isinstance(rec, Delivery):
+            assert rec.retry.due is not None  # parse_deferred requires it
+            domain = (rec.domain or (msg.key() or b"").decode("utf-8", "replace")).lower()
             written = msg.timestamp()[1] / 1000.0
             controls = self.control.controls()
-            if covered(controls, msg.topic(), msg.partition(), msg.offset(), domain, msg_id, written):
+            if covered(controls, msg.topic(), msg.partition(), msg.offset(), domain, rec.id, written):
                 # A flush's scan forwarded it already (see `flush_scan`).
                 metrics.STAGE_MESSAGES.labels(STAGE, "flushed").inc()
                 self.commit_past(msg)
                 return
-            due = effective_due(controls, due, written, domain, msg_id)
+            due = effective_due(controls, rec.retry.due, written, domain, rec.id)
         tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
         if due is not None and due > now:
             # Not due: everything behind it in this partition is due later still.
@@ -211,7 +226,7 @@ class RetryStage:
             self.consumer.seek(tp)
             heapq.heappush(self.paused, (due, msg.topic(), msg.partition(), msg.offset()))
             return
-        self.forward(msg)
+        self.forward(msg, rec if isinstance(rec, PoisonPill) else None)
         metrics.STAGE_MESSAGES.labels(STAGE, "forwarded").inc()
         self.commit_past(msg)
 
@@ -289,10 +304,10 @@ class RetryStage:
                     waiting.discard(k)
                 fields = record_fields(m.key(), m.value())
                 if fields is None:
-                    continue
-                domain, msg_id, _, _ = fields
+                    continue  # poison: the head parks it on errors when it reaches it
+                domain, rec = fields
                 written = m.timestamp()[1] / 1000.0
-                if any(key_matches(key, domain, msg_id) and written <= f for key, f in todo[k]):
+                if any(key_matches(key, domain, rec.id) and written <= f for key, f in todo[k]):
                     found.append((self.delivery, m.key(), m.value()))
         finally:
             reader.close()
@@ -315,18 +330,19 @@ class RetryStage:
 
     def on_held(self, msg: Any) -> None:
         """One record of ``retry.hold``: kept while held, forwarded once released."""
-        fields = record_fields(msg.key(), msg.value())
-        if fields is None:
-            value = ErrorRecord(stage=STAGE, reason="not_json", state="poison", detail="unreadable held record",
-                                record=(msg.value() or b"").decode("utf-8", "replace")).to_json()
-            self.produce_acked([(self.errors, msg.key(), value)])
+        try:
+            rec = parse_delivery(msg.value())
+        except PoisonPill as pill:
+            self.park(msg, pill, "unreadable held record")
             if not self.lanes.get((msg.topic(), msg.partition())):
                 self.commit_past(msg)  # else with the held records before it, once they go
             return
-        domain, msg_id, _, meta = fields
+        domain = (rec.domain or (msg.key() or b"").decode("utf-8", "replace")).lower()
         tp = (msg.topic(), msg.partition())
         lane = self.lanes.setdefault(tp, [])
-        lane.append(LaneEntry(msg.offset(), domain, msg_id, meta, msg))
+        # The record itself stays the Kafka message's bytes: a full buffer holds
+        # HOLD_BUFFER records, not twice as many decoded bodies.
+        lane.append(LaneEntry(msg.offset(), domain, rec.id, rec.retry, msg))
         self.settle_lane(tp, self.control.controls())
         if len(self.lanes.get(tp, [])) >= HOLD_BUFFER and tp not in self.lanes_paused:
             nxt = TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)
@@ -348,15 +364,14 @@ class RetryStage:
         for action, entry in plan:
             m = entry.record
             if action == "forward":
-                doc = orjson.loads(m.value())
-                doc["meta"] = released_meta(doc.get("meta") or {}, now)
-                sends.append((self.delivery, m.key(), orjson.dumps(doc)))
+                rec = parse_delivery(m.value())  # read once already (`on_held`): it parses
+                sends.append((self.delivery, m.key(), rec.with_(retry=released(rec.retry, now)).to_json()))
             else:
                 sends.append((self.hold_topic, m.key(), m.value()))
         self.produce_acked(sends)
-        released = sum(1 for action, _ in plan if action == "forward")
-        log.info("retry: %d held record(s) of %s[%d] released to delivery", released, *tp)
-        metrics.STAGE_MESSAGES.labels(STAGE, "released").inc(released)
+        freed = sum(1 for action, _ in plan if action == "forward")
+        log.info("retry: %d held record(s) of %s[%d] released to delivery", freed, *tp)
+        metrics.STAGE_MESSAGES.labels(STAGE, "released").inc(freed)
         self.lanes[tp] = []
         self.commit_past(lane[-1].record)
         if tp in self.lanes_paused:

@@ -39,7 +39,7 @@ message's first-attempt time moves forward by the time it was held, so a message
 held for a week is not bounced as expired at its first attempt after the release.
 
 The pure decisions (`hold_of`, `still_held`, `bounce_requested`, `effective_due`,
-`covered`, `released_meta`, `plan_lane`, `age_bucket`) are plain functions; the
+`covered`, `released`, `plan_lane`, `age_bucket`) are plain functions; the
 stages, the CLI and ``GET /v1/queue`` call them.
 """
 
@@ -57,6 +57,8 @@ from typing import Any
 import orjson
 
 from mailflow.config import Settings
+from schemas.mail import Delivery, RetryState, parse_delivery
+from schemas.records import PoisonPill
 from streams.topics import ensure_topics, full_name
 
 CONTROL = "queue.control"  # short topic names
@@ -137,26 +139,33 @@ def hold_of(c: Controls, domain: str, msg_id: str) -> dict[str, Any] | None:
     return c.holds.get(f"id|{msg_id}") or c.holds.get(f"domain|{domain.lower()}")
 
 
-def bounce_requested(c: Controls, msg_id: str, meta: dict[str, Any]) -> float | None:
+def _replayed_at(state: RetryState | dict[str, Any]) -> float:
+    if isinstance(state, RetryState):
+        return state.replayed_at or 0.0
+    return float(state.get("replayed_at", 0) or 0)  # a record's raw meta (agents/deliver.py)
+
+
+def bounce_requested(c: Controls, msg_id: str, state: RetryState | dict[str, Any]) -> float | None:
     """When an operator asked to bounce this message, if that request applies to this
-    record: not to a copy put back by `mailflow replay` after the request."""
+    record (its `RetryState`, or its raw ``meta``): not to a copy put back by
+    `mailflow replay` after the request."""
     ts = c.bounces.get(msg_id)
-    if ts is None or float(meta.get("replayed_at", 0) or 0) > ts:
+    if ts is None or _replayed_at(state) > ts:
         return None
     return ts
 
 
-def still_held(c: Controls, domain: str, msg_id: str, meta: dict[str, Any]) -> bool:
-    """Whether a record on ``retry.hold`` (held at ``meta.held_at``) must stay there.
+def still_held(c: Controls, domain: str, msg_id: str, state: RetryState) -> bool:
+    """Whether a record on ``retry.hold`` (held at `state.held_at`) must stay there.
 
     It goes back to delivery once nothing holds it, once a bounce was asked for it
     (the deliver stage bounces it), and once the hold in force now began after the
     record was held: a release came in between (the deliver stage holds it again
     under the new hold, with a new ``held`` event)."""
-    if bounce_requested(c, msg_id, meta) is not None:
+    if bounce_requested(c, msg_id, state) is not None:
         return False
     hold = hold_of(c, domain, msg_id)
-    return hold is not None and float(hold["since"]) <= float(meta.get("held_at", 0) or 0)
+    return hold is not None and float(hold["since"]) <= (state.held_at or 0.0)
 
 
 def flush_keys(domain: str, msg_id: str) -> list[str]:
@@ -206,17 +215,14 @@ def covered(c: Controls, topic: str, partition: int, offset: int, domain: str, m
     return False
 
 
-def released_meta(meta: dict[str, Any], now: float) -> dict[str, Any]:
-    """A held record's meta as it goes back to delivery: the time it was held does not
-    count towards its queue age (its first attempt moves forward by it), and its
+def released(state: RetryState, now: float) -> RetryState:
+    """A held record's state as it goes back to delivery: the time it was held does
+    not count towards its queue age (its first attempt moves forward by it), and its
     history says how long it was held."""
-    out = {k: v for k, v in meta.items() if k != "held_at"}
-    held_at = float(meta.get("held_at", now) or now)
-    held_for = max(0.0, now - held_at)
-    if "first_attempt" in out:
-        out["first_attempt"] = float(out["first_attempt"]) + held_for
-    out["history"] = [*meta.get("history", []), {"ts": now, "held_for": round(held_for, 3)}][-30:]
-    return out
+    held_for = max(0.0, now - (state.held_at or now))
+    first = state.first_attempt
+    return state.with_(held_at=None, first_attempt=None if first is None else first + held_for,
+                       history=state.add_history({"ts": now, "held_for": round(held_for, 3)}))
 
 
 @dataclass
@@ -226,7 +232,7 @@ class LaneEntry:
     offset: int
     domain: str
     msg_id: str
-    meta: dict[str, Any]
+    state: RetryState
     record: Any = None  # the consumed Kafka message
 
 
@@ -241,7 +247,7 @@ def plan_lane(c: Controls, lane: list[LaneEntry]) -> list[tuple[str, LaneEntry]]
     lets a released record behind them go without committing past a held one (the
     copies are read again and kept). It costs one copy of the held records of the
     partition per release that frees something behind them, not one per record."""
-    plan = [("reappend" if still_held(c, e.domain, e.msg_id, e.meta) else "forward", e) for e in lane]
+    plan = [("reappend" if still_held(c, e.domain, e.msg_id, e.state) else "forward", e) for e in lane]
     if all(action == "reappend" for action, _ in plan):
         return None
     return plan
@@ -279,15 +285,14 @@ class Shape:
                             for d, a in doms}}
 
 
-def record_fields(key: bytes | None, value: bytes | None) -> tuple[str, str, float, dict[str, Any]] | None:
-    """(domain, message id, accepted at, meta) of a delivery/retry record; None if unreadable."""
+def record_fields(key: bytes | None, value: bytes | None) -> tuple[str, Delivery] | None:
+    """(domain, record) of a delivery/retry record, None if it is poison: the domain
+    is the record's own (``meta.domain``), else its key, in lower case."""
     try:
-        doc = orjson.loads(value or b"")
-        meta = doc.get("meta") or {}
-        domain = str(meta.get("domain") or (key or b"").decode("utf-8", "replace")).lower()
-        return domain, str(doc["id"]), float(doc.get("received_at", 0)), meta
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        rec = parse_delivery(value)
+    except PoisonPill:
         return None
+    return (rec.domain or (key or b"").decode("utf-8", "replace")).lower(), rec
 
 
 # --------------------------------------------------------------------------- following the topic
@@ -469,7 +474,8 @@ def snapshot(settings: Settings) -> dict[str, Any]:
         fields_ = record_fields(m.key(), m.value())
         if fields_ is None:
             continue
-        domain, msg_id, received, meta = fields_
+        domain, rec = fields_
+        msg_id, received = rec.id, rec.received_at
         written = m.timestamp()[1] / 1000.0
         if name == "deferred" and covered(controls, topic, part, offset, domain, msg_id, written):
             continue  # a flush sent it already; the tier's head has not reached it

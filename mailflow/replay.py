@@ -8,13 +8,15 @@ A ``replayed`` event reopens those recipients in the status, so each still has
 exactly one final state at a time. Replaying twice does not deliver twice: the
 delivery ledger and the idempotent stores skip what already happened.
 
-Poison records (not JSON, wrong schema) are listed, never replayed.
+Poison records (not JSON, wrong schema: `schemas.mail`'s parser for the topic it
+would go back to refuses it) are listed, never replayed.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +25,26 @@ from confluent_kafka import Producer
 
 from mailflow.config import Settings, parse_duration
 from mailflow.kafka_io import read_to_end
-from mailflow.mailrules import domain_of, group_by_domain
-from schemas.records import Event, PoisonPill, parse_error, parse_message
+from mailflow.mailrules import group_by_domain
+from schemas.mail import (
+    Delivery,
+    LocalCopy,
+    MailRecord,
+    parse_delivery,
+    parse_local,
+    parse_outgoing,
+    parse_submission,
+)
+from schemas.records import Event, PoisonPill, parse_error
 from streams.topics import full_name
 
 # Where a record parked by a stage goes back in.
 BACK_TO = {"ratelimit": "submissions", "validate": "admitted", "scan": "outgoing",
            "store": "local", "sentfolder": "clean", "deliver": "delivery"}
+# How each of those topics' readers parse a record (schemas/mail.py).
+PARSE: dict[str, Callable[[str], MailRecord]] = {
+    "submissions": parse_submission, "admitted": parse_submission, "local": parse_local,
+    "outgoing": parse_outgoing, "clean": parse_outgoing, "delivery": parse_delivery}
 
 
 @dataclass
@@ -49,29 +64,34 @@ def plan_error(raw: bytes, reason: str | None, since: float | None) -> Replay | 
             return None
         if err.state == "poison" or err.stage not in BACK_TO or not err.record:
             return None
-        msg = parse_message(err.record)
+        target = BACK_TO[err.stage]
+        rec = PARSE[target](err.record)  # what the stage it goes back to will read
     except PoisonPill:
         return None
-    target = BACK_TO[err.stage]
-    key = {"submissions": msg.sender, "admitted": msg.sender, "local": msg.mailbox or "",
-           "delivery": str(msg.meta.get("domain") or domain_of(msg.recipients[0]))}.get(target, msg.id)
-    return Replay(target, key.encode(), err.record.encode(), msg.id, msg.recipients)
+    if isinstance(rec, LocalCopy):
+        key = rec.mailbox
+    elif isinstance(rec, Delivery):
+        key = rec.route_domain()
+    else:
+        key = rec.sender if target in ("submissions", "admitted") else rec.id
+    return Replay(target, key.encode(), err.record.encode(), rec.id, rec.recipients)
 
 
 def plan_dead(raw: bytes, reason: str | None, since: float | None, now: float) -> list[Replay]:
     """Replays of one ``dead`` record: one per domain of its failed recipients."""
     try:
-        msg = parse_message(raw)
+        msg = parse_delivery(raw)
     except PoisonPill:
         return []
-    dead = msg.meta.get("dead") or {}
-    if (reason and dead.get("reason") != reason) or (since and float(dead.get("ts", 0)) < since):
+    dead = msg.retry.dead
+    if (reason and (dead is None or dead.reason != reason)) or (since and (dead.ts if dead else 0.0) < since):
         return []
+    # A fresh start: no attempts spent, the queue age from now; `replayed_at` lets the
+    # ledger try a permanently failed recipient once more (agents/deliver.py may_send).
+    state = msg.retry.with_(dead=None, due=None, tier=None, attempt=0, first_attempt=now, replayed_at=now)
     out = []
     for domain, rcpts in group_by_domain(msg.recipients).items():
-        meta = {k: v for k, v in msg.meta.items() if k not in ("dead", "due", "tier")}
-        meta.update({"domain": domain, "attempt": 0, "first_attempt": now, "replayed_at": now})
-        rec = msg.with_(recipients=rcpts, meta=meta)
+        rec = msg.with_(recipients=rcpts, domain=domain, retry=state)
         out.append(Replay("delivery", domain.encode(), rec.to_json(), msg.id, rcpts))
     return out
 

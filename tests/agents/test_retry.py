@@ -8,8 +8,9 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException
 
-from agents.retry import RetryStage
+from agents.retry import RetryStage, due_at
 from mailflow.queue import parse_controls
+from schemas.records import Message
 
 
 class _Record:
@@ -111,8 +112,12 @@ def _queue_stage(values: dict[str, Any]) -> tuple[RetryStage, _Recorder, list[tu
 
 
 def _record(topic: str, offset: int, domain: str, msg_id: str, meta: dict[str, Any], written: float) -> _Msg:
-    value = orjson.dumps({"id": msg_id, "received_at": written, "meta": {"domain": domain, **meta}})
-    return _Msg(topic, 0, offset, domain.encode(), value, written)
+    """A record as the deliver stage writes it to a retry tier or ``retry.hold``."""
+    msg = Message(id=msg_id, sender="a@mailflow.test", recipients=[f"x@{domain}"], received_at=written,
+                  size=5, body=b"hello", meta={"domain": domain, "attempt": 1, "first_attempt": written,
+                                               "history": [{"ts": written, "attempt": 1, "error": "451"}],
+                                               **meta})
+    return _Msg(topic, 0, offset, domain.encode(), msg.to_json(), written)
 
 
 def test_a_flushed_domain_goes_now_and_others_wait():
@@ -149,3 +154,39 @@ def test_held_records_wait_uncommitted_and_a_release_frees_only_its_own():
     forwarded = orjson.loads(sent[1][2])
     assert "held_at" not in forwarded["meta"] and forwarded["meta"]["history"][-1]["held_for"] >= 30
     assert consumer.commits == [[("t.retry.hold", 0, 3)]] and stage.lanes[("t.retry.hold", 0)] == []
+
+
+def test_due_at_reads_the_typed_record_and_poison_is_none():
+    now = time.time()
+    assert due_at(_record("t.retry.1", 0, "a.test", "A", {"due": now + 5}, now).value()) == now + 5
+    assert due_at(b"not json") is None
+    assert due_at(orjson.dumps({"id": "A", "meta": {"due": now}})) is None  # no envelope: not a record
+    assert due_at(_record("t.retry.1", 0, "a.test", "A", {}, now).value()) is None  # no due
+
+
+def test_a_poison_deferred_record_is_parked_with_the_parsers_reason_and_committed_past():
+    now = time.time()
+    stage, consumer, sent = _queue_stage({})
+    bad = _record("t.retry.1", 3, "a.test", "A", {"due": "soon"}, now)
+    stage.on_deferred(bad)
+    assert [(t, k) for t, k, _ in sent] == [("t.errors", b"a.test")]
+    err = orjson.loads(sent[0][2])
+    assert (err["stage"], err["state"], err["reason"]) == ("retry", "poison", "bad_field")
+    assert "meta.due" in err["detail"] and err["record"] == bad.value().decode()
+    assert consumer.commits == [[("t.retry.1", 0, 4)]] and consumer.paused == []
+
+
+def test_a_due_record_goes_to_delivery_byte_for_byte():
+    now = time.time()
+    stage, consumer, sent = _queue_stage({})
+    rec = _record("t.retry.2", 8, "a.test", "A", {"due": now - 1, "tier": 2}, now - 100)
+    stage.on_deferred(rec)
+    assert sent == [("t.delivery", b"a.test", rec.value())]
+    assert consumer.commits == [[("t.retry.2", 0, 9)]]
+
+
+def test_a_poison_held_record_is_parked_and_committed_past():
+    stage, consumer, sent = _queue_stage({})
+    stage.on_held(_Msg("t.retry.hold", 0, 0, b"a.test", b'{"id": "A"}', time.time()))
+    assert [t for t, _, _ in sent] == ["t.errors"] and orjson.loads(sent[0][2])["state"] == "poison"
+    assert consumer.commits == [[("t.retry.hold", 0, 1)]]

@@ -19,10 +19,12 @@ from mailflow.queue import (
     parse_controls,
     plan_lane,
     record_fields,
-    released_meta,
+    released,
     scan_keys,
     still_held,
 )
+from schemas.mail import RetryState
+from schemas.records import Message
 
 T = 1_000_000.0
 
@@ -56,7 +58,7 @@ def test_a_hold_on_the_message_or_its_domain_applies_and_nothing_else():
 
 def test_a_held_record_stays_until_released_or_bounced_or_held_anew():
     c = parse_controls({"hold|domain|h.test": {"held": True, "since": T}})
-    held = {"held_at": T + 10}
+    held = RetryState(held_at=T + 10)
     assert still_held(c, "h.test", "M", held)
     assert not still_held(parse_controls({}), "h.test", "M", held)  # released
     assert not still_held(parse_controls({"hold|domain|h.test": {"held": False}}), "h.test", "M", held)
@@ -75,6 +77,10 @@ def test_a_bounce_request_does_not_apply_to_a_later_replay():
     assert bounce_requested(c, "M", {"replayed_at": T - 1}) == T
     assert bounce_requested(c, "M", {"replayed_at": T + 1}) is None
     assert bounce_requested(c, "N", {}) is None
+    # the typed state says the same as the raw meta (agents/deliver.py passes either)
+    assert bounce_requested(c, "M", RetryState()) == T
+    assert bounce_requested(c, "M", RetryState(replayed_at=T - 1)) == T
+    assert bounce_requested(c, "M", RetryState(replayed_at=T + 1)) is None
 
 
 def test_flush_makes_records_written_before_it_due_at_once():
@@ -109,16 +115,18 @@ def test_a_record_a_scan_forwarded_is_covered_and_no_other():
 
 
 def test_time_held_does_not_count_as_queue_age():
-    meta = {"first_attempt": T, "held_at": T + 100, "attempt": 2, "history": [{"ts": T, "attempt": 1}]}
-    out = released_meta(meta, T + 400)
-    assert out["first_attempt"] == T + 300 and "held_at" not in out and out["attempt"] == 2
-    assert out["history"][-1] == {"ts": T + 400, "held_for": 300.0}
-    fresh = released_meta({"held_at": T}, T + 5)  # never tried: no first attempt to move
-    assert "first_attempt" not in fresh and fresh["history"] == [{"ts": T + 5, "held_for": 5.0}]
+    state = RetryState(first_attempt=T, held_at=T + 100, attempt=2, history=[{"ts": T, "attempt": 1}])
+    out = released(state, T + 400)
+    assert out.first_attempt == T + 300 and out.held_at is None and out.attempt == 2
+    assert out.history == [{"ts": T, "attempt": 1}, {"ts": T + 400, "held_for": 300.0}]
+    fresh = released(RetryState(held_at=T), T + 5)  # never tried: no first attempt to move
+    assert fresh.first_attempt is None and fresh.history == [{"ts": T + 5, "held_for": 5.0}]
+    full = released(RetryState(held_at=T, history=[{"ts": float(i)} for i in range(30)]), T + 1)
+    assert len(full.history or []) == 30 and (full.history or [])[-1]["held_for"] == 1.0
 
 
 def _entry(offset: int, domain: str, msg_id: str = "M", held_at: float = T) -> LaneEntry:
-    return LaneEntry(offset, domain, f"{msg_id}{offset}", {"held_at": held_at})
+    return LaneEntry(offset, domain, f"{msg_id}{offset}", RetryState(held_at=held_at))
 
 
 def test_a_lane_moves_only_when_something_in_it_is_released():
@@ -148,10 +156,13 @@ def test_age_buckets_are_qshapes():
 
 
 def test_record_fields_and_names():
-    raw = orjson.dumps({"id": "M", "received_at": T, "meta": {"domain": "D.test", "attempt": 1}})
-    assert record_fields(b"x.test", raw) == ("d.test", "M", T, {"domain": "D.test", "attempt": 1})
-    assert record_fields(b"k.test", orjson.dumps({"id": "M"}))[0] == "k.test"
+    msg = Message(id="M", sender="a@x.test", recipients=["r@d.test"], received_at=T, size=1, body=b"x",
+                  meta={"domain": "D.test", "attempt": 1})
+    domain, rec = record_fields(b"x.test", msg.to_json())
+    assert (domain, rec.id, rec.received_at, rec.retry.attempt) == ("d.test", "M", T, 1)
+    assert record_fields(b"K.test", msg.with_(meta={}).to_json())[0] == "k.test"  # no meta.domain: the key
     assert record_fields(b"k", b"not json") is None
+    assert record_fields(b"k", orjson.dumps({"id": "M"})) is None  # not a record: poison
     assert normal_domain("Example.COM.") == "example.com"
     assert normal_domain("bücher.test") == "xn--bcher-kva.test"
     assert normal_id("01HXYZ-abc") == "01HXYZ-abc"

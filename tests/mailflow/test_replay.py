@@ -43,3 +43,45 @@ def test_ledger_lets_a_replay_retry_permanent_failures_but_never_resend_delivere
     # the replayed attempt failed again (entry rewritten at 12): the same replay record
     # arriving twice does not try a second time
     assert not may_send({"kind": "permanent", "ts": 12.0}, {"replayed_at": 10.0})
+
+
+def _old_plan_dead_meta(meta: dict, domain: str, now: float) -> dict:
+    """What plan_dead wrote before the typed records (meta edited by hand)."""
+    out = {k: v for k, v in meta.items() if k not in ("dead", "due", "tier")}
+    out.update({"domain": domain, "attempt": 0, "first_attempt": now, "replayed_at": now})
+    return out
+
+
+def test_a_replayed_dead_record_is_the_one_the_hand_edited_meta_made():
+    meta = {"summary": {"subject": "s"}, "scan": {"scanned": True}, "dkim": "DKIM-Signature: x\r\n",
+            "domain": "one.test", "attempt": 4, "first_attempt": 2.0, "last_error": "451", "due": 9.0,
+            "tier": 3, "history": [{"ts": 2.0, "attempt": 1, "error": "451"}], "held_at": 3.0,
+            "custom": [1], "dead": {"reason": "expired", "failed": [{"recipient": "x@one.test"}], "ts": 50.0}}
+    dead = MSG.with_(meta=meta)
+    plans = plan_dead(dead.to_json(), None, None, now=1000.0)
+    assert len(plans) == 2
+    for p in plans:
+        doc = orjson.loads(p.value)
+        domain = p.key.decode()
+        assert doc["meta"] == _old_plan_dead_meta(meta, domain, 1000.0)
+        assert doc["recipients"] == [r for r in MSG.recipients if r.endswith(domain)]
+        assert {k: v for k, v in doc.items() if k not in ("meta", "recipients")} == {
+            k: v for k, v in orjson.loads(dead.to_json()).items() if k not in ("meta", "recipients")}
+
+
+def test_error_replays_are_keyed_as_their_topic_reads_them():
+    local = MSG.with_(body=None, body_ref="messages/m1.eml", mailbox="b@mailflow.test", folder="inbox")
+    err = ErrorRecord(stage="store", reason="x", state="rejected", record=local.to_json().decode())
+    plan = plan_error(err.to_json(), None, None)
+    assert plan and (plan.topic, plan.key) == ("local", b"b@mailflow.test")
+    dl = MSG.with_(recipients=["x@one.test"], meta={"domain": "one.test"})
+    err = ErrorRecord(stage="deliver", reason="x", state="rejected", record=dl.to_json().decode())
+    assert plan_error(err.to_json(), None, None).key == b"one.test"
+    nodomain = ErrorRecord(stage="deliver", reason="x", state="rejected", record=MSG.to_json().decode())
+    assert plan_error(nodomain.to_json(), None, None).key == b"one.test"  # the first recipient's
+    scanned = ErrorRecord(stage="scan", reason="virus", state="quarantined", id="m1",
+                          record=MSG.to_json().decode())
+    assert plan_error(scanned.to_json(), None, None).key == b"m1"
+    # What the stage it would go back to cannot read is never replayed.
+    bad = ErrorRecord(stage="store", reason="x", state="rejected", record=MSG.to_json().decode())
+    assert plan_error(bad.to_json(), None, None) is None
