@@ -418,15 +418,21 @@ class LocalCopy(MailRecord):
 @dataclass(kw_only=True, slots=True)
 class Outgoing(MailRecord):
     """On ``outgoing`` (key: message id; the remote recipients, from validate) and
-    ``clean`` (the same after the scan stage, with its `scan` verdict)."""
+    ``clean`` (the same after the scan stage, with its `scan` verdict).
 
-    META_KEYS: ClassVar[tuple[str, ...]] = ("unsubscribe", "summary", "scan", "bounce", "bounce_of")
+    `dkim`/`dkim_rcpt` are set by the sent-folder stage, which signs the record it
+    read before it becomes the ``delivery`` records and the Sent copy (`to`)."""
+
+    META_KEYS: ClassVar[tuple[str, ...]] = ("unsubscribe", "summary", "scan", "bounce", "bounce_of",
+                                            "dkim", "dkim_rcpt")
 
     unsubscribe: dict[str, str] | None = None
     summary: dict[str, str | bool] | None = None
     scan: ScanVerdict | None = None
     bounce: bool | None = None
     bounce_of: str | None = None
+    dkim: str | None = None
+    dkim_rcpt: dict[str, str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)

@@ -6,6 +6,11 @@ sends the raw bytes to ``errors`` instead of crashing.
 
 The ``submissions`` record is a public, versioned interface; its JSON Schema is
 ``schemas/submission.v1.json`` and `schemas.submission` has a helper to produce it.
+
+`Message` reads and writes every mail topic alike, its ``meta`` a free-form dict;
+`schemas.mail` has one typed record per mail topic over the same JSON (and the
+table of topics, types and schema files). `Event` and `ErrorRecord` are the
+``events`` and ``errors`` records (``event.v1.json``, ``error.v1.json``).
 """
 
 from __future__ import annotations

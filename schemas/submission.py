@@ -24,14 +24,17 @@ from importlib import resources
 from typing import Any
 
 from mailflow.ids import new_id
-from schemas.records import Message
+from schemas.mail import Submission
 
 SCHEMA_FILE = "submission.v1.json"
 MAX_INLINE = 700 * 1024  # keeps the record under Kafka's default 1 MB limit
 
 
-def json_schema() -> dict[str, Any]:
-    return json.loads(resources.files("schemas").joinpath(SCHEMA_FILE).read_text())
+def json_schema(name: str = SCHEMA_FILE) -> dict[str, Any]:
+    """A JSON Schema file of this package: ``submission.v1.json`` unless `name` says
+    another (``local.v1.json``, ``delivery.v1.json``...; see schemas/mail.py)."""
+    doc: dict[str, Any] = json.loads(resources.files("schemas").joinpath(name).read_text())
+    return doc
 
 
 def make_submission(raw: bytes, *, sender: str, recipients: list[str],
@@ -39,9 +42,9 @@ def make_submission(raw: bytes, *, sender: str, recipients: list[str],
     """(id, record value) for a message; `body_ref` instead of inline bytes if given."""
     if body_ref is None and len(raw) > MAX_INLINE:
         raise ValueError(f"message of {len(raw)} bytes: put it in the object store and pass body_ref")
-    msg = Message(id=msg_id or new_id(), sender=sender, recipients=list(recipients),
-                  received_at=time.time(), size=len(raw),
-                  body=None if body_ref else raw, body_ref=body_ref, source="kafka")
+    msg = Submission(id=msg_id or new_id(), sender=sender, recipients=list(recipients),
+                     received_at=time.time(), size=len(raw),
+                     body=None if body_ref else raw, body_ref=body_ref, source="kafka")
     return msg.id, msg.to_json()
 
 

@@ -414,3 +414,19 @@ def test_each_type_types_the_meta_keys_its_schema_describes(cls: type[MailRecord
 def test_local_folders_are_the_mailbox_folders():
     assert LOCAL_FOLDERS == mailbox.FOLDERS
     assert SCHEMAS["local.v1.json"]["properties"]["folder"]["enum"] == list(mailbox.FOLDERS)
+
+
+def test_the_sentfolder_flow_in_typed_records_writes_todays_bytes():
+    cl = parse_outgoing(clean().to_json())
+    signed_ = cl.with_(dkim=DKIM, dkim_rcpt={r: DKIM for r in cl.unsubscribe or {}})
+    assert orjson.loads(signed_.to_json()) == orjson.loads(signed().to_json())
+    dl = signed_.to(Delivery, recipients=["x@one.test"], domain="one.test")
+    assert orjson.loads(dl.to_json()) == orjson.loads(delivery().to_json())
+    copy = signed_.with_(body=None, body_ref="messages/m1.eml").to(LocalCopy, mailbox=cl.sender, folder="sent")
+    assert orjson.loads(copy.to_json()) == orjson.loads(sent_copy().to_json())
+    # deliver's bounce for a local sender, and for a remote one
+    b = Submission(id="b1", sender="", recipients=["a@mailflow.test"], received_at=T + 70, size=len(BODY),
+                   body=BODY, source="bounce", bounce=True, bounce_of="m1", dkim=DKIM)
+    assert b.to_json() == bounce_local().to_json()
+    remote = b.to(Delivery, recipients=["app@ext.test"], domain="ext.test")
+    assert orjson.loads(remote.to_json()) == orjson.loads(bounce_remote().to_json())
