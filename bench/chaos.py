@@ -501,7 +501,8 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
     if brokers > 1:
         cluster = harness.Cluster(work / "kafka", brokers)
     else:
-        broker = harness.Broker(work / "kafka", harness.free_port(), harness.free_port())
+        port = harness.free_ports(2)  # below the ephemeral range: it is restarted on it
+        broker = harness.Broker(work / "kafka", port, port + 1)
     clamd = Clamd(work / "clamd")
     peer = harness.ScriptedPeer().start()
     stack = None
@@ -684,10 +685,14 @@ def main() -> int:
     p.add_argument("--broker-kill-every", default="60s",
                    help="with --brokers 3: kill -9 the node leading the most partitions this often")
     p.add_argument("--broker-down", default="10s", help="how long a killed node stays down")
+    p.add_argument("--keep", metavar="DIR", type=Path,
+                   help="run in DIR and keep it (every process's log) instead of a temporary one")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="mailflow-chaos-") as tmp:
+        work = a.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         report = run(parse_duration(a.duration), a.rate, parse_duration(a.kill_every),
-                     parse_duration(a.peer_down), parse_duration(a.clamd_down), Path(tmp),
+                     parse_duration(a.peer_down), parse_duration(a.clamd_down), work,
                      parse_duration(a.drain_timeout), a.seed, a.brokers,
                      parse_duration(a.broker_kill_every), parse_duration(a.broker_down))
     print(f"accepted {report['accepted_messages']} messages ({report['recipients']} recipients); "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -30,6 +31,55 @@ class BrokerUnavailable(Exception):
     pass
 
 
+def bootstrap_addresses(bootstrap: str) -> list[tuple[str, int]]:
+    """(host, port) of each address in a ``bootstrap.servers`` list
+    (``host:port,host:port``; a ``PLAINTEXT://`` scheme and ``[v6]`` brackets allowed)."""
+    out = []
+    for part in bootstrap.split(","):
+        part = part.strip().rpartition("://")[2]
+        if not part:
+            continue
+        host, _, port = part.rpartition(":")
+        out.append((host.strip("[]") or "127.0.0.1", int(port)))
+    return out
+
+
+def _accepts(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def any_broker_answers(bootstrap: str, tries: int = 3, timeout: float = 3.0) -> bool:
+    """Whether some broker of `bootstrap` answers a metadata request, asked afresh.
+
+    Each try connects to every bootstrap address (a refused connection is a node that
+    is down, known at once), then asks the nodes that accepted, from a client of its
+    own: not the asking producer's, whose metadata request librdkafka may queue for
+    the node that just died, and whose poll thread must keep serving delivery reports
+    meanwhile. None accepting twice in a row, half a second apart, is an outage (the
+    only broker gone: say so in a second); nodes that accept but do not answer within
+    `timeout`, `tries` times, are one too (a broker shutting down, or hung). 3 s a
+    try: a saturated 2-core machine left 1 s probes of live brokers unanswered.
+    """
+    from mailflow.broker import is_ready
+
+    addresses = bootstrap_addresses(bootstrap)
+    refused = 0
+    for _ in range(tries):
+        up = [f"{h}:{p}" for h, p in addresses if _accepts(h, p, min(1.0, timeout))]
+        if up and is_ready(",".join(up), timeout):
+            return True
+        if not up:
+            refused += 1
+            if refused >= 2:
+                return False
+            time.sleep(0.5)
+    return False
+
+
 class AsyncProducer:
     """Idempotent, acks=all producer; `send` returns once the broker has the record.
 
@@ -44,6 +94,7 @@ class AsyncProducer:
         `purge_when_down`: once no broker answers at all, fail the records still
         queued (never sent, so nothing was accepted) at once instead of after
         `timeout_ms`: the ingress's 503 comes in a second, not at the timeout."""
+        self._bootstrap = bootstrap
         self._producer = Producer({
             "bootstrap.servers": bootstrap,
             "acks": "all",
@@ -56,7 +107,7 @@ class AsyncProducer:
             **extra,
         })
         self._down = False
-        self._suspect = False  # a connection failed: find out whether any broker is left
+        self._suspect = threading.Event()  # a connection failed: is any broker left?
         self._purge = purge_when_down
         self._running = True
         # Delivery reports settled since the last hand-over, per event loop: handed to
@@ -65,6 +116,8 @@ class AsyncProducer:
         self._settled_lock = threading.Lock()
         self._thread = threading.Thread(target=self._poll, name="kafka-producer", daemon=True)
         self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, name="kafka-producer-watch", daemon=True)
+        self._watcher.start()
 
     @property
     def broker_down(self) -> bool:
@@ -75,46 +128,46 @@ class AsyncProducer:
         # is taken at its word: on a cluster both come when one node dies (the second
         # when the producer's only connections were to that node), and flagging them
         # made the ingress refuse every submission at each broker kill (211 503s in a
-        # one-minute cluster chaos run). The poll thread asks whether any broker
+        # one-minute cluster chaos run). The watch thread asks whether any broker
         # answers, and only then is the broker down.
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            self._suspect = True
+            self._suspect.set()
         log.warning("kafka producer: %s", err)
 
-    def _any_broker_answers(self, tries: int = 3, timeout: float = 2.0) -> bool:
-        """A metadata request answered, in `tries` attempts (one may go to the node
-        that just died, before librdkafka has marked it down). 2 s each: a five-minute
-        cluster chaos run at this machine's capacity still read 1 s probes that went
-        unanswered as "down" (2,975 of its 3,565 503s)."""
-        return any(self.probe(timeout) for _ in range(tries))
+    def _watch(self) -> None:
+        """Decide "down" and "up again" off the poll thread.
 
-    def _poll(self) -> None:
-        last_probe = 0.0
-        purged = False
+        The probe used to run in the poll thread, through the producer's own handle:
+        for its up to 6 s no delivery report was served, and on a cluster it could
+        fail with two of three nodes up (a one-minute chaos run: "no broker answers"
+        6 s after a node's kill -9, then 127 submissions answered 503). Now it is
+        `any_broker_answers`, from a client of its own, here.
+        """
         while self._running:
-            self._producer.poll(0.05)
-            self._hand_over()
-            if self._suspect and not self._down:
-                self._suspect = False
-                if not self._any_broker_answers():
-                    log.warning("kafka producer: no broker answers; refusing until one does")
-                    self._down = True
-            if self._down and self._purge and not purged:
+            if self._down:
+                if any_broker_answers(self._bootstrap, tries=1, timeout=1.0):
+                    log.warning("kafka producer: a broker answers again")
+                    self._down = False
+                else:
+                    time.sleep(1.0)
+                continue
+            if not self._suspect.wait(0.5):
+                continue
+            self._suspect.clear()
+            if any_broker_answers(self._bootstrap):
+                continue
+            log.warning("kafka producer: no broker answers; refusing until one does")
+            self._down = True
+            if self._purge:
                 # Queued records never reached a broker: failing them is safe (the
                 # caller answers 503, nothing accepted). Those in flight may have
                 # been written, so they wait for their acknowledgement or timeout.
                 self._producer.purge(in_queue=True, in_flight=False, blocking=False)
-                purged = True
-            # While the broker looks down, ask it now and then, so the flag clears
-            # without waiting for a submission to succeed.
-            if self._down and time.monotonic() - last_probe > 1.0:
-                last_probe = time.monotonic()
-                try:
-                    if self._producer.list_topics(timeout=1.0).brokers:
-                        self._down = False
-                        purged = False
-                except KafkaException:
-                    pass
+
+    def _poll(self) -> None:
+        while self._running:
+            self._producer.poll(0.05)
+            self._hand_over()
 
     def _settle(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], value: Any,
                 ok: bool) -> None:
@@ -170,15 +223,14 @@ class AsyncProducer:
         return await self.produce(topic, key, value)
 
     def probe(self, timeout: float = 1.0) -> bool:
-        try:
-            return bool(self._producer.list_topics(timeout=timeout).brokers)
-        except KafkaException:
-            return False
+        """Whether a broker answers now (`any_broker_answers`, one try)."""
+        return any_broker_answers(self._bootstrap, tries=1, timeout=timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)
         self._running = False
         self._thread.join(2)
+        self._watcher.join(3)
         self._hand_over()  # reports served by flush() in this thread
 
 

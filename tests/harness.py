@@ -51,12 +51,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ephemeral_low(default: int = 32768) -> int:
+    """The lowest port the kernel hands out to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
 def free_ports(count: int) -> int:
-    """The first of `count` consecutive free loopback ports (a local cluster's)."""
+    """The first of `count` consecutive free loopback ports, below the ephemeral range.
+
+    For a broker that is killed and started again on its port: a client reconnecting
+    to a port of the ephemeral range while nothing listens there can be given that
+    very port as its own and connect to itself (TCP simultaneous open), and then the
+    broker cannot bind it (a cluster chaos run: "Address already in use" for two
+    minutes after a node's restart, 127.0.0.1:33638 connected to 127.0.0.1:33638).
+    """
     import random
 
+    top = min(40000, ephemeral_low()) - count
     for _ in range(200):
-        base = random.randrange(20000, 40000 - count)
+        base = random.randrange(15000, top)
         try:
             for p in range(base, base + count):
                 with socket.socket() as s:

@@ -44,13 +44,16 @@ from aiokafka.partitioner import murmur2
 
 from mailflow.config import Settings
 from mailflow.kafka_io import CompactedReader
-from mailflow.kafka_ready import BrokerNotReady, retry_kafka, wait_for_partitions
+from mailflow.kafka_ready import BrokerNotReady, is_transient, wait_for_partitions
 from mailflow.mailrules import AddressError, mailbox_key, normalize_address
 from streams.topics import full_name
 
 KEY_PREFIX = "mf"
 TOKEN_PREFIX = "mft"
 ADMIN = "*"
+# Seconds the first end-offset request may take before the partition's metadata is
+# read again (each later one twice that).
+END_OFFSET_TRY = 1.0
 
 
 def auth_mode() -> str:
@@ -222,16 +225,43 @@ class SyncReader(CompactedReader):
         return self._probe
 
     def _end_offset(self, topic: str, partition: int, timeout: float) -> int:
-        from confluent_kafka import TopicPartition
+        """The partition's end offset, asked of its leader, within `timeout` s.
+
+        Asked in short tries, the topic's metadata read again between them: librdkafka
+        sends the offsets request to the leader its metadata cache names, and after a
+        leader's kill -9 that stays the dead node until something refreshes the cache,
+        which for this never-subscribed consumer is nothing but the node coming back.
+        One 15 s try timed out with two nodes of three up and the new leader elected
+        at 6.7 s; 1 s tries with a metadata read between them had the answer at 7.0 s
+        (a local three-node cluster; docs/BENCHMARKS.md).
+        """
+        from confluent_kafka import KafkaException, TopicPartition
 
         with self._sync_lock:
             probe = self._probe_consumer()
         # Outside the lock: librdkafka takes concurrent queries, and a slow one must
-        # not hold up another partition's or another topic's. A leader still taking
-        # over (a broker just started) answers NOT_LEADER for a moment: retried.
-        return int(retry_kafka(
-            lambda: probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout),
-            f"the end offset of {topic}[{partition}]", timeout)[1])
+        # not hold up another partition's or another topic's.
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            # 1 s, then 2 s: a leader that is alive but slow (a saturated machine) is
+            # given longer rather than asked again too soon, and a new leader is still
+            # found within 2 s of its election.
+            attempt += 1
+            try_for = max(0.1, min(END_OFFSET_TRY * min(attempt, 2), deadline - time.monotonic()))
+            try:
+                return int(probe.get_watermark_offsets(TopicPartition(topic, partition),
+                                                       timeout=try_for)[1])
+            except KafkaException as exc:
+                # NOT_LEADER for a moment from a leader still taking over, or the dead
+                # leader's timeout: the transient errors of kafka_ready.
+                if not is_transient(exc) or time.monotonic() >= deadline:
+                    raise
+            try:
+                probe.list_topics(topic, timeout=max(0.1, min(END_OFFSET_TRY, deadline - time.monotonic())))
+            except KafkaException:
+                pass
+            time.sleep(0.1)
 
     def sync(self, topic: str, timeout: float = 3.0, min_interval: float = 0.0) -> bool:
         """Wait (blocking; call from a thread) until every record on `topic` that

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from harness import Broker, free_port
+from harness import Broker, free_ports
 
 from mailflow.config import Settings
 from mailflow.kafka_ready import BrokerNotReady, is_transient, wait_until_served
@@ -38,18 +38,9 @@ def test_a_topic_that_never_comes_is_named_after_the_bounded_wait(kafka: str) ->
 
 
 def _free_pair() -> int:
-    """A port whose next port is free too (the broker's controller)."""
-    import socket
-
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two adjacent free ports")
+    """A port whose next port is free too (the broker's controller), below the
+    ephemeral range: the broker is started again on it."""
+    return free_ports(2)
 
 
 def _first_reads(settings: Settings, registry_entry: bytes | None) -> None:

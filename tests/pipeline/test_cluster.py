@@ -44,7 +44,8 @@ def test_client_view_counts_refusals_and_delays_inside_the_failovers():
     assert view["why_503"] == {"Kafka is not reachable": 2}
 
 
-def _assert_survived(report: dict[str, Any], duration: float, rate: float, kills: int) -> None:
+def _assert_survived(report: dict[str, Any], duration: float, rate: float, kills: int,
+                     no_503: bool = True) -> None:
     print(report)  # the counts, for `pytest -rP`
     assert report["ok"], report["problems"]
     assert report["brokers"] == 3
@@ -58,8 +59,13 @@ def _assert_survived(report: dict[str, Any], duration: float, rate: float, kills
     # Idempotency-Key) were all accepted in the end, none given up on.
     assert report["refused"] == {}, report
     assert report["accepted_messages"] == int(duration * rate), report
-    # No 503 at all while two of three brokers are up is the aim, met in some runs
-    # and not in others (docs/BENCHMARKS.md): the counts are reported, not asserted.
+    # No 503 at all while two of three brokers are up: the ingress holds a submission
+    # through the failover (producer, idempotency read-up) and calls Kafka down only
+    # when no node answers (docs/BENCHMARKS.md: 127 503s before that, none in three
+    # runs after). Not asserted of the five-minute run, which saturates this machine
+    # (a 3 s probe of a live broker may go unanswered there): reported.
+    if no_503:
+        assert "503" not in report["refused_5xx"], (report["refused_5xx"], report["why_503"])
     print(f"503s {report['refused_5xx']} (why: {report['why_503']}), delayed {report['delayed']}, "
           f"longest gap in acceptance {report['longest_acceptance_gap_s']} s, "
           f"longest stall {report['longest_stall_s']}")
@@ -78,4 +84,4 @@ def test_cluster_chaos_run_of_five_minutes(scanners: None, work_dir: Path):
     report = chaos.run(duration=300, rate=40, kill_every=30, peer_down=60, clamd_down=30,
                        work=work_dir / "chaos-cluster-long", drain_timeout=1500, seed=11,
                        brokers=3, broker_kill_every=60, broker_down=15)
-    _assert_survived(report, 300, 40, kills=3)  # one a minute, each after the last is in sync
+    _assert_survived(report, 300, 40, kills=3, no_503=False)  # one a minute, each after the last is in sync

@@ -12,7 +12,7 @@ from email.utils import format_datetime
 import orjson
 import pytest
 from confluent_kafka import Producer
-from harness import FINAL, Broker, Stack, free_port, http, wait_for
+from harness import FINAL, Broker, Stack, free_ports, http, wait_for
 
 from schemas.submission import make_submission
 
@@ -216,8 +216,8 @@ def test_store_killed_mid_batch_loses_nothing_and_stores_nothing_twice(submissio
 
 
 def test_broker_down_answers_503_and_recovers(tmp_path):
-    port = free_port()
-    broker = Broker(tmp_path, port, free_port())
+    port = free_ports(2)  # below the ephemeral range: the broker is started again on it
+    broker = Broker(tmp_path, port, port + 1)
     broker.start()
     stack = Stack(tmp_path / "stacks", broker.bootstrap)
     try:
