@@ -29,9 +29,9 @@ import aiohttp
 import orjson
 
 from mailflow.config import Settings
+from schemas.states import FINAL
 from streams.topics import full_name
 
-FINAL = {"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited", "suppressed"}
 # Input records per message, where not one: a remote message's events are accepted,
 # validated, scanned, sent_folder (twice: passed on, and the Sent copy stored) and
 # delivered; a local one's fewer.

@@ -41,13 +41,12 @@ import orjson
 
 from mailflow import keyfile
 from mailflow.config import Settings, parse_duration
+from schemas.states import FINAL
 
 TOPIC = "webhooks"
 # The states a webhook may ask for; "*" is every one.
 EVENTS = ("accepted", "rate_limited", "rejected", "stored", "quarantined", "deferred", "delivered",
           "bounced", "suppressed")
-FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited",
-                   "suppressed"})
 MAX_URL = 2048
 DEFAULT_SCHEDULE = "10s,1m,5m,15m,30m,1h,2h,4h"  # then every 4 h, until MAX_AGE
 DEFAULT_MAX_AGE = "3d"

@@ -25,15 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from schemas.states import FINAL
+
 if TYPE_CHECKING:
     from confluent_kafka import Producer
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOTSTRAP = os.environ.get("MAILFLOW_TEST_BOOTSTRAP", "127.0.0.1:9092")
 
-
-FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited",
-                   "suppressed"})
 
 
 def settled(stack: Stack, ids: list[str]) -> bool:
