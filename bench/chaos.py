@@ -342,10 +342,10 @@ class StallWatch(threading.Thread):
         from confluent_kafka.admin import AdminClient, OffsetSpec
 
         from streams.app import input_topics
-        from streams.topics import group_client
+        from streams.topics import group_client, group_id
 
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
-        groups = {s: group_client(self.settings, f"{self.settings.topic_prefix}{s}") for s in self.stages}
+        groups = {s: group_client(self.settings, group_id(self.settings, s)) for s in self.stages}
         # stage -> (committed sum, since when it has not moved while lagging)
         last: dict[str, tuple[int, float | None]] = {}
         try:

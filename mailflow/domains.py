@@ -207,11 +207,11 @@ def parse_tags(text: str) -> dict[str, str]:
 def _producer(settings: Settings) -> Any:
     from confluent_kafka import Producer
 
+    from mailflow.kafka_io import producer_config
     from streams.topics import ensure_topics
 
     ensure_topics(settings)
-    return Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-                     "enable.idempotence": True, "message.timeout.ms": 15000})
+    return Producer(producer_config(settings.kafka_bootstrap, **{"message.timeout.ms": 15000}))
 
 
 def write(settings: Settings, domain: str, rec: dict[str, Any] | None) -> None:

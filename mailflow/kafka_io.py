@@ -1,5 +1,7 @@
-"""Kafka at the ingress's edge (confluent-kafka): an acks=all producer awaited from
-asyncio, and a reader that follows the compacted ``throttle`` and ``registry`` topics.
+"""Kafka through confluent-kafka: the configuration every producer of mailflow's
+records uses (`producer_config`), that producer awaited from asyncio (the ingress),
+a reader that follows compacted topics into dicts (credentials, domains,
+suppressions, the registry...), and `read_to_end` for the command-line tools.
 """
 
 from __future__ import annotations
@@ -26,16 +28,31 @@ from mailflow.kafka_ready import wait_for_partitions
 log = logging.getLogger("mailflow.kafka")
 
 
+def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    """The confluent-kafka configuration of a producer of mailflow's records, with
+    `overrides` (keys as librdkafka spells them: ``producer_config(b, **{"linger.ms": 5})``).
+
+    acks=all and idempotent: a record counts as written once every in-sync replica
+    has it, and a retried send is never written twice. Keys are partitioned with
+    murmur2 like the Java client and aiokafka (the Faust stages), so one key maps to
+    one partition whoever produces it.
+    """
+    return {
+        "bootstrap.servers": bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        "partitioner": "murmur2_random",
+        **overrides,
+    }
+
+
 class BrokerUnavailable(Exception):
     pass
 
 
 class AsyncProducer:
-    """Idempotent, acks=all producer; `send` returns once the broker has the record.
-
-    Keys are partitioned with murmur2 like the Java client and aiokafka (the Faust
-    stages), so one key maps to one partition whoever produces it.
-    """
+    """Idempotent, acks=all producer (`producer_config`); `send` returns once the
+    broker has the record."""
 
     def __init__(self, bootstrap: str, timeout_ms: int = 10000, purge_when_down: bool = False,
                  **extra: Any) -> None:
@@ -44,17 +61,13 @@ class AsyncProducer:
         `purge_when_down`: once no broker answers at all, fail the records still
         queued (never sent, so nothing was accepted) at once instead of after
         `timeout_ms`: the ingress's 503 comes in a second, not at the timeout."""
-        self._producer = Producer({
-            "bootstrap.servers": bootstrap,
-            "acks": "all",
-            "enable.idempotence": True,
+        self._producer = Producer(producer_config(bootstrap, **{
             "linger.ms": 2,
-            "partitioner": "murmur2_random",
             "message.timeout.ms": timeout_ms,
             "message.max.bytes": 2 * 1024 * 1024,
             "error_cb": self._on_error,
             **extra,
-        })
+        }))
         self._down = False
         self._suspect = False  # a connection failed: find out whether any broker is left
         self._purge = purge_when_down

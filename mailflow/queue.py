@@ -379,10 +379,11 @@ def write_control(settings: Settings, records: Iterable[tuple[str, bytes]], time
     """Put control records on ``queue.control``; returns once the broker has each (acks=all)."""
     from confluent_kafka import Producer
 
+    from mailflow.kafka_io import producer_config
+
     # Compacted, one partition: never left for a broker to create with its defaults.
     ensure_topics(settings)
-    p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-                  "enable.idempotence": True})
+    p = Producer(producer_config(settings.kafka_bootstrap))
     errors: list[Any] = []
     for key, value in records:
         p.produce(full_name(settings, CONTROL), key=key.encode(), value=value,

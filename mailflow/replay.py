@@ -22,7 +22,7 @@ import orjson
 from confluent_kafka import Producer
 
 from mailflow.config import Settings, parse_duration
-from mailflow.kafka_io import read_to_end
+from mailflow.kafka_io import producer_config, read_to_end
 from mailflow.mailrules import domain_of, group_by_domain
 from schemas.records import Event, PoisonPill, parse_error, parse_message
 from streams.topics import full_name
@@ -97,8 +97,7 @@ def run(settings: Settings, source: str, reason: str | None, since_text: str | N
           + (" (dry run)" if dry_run else ""), file=sys.stderr)
     counts: dict[str, int] = {}
     if not dry_run and plans:
-        p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-                      "enable.idempotence": True, "partitioner": "murmur2_random"})
+        p = Producer(producer_config(settings.kafka_bootstrap))
         for plan in plans:
             ev = Event(id=plan.msg_id, state="replayed", stage="replay", recipients=plan.recipients,
                        detail={"from": source})

@@ -28,7 +28,7 @@ from streams.app import (
     mark_clean_shutdown,
     reset_tables_after_crash,
 )
-from streams.topics import ensure_topics, init_group_offsets
+from streams.topics import ensure_topics, group_id, init_group_offsets
 
 log = logging.getLogger("mailflow.worker")
 
@@ -85,7 +85,7 @@ def run_stage(stage: str, settings: Settings, loglevel: str = "warning") -> int:
         return int(module.run(settings, f"http://{settings.web_advertise_host}:{replica.web_port}"))
     app = build_app(stage, settings)
     ensure_topics(settings, extra=internal_topics(app))
-    init_group_offsets(settings, f"{settings.topic_prefix}{stage}", input_topics(settings, stage))
+    init_group_offsets(settings, group_id(settings, stage), input_topics(settings, stage))
     datadir = Path(app.conf.datadir)
     if reset_tables_after_crash(datadir, Path(app.conf.tabledir)):
         print(f"mailflow: stage {stage} did not stop cleanly last time; "

@@ -62,7 +62,15 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 
 def full_name(settings: Settings, short: str) -> str:
+    """A topic's name on the broker: the settings' prefix and its short name."""
     return f"{settings.topic_prefix}{short}"
+
+
+def group_id(settings: Settings, stage: str) -> str:
+    """The consumer group of `stage` (``mailflow.<stage>`` by default): its committed
+    offsets are the stage's progress, and its lag the stage's queue (`mailflow lag`).
+    Also the name of the stage's Faust app, which Faust uses as its group."""
+    return f"{settings.topic_prefix}{stage}"
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0,

@@ -528,8 +528,9 @@ def submit_raw(stack: Stack, raw: bytes) -> str:
 def producer(stack: Stack) -> Producer:
     from confluent_kafka import Producer
 
-    return Producer({"bootstrap.servers": stack.env["MAILFLOW_KAFKA_BOOTSTRAP"], "acks": "all",
-                     "enable.idempotence": True, "partitioner": "murmur2_random", "linger.ms": 5})
+    from mailflow.kafka_io import producer_config
+
+    return Producer(producer_config(stack.env["MAILFLOW_KAFKA_BOOTSTRAP"], **{"linger.ms": 5}))
 
 
 def produce_submission(p: Producer, stack: Stack, sender: str, rcpts: list[str], raw: bytes,

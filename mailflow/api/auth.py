@@ -357,11 +357,11 @@ def _new_id() -> str:
 def _produce(settings: Settings, key: str, record: dict[str, Any]) -> None:
     from confluent_kafka import Producer
 
+    from mailflow.kafka_io import producer_config
     from streams.topics import ensure_topics
 
     ensure_topics(settings)
-    p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-                  "enable.idempotence": True, "message.timeout.ms": 15000})
+    p = Producer(producer_config(settings.kafka_bootstrap, **{"message.timeout.ms": 15000}))
     errors: list[Any] = []
     p.produce(full_name(settings, "auth"), key=key.encode(), value=orjson.dumps(record),
               on_delivery=lambda err, _m: err and errors.append(err))

@@ -16,6 +16,7 @@ import pytest
 from confluent_kafka import Producer
 from harness import ScriptedPeer, Stack, http, settled, wait_for
 
+from mailflow.kafka_io import producer_config
 from mailflow.services import EICAR
 from schemas.records import Message
 
@@ -118,8 +119,7 @@ def test_per_recipient_results_at_one_domain(full_stack: Stack, peers):
 def test_thousand_messages_to_twenty_domains_each_delivered_once(full_stack: Stack, peers):
     s, (a, b) = full_stack, peers
     before = Counter(a.message_ids() + b.message_ids())
-    p = Producer({"bootstrap.servers": s.env["MAILFLOW_KAFKA_BOOTSTRAP"], "acks": "all",
-                  "enable.idempotence": True, "partitioner": "murmur2_random"})
+    p = Producer(producer_config(s.env["MAILFLOW_KAFKA_BOOTSTRAP"]))
     ids = []
     for n in range(1000):
         dom = f"d{n % 20}.out.test"

@@ -72,8 +72,9 @@ def test_api_schema_lists_every_state() -> None:
 
 
 def test_the_status_stage_the_bench_and_the_tests_share_final() -> None:
+    import harness
+
     from agents import status
     from mailflow import webhooks
-    import harness
 
     assert status.FINAL is FINAL and harness.FINAL is FINAL and webhooks.FINAL is FINAL
