@@ -9,7 +9,7 @@ A supervisor that dies without stopping them (SIGKILL, a crash) takes them along
 all the same: each child is started with a parent-death signal (`die_with_parent`,
 Linux's ``PR_SET_PDEATHSIG``), which the kernel sends it when the supervisor ends,
 and every level that starts children of its own (`mailflow broker`'s JVM, the
-daemons of `mailflow.services`) does the same.
+daemons of `devtools.services`) does the same.
 """
 
 from __future__ import annotations

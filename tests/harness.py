@@ -159,7 +159,7 @@ class Broker:
         self.bootstrap = f"127.0.0.1:{port}"
 
     def start(self, timeout: float = 180) -> None:
-        from mailflow.broker import is_ready
+        from devtools.broker import is_ready
 
         env = {**os.environ, "MAILFLOW_DATA_DIR": str(self.data_dir)}
         log = open(self.data_dir / f"broker-{self.port}.log", "ab")  # noqa: SIM115
@@ -191,7 +191,7 @@ class Cluster:
 
     def __init__(self, data_dir: Path, nodes: int = 3, port: int | None = None,
                  heap: str | None = None) -> None:
-        from mailflow.broker import cluster_nodes
+        from devtools.broker import cluster_nodes
 
         self.data_dir = data_dir
         self.heap = heap  # each JVM's -Xmx; None: `mailflow broker`'s default (512m)
@@ -202,7 +202,7 @@ class Cluster:
 
     def start(self, timeout: float = 180) -> None:
         """Start every node; return once all are registered with the cluster."""
-        from mailflow.broker import cluster_ready
+        from devtools.broker import cluster_ready
 
         for n in self.nodes:
             self.start_node(n.node_id, wait=False)
@@ -215,7 +215,7 @@ class Cluster:
 
     def start_node(self, node_id: int, wait: bool = True, timeout: float = 120) -> None:
         """Start one node (again); with `wait`, until it answers on its own port."""
-        from mailflow.broker import is_ready
+        from devtools.broker import is_ready
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MAILFLOW_DATA_DIR": str(self.data_dir)}

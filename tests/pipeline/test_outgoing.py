@@ -16,8 +16,8 @@ import pytest
 from confluent_kafka import Producer
 from harness import ScriptedPeer, Stack, http, settled, wait_for
 
+from devtools.services import EICAR
 from mailflow.kafka_io import producer_config
-from mailflow.services import EICAR
 from schemas.records import Message
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"

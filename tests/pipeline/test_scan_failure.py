@@ -9,8 +9,8 @@ import orjson
 from confluent_kafka import Producer
 from harness import Stack, free_port, wait_for
 
+from devtools.services import ServiceGroup, prepare_clamd
 from mailflow.kafka_io import producer_config
-from mailflow.services import ServiceGroup, prepare_clamd
 from schemas.records import Message
 
 

@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# cluster_bootstrap, the clients' side of cluster_nodes, lives with the settings
+# (the default bootstrap of a cluster); here for the callers of this module.
+from mailflow.config import cluster_bootstrap as cluster_bootstrap
+from mailflow.config import node_port
 from mailflow.supervise import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,13 +134,7 @@ def cluster_nodes(nodes: int, port: int = 9092, controller_port: int | None = No
     if nodes < 1:
         raise ValueError("a cluster has at least one node")
     cport = port + 1 if controller_port is None else controller_port
-    return [Node(k, port + 2 * (k - 1), cport + 2 * (k - 1), host) for k in range(1, nodes + 1)]
-
-
-def cluster_bootstrap(nodes: int, port: int = 9092, host: str = "127.0.0.1") -> str:
-    """Every node's client address, comma-separated: what clients must be given so
-    that one of them down does not keep a (re)starting client from the cluster."""
-    return ",".join(n.bootstrap for n in cluster_nodes(nodes, port, host=host))
+    return [Node(k, node_port(port, k), node_port(cport, k), host) for k in range(1, nodes + 1)]
 
 
 def server_properties(log_dir: Path, port: int, controller_port: int, host: str = "127.0.0.1",

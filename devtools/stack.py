@@ -212,7 +212,7 @@ def _busy_ports(settings: Settings) -> list[str]:
 # ---- the stack -----------------------------------------------------------------------
 def build(settings: Settings, scanners: bool = True,
           on_spawn: Any = None) -> Supervisor:
-    from mailflow import broker
+    from devtools import broker
     from mailflow.worker import available
     from streams.topics import ensure_topics
 
@@ -230,7 +230,7 @@ def build(settings: Settings, scanners: bool = True,
             return _port_open("127.0.0.1", 3310) and _port_open("127.0.0.1", 11333)
 
         if not scanners_ready():
-            sup.add("clamd, rspamd, dns", [sys.executable, "-m", "mailflow.services", "up",
+            sup.add("clamd, rspamd, dns", [sys.executable, "-m", "devtools.services", "up",
                                            "--dir", str(settings.data_dir / "services")],
                     ready=scanners_ready)
     # The stages below are crash-safe by design (at-least-once, idempotent): if this

@@ -469,7 +469,7 @@ def start_stack(settings: Settings, args: argparse.Namespace) -> tuple[Settings,
     """Own topic prefix and data dir, stages and API as child processes."""
     import socket
 
-    from mailflow.stack import _http_ok
+    from devtools.stack import _http_ok
     from mailflow.supervise import Supervisor
     from mailflow.worker import available, parse_stages
     from streams.topics import ensure_topics
