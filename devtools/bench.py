@@ -152,9 +152,10 @@ class EventFollower(threading.Thread):
     def run(self) -> None:
         while self.running:
             for m in self.consumer.consume(1000, 0.2):
-                if m.error():
+                value = m.value()
+                if m.error() or value is None:
                     continue
-                ev = orjson.loads(m.value())
+                ev = orjson.loads(value)
                 with self.lock:
                     self.by_stage.setdefault(ev.get("stage", "?"), []).append(ev["ts"])
                     if ev["state"] == "accepted":

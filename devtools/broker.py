@@ -275,8 +275,7 @@ def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
     from confluent_kafka.admin import AdminClient
 
     try:
-        md = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
-                          "logger": _Quiet()}).list_topics(timeout=timeout)
+        md = AdminClient(_quiet_admin(bootstrap)).list_topics(timeout=timeout)
         return bool(md.brokers)
     except Exception:
         return False
@@ -288,8 +287,13 @@ class _Quiet:
     def log(self, *args: object, **kw: object) -> None:
         pass
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return self.log
+
+
+def _quiet_admin(bootstrap: str) -> dict[str, Any]:
+    """An admin client's configuration that logs nothing while the broker comes up."""
+    return {"bootstrap.servers": bootstrap, "log_level": 0, "logger": _Quiet()}
 
 
 def supervise_cluster(sup: Any, me: list[str], bootstrap: str, nodes: int) -> None:
@@ -315,8 +319,7 @@ def cluster_ready(bootstrap: str, nodes: int, timeout: float = 2.0) -> bool:
     from confluent_kafka.admin import AdminClient
 
     try:
-        md = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
-                          "logger": _Quiet()}).list_topics(timeout=timeout)
+        md = AdminClient(_quiet_admin(bootstrap)).list_topics(timeout=timeout)
         return len(md.brokers) >= nodes
     except Exception:
         return False

@@ -126,8 +126,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                       f"{r.get('address') or ','.join(r.get('domains') or [])}")
             return 0
         if args.keys_cmd == "revoke":
-            rec = auth.revoke(settings, args.id)
-            if rec is None:
+            revoked = auth.revoke(settings, args.id)
+            if revoked is None:
                 print(f"mailflow: no credential {args.id}", file=sys.stderr)
                 return 1
             print(f"revoked {args.id}")

@@ -19,6 +19,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicPartition,
 )
@@ -44,6 +45,14 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         "partitioner": "murmur2_random",
         **overrides,
     }
+
+
+def coordinates(msg: Message) -> tuple[str, int, int]:
+    """A consumed record's topic, partition and offset. confluent-kafka types each
+    optional; they are unset only on error events, which every caller skips first."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None, msg.error()
+    return topic, partition, offset
 
 
 class BrokerUnavailable(Exception):
@@ -243,14 +252,16 @@ class CompactedReader:
             msg = self._consumer.poll(0.1)
             if msg is None or msg.error():
                 continue
-            self.positions[(msg.topic(), msg.partition())] = msg.offset() + 1
-            table = self.values[msg.topic()]
+            topic, partition, offset = coordinates(msg)
+            self.positions[(topic, partition)] = offset + 1
+            table = self.values[topic]
             key = (msg.key() or b"").decode("utf-8", "replace")
-            if msg.value() is None:
+            value = msg.value()
+            if value is None:
                 table.pop(key, None)
                 continue
             try:
-                table[key] = orjson.loads(msg.value())
+                table[key] = orjson.loads(value)
             except orjson.JSONDecodeError:
                 continue
 
@@ -282,8 +293,9 @@ def read_to_end(bootstrap: str, topic: str, idle_timeout: float = 10.0) -> list[
                 continue
             last_seen = time.monotonic()
             out.append((m.key(), m.value()))
-            if m.offset() + 1 >= ends[m.partition()]:
-                remaining.discard(m.partition())
+            _topic, partition, offset = coordinates(m)
+            if offset + 1 >= ends[partition]:
+                remaining.discard(partition)
         return out
     finally:
         c.close()

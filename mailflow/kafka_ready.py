@@ -103,7 +103,7 @@ def wait_for_partitions(client: Any, topics: Iterable[str], timeout: float = 60.
                     for p in md.topics[n].partitions:
                         marks[(n, p)] = tuple(client.get_watermark_offsets(
                             TopicPartition(n, p), timeout=left, cached=False))
-                return marks  # type: ignore[return-value]
+                return marks
             last = f"no leader yet for {', '.join(waiting)}"
         except Exception as exc:
             if not is_transient(exc):

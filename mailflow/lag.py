@@ -17,6 +17,7 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from mailflow.config import Settings
+from mailflow.kafka_io import coordinates
 from streams.app import STAGES, input_topics
 from streams.topics import group_client, group_id
 
@@ -113,10 +114,11 @@ def _oldest_ages(settings: Settings, lags: list[StageLag], timeout: float) -> No
             m = c.poll(0.2)
             if m is None or m.error():
                 continue
-            stage = pending.pop((m.topic(), m.partition()), None)
+            topic, partition, _offset = coordinates(m)
+            stage = pending.pop((topic, partition), None)
             if stage is None:
                 continue
-            c.pause([TopicPartition(m.topic(), m.partition())])
+            c.pause([TopicPartition(topic, partition)])
             age = max(0.0, now - m.timestamp()[1] / 1000.0)
             stage.oldest_age = max(stage.oldest_age or 0.0, age)
     finally:

@@ -97,14 +97,14 @@ def run(settings: Settings, source: str, reason: str | None, since_text: str | N
           + (" (dry run)" if dry_run else ""), file=sys.stderr)
     counts: dict[str, int] = {}
     if not dry_run and plans:
-        p = Producer(producer_config(settings.kafka_bootstrap))
+        producer = Producer(producer_config(settings.kafka_bootstrap))
         for plan in plans:
             ev = Event(id=plan.msg_id, state="replayed", stage="replay", recipients=plan.recipients,
                        detail={"from": source})
-            p.produce(full_name(settings, "events"), key=plan.msg_id.encode(), value=ev.to_json())
-            p.produce(full_name(settings, plan.topic), key=plan.key, value=plan.value)
+            producer.produce(full_name(settings, "events"), key=plan.msg_id.encode(), value=ev.to_json())
+            producer.produce(full_name(settings, plan.topic), key=plan.key, value=plan.value)
             counts[plan.topic] = counts.get(plan.topic, 0) + 1
-        left = p.flush(60)
+        left = producer.flush(60)
         if left:
             print(f"replay: {left} records not acknowledged by Kafka; run it again", file=sys.stderr)
             return 1

@@ -142,7 +142,7 @@ def _401() -> dict[str, Any]:
                                              "description": "`Bearer realm=\"mailflow\"`"}}}
 
 
-SECURED = [{"bearer": []}]
+SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 PUBLIC: list[dict[str, Any]] = []
 
 

@@ -35,7 +35,8 @@ MAX_INLINE = 700 * 1024  # keeps the record under Kafka's default 1 MB limit
 
 
 def json_schema() -> dict[str, Any]:
-    return json.loads(resources.files("schemas").joinpath(SCHEMA_FILE).read_text())
+    schema: dict[str, Any] = json.loads(resources.files("schemas").joinpath(SCHEMA_FILE).read_text())
+    return schema
 
 
 def make_submission(raw: bytes, *, sender: str, recipients: list[str],
