@@ -32,7 +32,8 @@ from streams.topics import ensure_topics, group_id, init_group_offsets
 
 log = logging.getLogger("mailflow.worker")
 
-# Stages whose modules exist; the rest are accepted but said to be missing.
+# How often a consuming replica puts its web address on the ``registry`` topic; the
+# ingress routes mailbox and status reads to the replicas it has heard from lately.
 HEARTBEAT_SECONDS = 5.0
 
 
@@ -46,6 +47,7 @@ def parse_stages(text: str) -> list[str]:
 
 
 def available(stage: str) -> bool:
+    """Whether the stage's module exists; `run` skips, naming them, those that do not."""
     return importlib.util.find_spec(f"agents.{stage}") is not None
 
 
