@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 jars: venv
-	$(PY) -c 'from mailflow.broker import ensure_jars; ensure_jars()'
+	$(PY) -c 'from devtools.broker import ensure_jars; ensure_jars()'
 
 run: setup
 	$(VENV)/bin/mailflow up
@@ -49,6 +49,7 @@ test-all: setup
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(VENV)/bin/mailflow bench

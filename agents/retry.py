@@ -51,6 +51,7 @@ from confluent_kafka import (
 
 from mailflow import metrics
 from mailflow.config import Settings
+from mailflow.kafka_io import producer_config
 from mailflow.queue import (
     CONTROL,
     HOLD,
@@ -117,10 +118,7 @@ class RetryStage:
             "session.timeout.ms": 15000,
             "heartbeat.interval.ms": 3000,
         })
-        self.producer = Producer({
-            "bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-            "enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random",
-        })
+        self.producer = Producer(producer_config(settings.kafka_bootstrap, **{"linger.ms": 5}))
         self.paused: list[tuple[float, str, int, int]] = []  # heap of (due, topic, partition, offset)
         self.running = True
         self.control = ControlView(settings)

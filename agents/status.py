@@ -19,11 +19,10 @@ from agents.common import BATCH_MAX, BATCH_WITHIN, JSON_TABLE, Pending, StageIO
 from mailflow import metrics
 from mailflow.config import Settings
 from schemas.records import Event, PoisonPill, parse_event
+from schemas.states import FINAL
 
 STAGE = "status"
 
-FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited",
-                   "suppressed"})
 # How far along each non-final state is; a state never moves back.
 # `held` (an operator's hold, `mailflow queue hold`) ranks with `deferred`: a held
 # record may have been deferred before, and is deferred or delivered after.

@@ -32,7 +32,7 @@ cluster, whether every topic of the run had replication 3 and min.insync.replica
     .venv/bin/python bench/chaos.py --duration 5m --rate 200
     .venv/bin/python bench/chaos.py --brokers 3 --duration 5m --rate 50 --broker-kill-every 60s
 
-Needs rspamd and the loopback DNS server (`python -m mailflow.services up`), and
+Needs rspamd and the loopback DNS server (`python -m devtools.services up`), and
 the broker's jars (`make test` or `mailflow broker` fetched them once).
 """
 
@@ -65,8 +65,8 @@ harness = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("harness", harness)
 _spec.loader.exec_module(harness)
 
+from devtools.services import ServiceGroup, prepare_clamd  # noqa: E402
 from mailflow.config import parse_duration  # noqa: E402
-from mailflow.services import ServiceGroup, prepare_clamd  # noqa: E402
 
 FINAL = harness.FINAL
 STAGES = ["ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "deliver", "retry", "status"]
@@ -342,10 +342,10 @@ class StallWatch(threading.Thread):
         from confluent_kafka.admin import AdminClient, OffsetSpec
 
         from streams.app import input_topics
-        from streams.topics import group_client
+        from streams.topics import group_client, group_id
 
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
-        groups = {s: group_client(self.settings, f"{self.settings.topic_prefix}{s}") for s in self.stages}
+        groups = {s: group_client(self.settings, group_id(self.settings, s)) for s in self.stages}
         # stage -> (committed sum, since when it has not moved while lagging)
         last: dict[str, tuple[int, float | None]] = {}
         try:
@@ -666,7 +666,7 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
 
 def node_serves(cluster: Any, node: int) -> bool:
     """Whether cluster node `node` answers a metadata request on its own port."""
-    from mailflow.broker import is_ready
+    from devtools.broker import is_ready
 
     return is_ready(cluster.nodes[node - 1].bootstrap)
 

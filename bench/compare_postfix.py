@@ -25,7 +25,7 @@ must not be the bottleneck). The script ends with one JSON line.
     .venv/bin/python bench/compare_postfix.py --count 20000 --rounds 3
 
 Needs the broker (`mailflow broker`) and, for ``mailflow-scan``, clamd and rspamd
-(`python -m mailflow.services up`), like bench/pipeline.py; Postfix from Debian's
+(`python -m devtools.services up`), like bench/pipeline.py; Postfix from Debian's
 package (installed by `make test`).
 """
 
@@ -51,7 +51,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mailflow.bench import (  # noqa: E402
+from devtools.bench import (  # noqa: E402
     free_port,
     message,
     pct,

@@ -9,7 +9,7 @@ running broker, and prints the medians. Ends with one JSON line.
     .venv/bin/python bench/pipeline.py --count 5000 --runs 3 --modes healthy,tenpct451
 
 Needs a broker on MAILFLOW_KAFKA_BOOTSTRAP (`mailflow broker`), and clamd and
-rspamd (`python -m mailflow.services up`) for the scanning runs.
+rspamd (`python -m devtools.services up`) for the scanning runs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 
 import orjson
 
-from mailflow.bench import free_port, start_smtp_sink
+from devtools.bench import free_port, start_smtp_sink
 
 DEFERRING = [f"d{i}.bench.test" for i in range(5)]  # 5 of the bench's 50 domains: 10 % of the mail
 

@@ -31,6 +31,7 @@ from aiosmtpd.controller import Controller
 from confluent_kafka import Producer
 
 from mailflow.config import Settings
+from mailflow.kafka_io import producer_config
 from schemas.records import Message
 from streams.topics import ensure_topics
 
@@ -62,8 +63,7 @@ def one_round(replicas: int, count: int, peer: SlowPeer, base: Path) -> dict:
     os.environ.clear()
     os.environ.update(old)
     ensure_topics(settings)
-    p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-                  "partitioner": "murmur2_random", "linger.ms": 20})
+    p = Producer(producer_config(settings.kafka_bootstrap, **{"linger.ms": 20}))
     for n in range(count):
         dom = f"d{n % 64}.replicas.test"
         raw = (f"From: r@bench.test\r\nTo: u{n}@{dom}\r\nMessage-ID: <rep{n}@bench.test>\r\n"

@@ -122,7 +122,7 @@ def main() -> int:
     p.add_argument("--heap", default="512m", help="each Kafka JVM's -Xmx")
     p.add_argument("--scanners", action="store_true", help="scan with clamd and rspamd too")
     a = p.parse_args()
-    from mailflow.bench import start_smtp_sink
+    from devtools.bench import start_smtp_sink
 
     results: list[dict[str, Any]] = []
     sink, sink_port = start_smtp_sink("-c")  # keeps nothing

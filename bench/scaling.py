@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from mailflow.bench import start_smtp_sink
+from devtools.bench import start_smtp_sink
 
 ROOT = Path(__file__).resolve().parents[1]
 

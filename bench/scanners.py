@@ -1,6 +1,6 @@
 """Throughput of the local scanners: rspamd /checkv2 and clamd INSTREAM.
 
-Usage (services must be running, e.g. ``python -m mailflow.services up``)::
+Usage (services must be running, e.g. ``python -m devtools.services up``)::
 
     python bench/scanners.py                       # defaults: 3 runs x 3 s, 8 clients
     python bench/scanners.py --runs 5 --duration 5 --concurrency 1,8

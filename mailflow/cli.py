@@ -126,8 +126,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                       f"{r.get('address') or ','.join(r.get('domains') or [])}")
             return 0
         if args.keys_cmd == "revoke":
-            rec = auth.revoke(settings, args.id)
-            if rec is None:
+            revoked = auth.revoke(settings, args.id)
+            if revoked is None:
                 print(f"mailflow: no credential {args.id}", file=sys.stderr)
                 return 1
             print(f"revoked {args.id}")
@@ -262,9 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     qb.add_argument("--id", dest="msg_id", metavar="ID", required=True)
 
     bn = sub.add_parser("bench", help="load generator and report")
-    from mailflow.bench import add_arguments
+    argv = sys.argv[1:] if argv is None else argv
+    if "bench" in argv:
+        # Its options only when asked for: the development tools (devtools/) stay
+        # out of the stages' and the API's processes, which start through here too.
+        from devtools.bench import add_arguments
 
-    add_arguments(bn)
+        add_arguments(bn)
 
     args = p.parse_args(argv)
     try:
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     if args.cmd == "broker":
-        from mailflow import broker
+        from devtools import broker
 
         return broker.run(settings.data_dir, args.port, args.controller_port, args.loglevel,
                           nodes=args.nodes or settings.broker_nodes, only=args.node, heap=args.heap)
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return server.run(settings, args.host, args.port, reuse_port=args.reuse_port)
     if args.cmd == "up":
-        from mailflow import stack
+        from devtools import stack
 
         if args.brokers:
             # Through the environment, so that every process the stack starts (and the
@@ -308,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return stack.up(settings, detach=args.detach, scanners=not args.no_scanners)
     if args.cmd == "down":
-        from mailflow import stack
+        from devtools import stack
 
         return stack.down(settings)
     if args.cmd == "env":
-        from mailflow import stack
+        from devtools import stack
 
         return stack.print_env(settings)
     if args.cmd == "send":
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             return lag.serve(settings, args.serve)
         return lag.run(settings, args.watch, args.json)
     if args.cmd == "sink":
-        from mailflow import sink
+        from devtools import sink
 
         return sink.run(args.host, args.port, args.dir or settings.data_dir / "sink")
     if args.cmd == "replay":
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return queue.run(settings, args.queue_cmd or "show", getattr(args, "domain", None),
                          getattr(args, "msg_id", None), args.json or getattr(args, "show_json", False))
     if args.cmd == "bench":
-        from mailflow import bench
+        from devtools import bench
 
         return bench.run(settings, args)
     return 2

@@ -59,6 +59,20 @@ def parse_routes(text: str) -> dict[str, tuple[str, int]]:
     return routes
 
 
+def node_port(base: int, node: int) -> int:
+    """The port of node `node` (from 1) of a local N-node Kafka cluster (`mailflow
+    broker --nodes N`, devtools/broker.py): ``base + 2(node-1)``, for its client
+    port (base 9092) and its controller port (base 9093) alike."""
+    return base + 2 * (node - 1)
+
+
+def cluster_bootstrap(nodes: int, port: int = 9092, host: str = "127.0.0.1") -> str:
+    """Every node's client address of a local N-node cluster, comma-separated: what
+    clients must be given so that one node down does not keep a (re)starting client
+    from the cluster. The default bootstrap where ``MAILFLOW_BROKER_NODES`` > 1."""
+    return ",".join(f"{host}:{node_port(port, k)}" for k in range(1, nodes + 1))
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"MAILFLOW_{name}", default)
 
@@ -123,8 +137,6 @@ class Settings:
             raise ValueError(f"MAILFLOW_BROKER_NODES must be at least 1, not {nodes}")
         bootstrap = d.kafka_bootstrap
         if nodes > 1:
-            from mailflow.broker import cluster_bootstrap
-
             bootstrap = cluster_bootstrap(nodes)
         return cls(
             kafka_bootstrap=_env("KAFKA_BOOTSTRAP", bootstrap),

@@ -207,11 +207,11 @@ def parse_tags(text: str) -> dict[str, str]:
 def _producer(settings: Settings) -> Any:
     from confluent_kafka import Producer
 
+    from mailflow.kafka_io import producer_config
     from streams.topics import ensure_topics
 
     ensure_topics(settings)
-    return Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-                     "enable.idempotence": True, "message.timeout.ms": 15000})
+    return Producer(producer_config(settings.kafka_bootstrap, **{"message.timeout.ms": 15000}))
 
 
 def write(settings: Settings, domain: str, rec: dict[str, Any] | None) -> None:
@@ -222,7 +222,7 @@ def write(settings: Settings, domain: str, rec: dict[str, Any] | None) -> None:
     errors: list[Any] = []
     p.produce(full_name(settings, TOPIC), key=domain.encode(),
               value=orjson.dumps(rec) if rec is not None else None,
-              on_delivery=lambda err, _m: err and errors.append(err))
+              on_delivery=lambda err, _m: errors.append(err) if err else None)
     if p.flush(20) != 0 or errors:
         raise RuntimeError(f"could not write to the domains topic: {errors or 'timeout'}")
 
@@ -405,4 +405,4 @@ async def selector_published(res: dns.asyncresolver.Resolver, domain: str, sel: 
         got = await txt(res, f"{sel['selector']}._domainkey.{domain}")
     except dns.exception.DNSException:
         return False
-    return bool(got) and parse_tags(got[0]).get("p") == sel["public"]
+    return got is not None and bool(got) and parse_tags(got[0]).get("p") == sel["public"]

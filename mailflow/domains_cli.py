@@ -77,10 +77,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     cmd = args.domains_cmd
     if cmd == "add":
-        rec = dom.add(settings, args.domain, ed25519=args.ed25519)
-        sels = ", ".join(f"{s['selector']} ({s['algorithm']})" for s in rec["selectors"])
-        print(f"{rec['domain']}: DKIM selector {sels}; publish these records:", file=sys.stderr)
-        _print_dns(settings, rec)
+        added = dom.add(settings, args.domain, ed25519=args.ed25519)
+        sels = ", ".join(f"{s['selector']} ({s['algorithm']})" for s in added["selectors"])
+        print(f"{added['domain']}: DKIM selector {sels}; publish these records:", file=sys.stderr)
+        _print_dns(settings, added)
         return 0
     if cmd == "list":
         recs = sorted(dom.read_all(settings).values(), key=lambda r: r["domain"])

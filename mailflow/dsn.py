@@ -246,7 +246,7 @@ def build_dsn(
     per_message.append(("Reporting-MTA", f"dns; {reporting_mta}"))
     if arrival_date is not None:
         per_message.append(("Arrival-Date", format_datetime(arrival_date)))
-    blocks = [_fields(per_message)]
+    blocks: list[Message | str] = [_fields(per_message)]
     for rcpt in failed:
         fields = [
             ("Final-Recipient", f"rfc822; {_one_line(rcpt.address)}"),

@@ -1,5 +1,7 @@
-"""Kafka at the ingress's edge (confluent-kafka): an acks=all producer awaited from
-asyncio, and a reader that follows the compacted ``throttle`` and ``registry`` topics.
+"""Kafka through confluent-kafka: the configuration every producer of mailflow's
+records uses (`producer_config`), that producer awaited from asyncio (the ingress),
+a reader that follows compacted topics into dicts (credentials, domains,
+suppressions, the registry...), and `read_to_end` for the command-line tools.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicPartition,
 )
@@ -25,6 +28,32 @@ from confluent_kafka import (
 from mailflow.kafka_ready import wait_for_partitions
 
 log = logging.getLogger("mailflow.kafka")
+
+
+def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    """The confluent-kafka configuration of a producer of mailflow's records, with
+    `overrides` (keys as librdkafka spells them: ``producer_config(b, **{"linger.ms": 5})``).
+
+    acks=all and idempotent: a record counts as written once every in-sync replica
+    has it, and a retried send is never written twice. Keys are partitioned with
+    murmur2 like the Java client and aiokafka (the Faust stages), so one key maps to
+    one partition whoever produces it.
+    """
+    return {
+        "bootstrap.servers": bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        "partitioner": "murmur2_random",
+        **overrides,
+    }
+
+
+def coordinates(msg: Message) -> tuple[str, int, int]:
+    """A consumed record's topic, partition and offset. confluent-kafka types each
+    optional; they are unset only on error events, which every caller skips first."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None, msg.error()
+    return topic, partition, offset
 
 
 class BrokerUnavailable(Exception):
@@ -64,7 +93,7 @@ def any_broker_answers(bootstrap: str, tries: int = 3, timeout: float = 3.0) -> 
     `timeout`, `tries` times, are one too (a broker shutting down, or hung). 3 s a
     try: a saturated 2-core machine left 1 s probes of live brokers unanswered.
     """
-    from mailflow.broker import is_ready
+    from mailflow.kafka_ready import is_ready
 
     addresses = bootstrap_addresses(bootstrap)
     refused = 0
@@ -81,11 +110,8 @@ def any_broker_answers(bootstrap: str, tries: int = 3, timeout: float = 3.0) -> 
 
 
 class AsyncProducer:
-    """Idempotent, acks=all producer; `send` returns once the broker has the record.
-
-    Keys are partitioned with murmur2 like the Java client and aiokafka (the Faust
-    stages), so one key maps to one partition whoever produces it.
-    """
+    """Idempotent, acks=all producer (`producer_config`); `send` returns once the
+    broker has the record."""
 
     def __init__(self, bootstrap: str, timeout_ms: int = 10000, purge_when_down: bool = False,
                  **extra: Any) -> None:
@@ -95,17 +121,13 @@ class AsyncProducer:
         queued (never sent, so nothing was accepted) at once instead of after
         `timeout_ms`: the ingress's 503 comes in a second, not at the timeout."""
         self._bootstrap = bootstrap
-        self._producer = Producer({
-            "bootstrap.servers": bootstrap,
-            "acks": "all",
-            "enable.idempotence": True,
+        self._producer = Producer(producer_config(bootstrap, **{
             "linger.ms": 2,
-            "partitioner": "murmur2_random",
             "message.timeout.ms": timeout_ms,
             "message.max.bytes": 2 * 1024 * 1024,
             "error_cb": self._on_error,
             **extra,
-        })
+        }))
         self._down = False
         self._suspect = threading.Event()  # a connection failed: is any broker left?
         self._purge = purge_when_down
@@ -282,14 +304,16 @@ class CompactedReader:
             msg = self._consumer.poll(0.1)
             if msg is None or msg.error():
                 continue
-            self.positions[(msg.topic(), msg.partition())] = msg.offset() + 1
-            table = self.values[msg.topic()]
+            topic, partition, offset = coordinates(msg)
+            self.positions[(topic, partition)] = offset + 1
+            table = self.values[topic]
             key = (msg.key() or b"").decode("utf-8", "replace")
-            if msg.value() is None:
+            value = msg.value()
+            if value is None:
                 table.pop(key, None)
                 continue
             try:
-                table[key] = orjson.loads(msg.value())
+                table[key] = orjson.loads(value)
             except orjson.JSONDecodeError:
                 continue
 
@@ -321,8 +345,9 @@ def read_to_end(bootstrap: str, topic: str, idle_timeout: float = 10.0) -> list[
                 continue
             last_seen = time.monotonic()
             out.append((m.key(), m.value()))
-            if m.offset() + 1 >= ends[m.partition()]:
-                remaining.discard(m.partition())
+            _topic, partition, offset = coordinates(m)
+            if offset + 1 >= ends[partition]:
+                remaining.discard(partition)
         return out
     finally:
         c.close()

@@ -103,7 +103,7 @@ def wait_for_partitions(client: Any, topics: Iterable[str], timeout: float = 60.
                     for p in md.topics[n].partitions:
                         marks[(n, p)] = tuple(client.get_watermark_offsets(
                             TopicPartition(n, p), timeout=left, cached=False))
-                return marks  # type: ignore[return-value]
+                return marks
             last = f"no leader yet for {', '.join(waiting)}"
         except Exception as exc:
             if not is_transient(exc):
@@ -134,3 +134,29 @@ def wait_until_served(bootstrap: str, topics: Iterable[str],
         return wait_for_partitions(c, topics, timeout)
     finally:
         c.close()
+
+
+class _Quiet:
+    """A logger for librdkafka that drops the 'connection refused' noise while waiting."""
+
+    def log(self, *args: object, **kw: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return self.log
+
+
+def quiet_admin(bootstrap: str) -> dict[str, Any]:
+    """An admin client's configuration that logs nothing while a broker is away."""
+    return {"bootstrap.servers": bootstrap, "log_level": 0, "logger": _Quiet()}
+
+
+def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
+    """A metadata request answered with at least one broker."""
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        md = AdminClient(quiet_admin(bootstrap)).list_topics(timeout=timeout)
+        return bool(md.brokers)
+    except Exception:  # noqa: BLE001 (any failure means: not ready)
+        return False

@@ -1,8 +1,8 @@
 """`mailflow lag`: each stage's queue, read from Kafka's admin API.
 
 Per stage: its consumer group, its input topic(s), and per partition the end
-offset, the committed offset and the lag between them. A stage with no committed
-offset on a partition (never ran) counts everything from the log start as lag.
+offset, the committed offset and the lag between them (`partition_lag`, the one
+rule: the ingress's in-flow control counts its backlog with it too).
 """
 
 from __future__ import annotations
@@ -17,8 +17,17 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from mailflow.config import Settings
+from mailflow.kafka_io import coordinates
 from streams.app import STAGES, input_topics
-from streams.topics import group_client
+from streams.topics import group_client, group_id
+
+
+def partition_lag(end: int, committed: int | None, start: int) -> int:
+    """Records on a partition that its stage has yet to handle: those from the group's
+    committed offset to the end offset `end`, or from the log start `start` where the
+    group never committed (`committed` None or negative, as Kafka reports it): a stage
+    that never ran has all of it waiting. Never negative."""
+    return max(0, end - (committed if committed is not None and committed >= 0 else start))
 
 
 @dataclass
@@ -49,7 +58,7 @@ def measure(settings: Settings, stages: list[str] | None = None, timeout: float 
     md = admin.list_topics(timeout=timeout)
     out = []
     for stage in stages or list(STAGES):
-        group = f"{settings.topic_prefix}{stage}"
+        group = group_id(settings, stage)
         tps = [TopicPartition(t, p) for t in input_topics(settings, stage) if t in md.topics
                for p in sorted(md.topics[t].partitions)]
         if not tps:
@@ -69,7 +78,7 @@ def measure(settings: Settings, stages: list[str] | None = None, timeout: float 
             c = committed.get(key)
             end = ends[key]
             parts.append(PartitionLag(tp.topic, tp.partition, end, c,
-                                      max(0, end - (c if c is not None else starts[key]))))
+                                      partition_lag(end, c, starts[key])))
         out.append(StageLag(stage, group, input_topics(settings, stage), parts))
     _oldest_ages(settings, out, timeout)
     _members(admin, out, timeout)
@@ -105,10 +114,11 @@ def _oldest_ages(settings: Settings, lags: list[StageLag], timeout: float) -> No
             m = c.poll(0.2)
             if m is None or m.error():
                 continue
-            stage = pending.pop((m.topic(), m.partition()), None)
+            topic, partition, _offset = coordinates(m)
+            stage = pending.pop((topic, partition), None)
             if stage is None:
                 continue
-            c.pause([TopicPartition(m.topic(), m.partition())])
+            c.pause([TopicPartition(topic, partition)])
             age = max(0.0, now - m.timestamp()[1] / 1000.0)
             stage.oldest_age = max(stage.oldest_age or 0.0, age)
     finally:

@@ -96,7 +96,7 @@ def list_ids(table: MutableMapping[str, Any], mailbox: str, folder: str, limit: 
     end = total if cursor is None else max(0, min(cursor, total))
     start = max(0, end - limit)
     ids: list[str] = []
-    page_no, page = -1, []
+    page_no, page = -1, list[str]()
     for pos in range(end - 1, start - 1, -1):
         if pos // PAGE != page_no:
             page_no = pos // PAGE

@@ -157,7 +157,8 @@ class MtaSts:
         try:
             answer = await self.resolver.dns_resolver.resolve(f"_mta-sts.{domain}", "TXT", search=False)
             pid = parse_txt([b"".join(r.strings).decode("ascii", "replace") for r in answer])
-            ttl = min(ttl, max(1.0, float(answer.rrset.ttl)))
+            if answer.rrset is not None:
+                ttl = min(ttl, max(1.0, float(answer.rrset.ttl)))
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             pid = None
         self._txt_cache[domain] = (pid, now + ttl)

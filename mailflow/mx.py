@@ -187,7 +187,7 @@ def _clamp_ttl(ttl: float) -> float:
 
 def _answer_ttl(answer: dns.resolver.Answer) -> float:
     """Min TTL over the answer section (CNAME chain included), clamped."""
-    ttls = [rrset.ttl for rrset in answer.response.answer] or [answer.rrset.ttl]
+    ttls = [rrset.ttl for rrset in answer.response.answer] or [answer.rrset.ttl if answer.rrset else 0]
     return _clamp_ttl(min(ttls))
 
 

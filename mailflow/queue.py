@@ -341,6 +341,8 @@ class ControlView:
     def _run(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
+        from mailflow.kafka_io import coordinates
+
         c = Consumer({"bootstrap.servers": self.bootstrap, "enable.auto.commit": False,
                       "group.id": f"mailflow-queue-view-{uuid.uuid4().hex[:8]}"})  # never commits
         try:
@@ -366,7 +368,7 @@ class ControlView:
                 if m is None or m.error():
                     continue
                 self.apply((m.key() or b"").decode("utf-8", "replace"), m.value())
-                if m.offset() + 1 >= (end or 0):
+                if coordinates(m)[2] + 1 >= (end or 0):
                     self.ready.set()
         finally:
             c.close()
@@ -384,10 +386,11 @@ def write_control(settings: Settings, records: Iterable[tuple[str, bytes]], time
     """Put control records on ``queue.control``; returns once the broker has each (acks=all)."""
     from confluent_kafka import Producer
 
+    from mailflow.kafka_io import producer_config
+
     # Compacted, one partition: never left for a broker to create with its defaults.
     ensure_topics(settings)
-    p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-                  "enable.idempotence": True})
+    p = Producer(producer_config(settings.kafka_bootstrap))
     errors: list[Any] = []
     for key, value in records:
         p.produce(full_name(settings, CONTROL), key=key.encode(), value=value,
@@ -421,6 +424,8 @@ def _read_range(settings: Settings, ranges: list[tuple[str, int, int, int]],
     """(topic, partition, offset, message) for offsets [start, end) of each range."""
     from confluent_kafka import Consumer, TopicPartition
 
+    from mailflow.kafka_io import coordinates
+
     todo = {(t, p): end for t, p, start, end in ranges if end > start}
     if not todo:
         return
@@ -435,15 +440,16 @@ def _read_range(settings: Settings, ranges: list[tuple[str, int, int, int]],
             if m is None or m.error():
                 continue
             last = time.monotonic()
-            end = todo.get((m.topic(), m.partition()))
+            topic, partition, offset = coordinates(m)
+            end = todo.get((topic, partition))
             if end is None:
                 continue
-            if m.offset() + 1 >= end:
-                del todo[(m.topic(), m.partition())]
-                c.pause([TopicPartition(m.topic(), m.partition())])
-            if m.offset() < end:
+            if offset + 1 >= end:
+                del todo[(topic, partition)]
+                c.pause([TopicPartition(topic, partition)])
+            if offset < end:
                 seen += 1
-                yield m.topic(), m.partition(), m.offset(), m
+                yield topic, partition, offset, m
     finally:
         c.close()
 

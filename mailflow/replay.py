@@ -24,7 +24,7 @@ import orjson
 from confluent_kafka import Producer
 
 from mailflow.config import Settings, parse_duration
-from mailflow.kafka_io import read_to_end
+from mailflow.kafka_io import producer_config, read_to_end
 from mailflow.mailrules import group_by_domain
 from schemas.mail import (
     Delivery,
@@ -117,15 +117,14 @@ def run(settings: Settings, source: str, reason: str | None, since_text: str | N
           + (" (dry run)" if dry_run else ""), file=sys.stderr)
     counts: dict[str, int] = {}
     if not dry_run and plans:
-        p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-                      "enable.idempotence": True, "partitioner": "murmur2_random"})
+        producer = Producer(producer_config(settings.kafka_bootstrap))
         for plan in plans:
             ev = Event(id=plan.msg_id, state="replayed", stage="replay", recipients=plan.recipients,
                        detail={"from": source})
-            p.produce(full_name(settings, "events"), key=plan.msg_id.encode(), value=ev.to_json())
-            p.produce(full_name(settings, plan.topic), key=plan.key, value=plan.value)
+            producer.produce(full_name(settings, "events"), key=plan.msg_id.encode(), value=ev.to_json())
+            producer.produce(full_name(settings, plan.topic), key=plan.key, value=plan.value)
             counts[plan.topic] = counts.get(plan.topic, 0) + 1
-        left = p.flush(60)
+        left = producer.flush(60)
         if left:
             print(f"replay: {left} records not acknowledged by Kafka; run it again", file=sys.stderr)
             return 1

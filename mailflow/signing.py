@@ -99,7 +99,8 @@ def _openssl_rsa_sign(hash: Any, private_key: dict[str, int]) -> bytes:
     does the canonicalisation, hashing and header. Other hashes go to dkimpy.
     """
     if hash.name.lower() != "sha256":
-        return _dkimpy_rsa_sign(hash, private_key)
+        signature: bytes = _dkimpy_rsa_sign(hash, private_key)
+        return signature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
@@ -159,7 +160,8 @@ class Signer:
         self._reader = dom.follow(settings, wait)
 
     def record(self, domain: str) -> dict[str, Any] | None:
-        return self._reader.values[self.topic].get(domain)
+        rec: dict[str, Any] | None = self._reader.values[self.topic].get(domain)
+        return rec
 
     async def _is_published(self, domain: str, sel: dict[str, Any]) -> bool:
         key = (domain, sel["selector"])

@@ -9,7 +9,7 @@ A supervisor that dies without stopping them (SIGKILL, a crash) takes them along
 all the same: each child is started with a parent-death signal (`die_with_parent`,
 Linux's ``PR_SET_PDEATHSIG``), which the kernel sends it when the supervisor ends,
 and every level that starts children of its own (`mailflow broker`'s JVM, the
-daemons of `mailflow.services`) does the same.
+daemons of `devtools.services`) does the same.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Child:
     # clean stop) for children that stop their own children, SIGKILL for those built
     # to survive a crash (the stages), which must not wait on a broker going too.
     death_signal: int = signal.SIGTERM
-    before: Callable[[], None] | None = None  # run once, just before the first start
+    before: Callable[[], object] | None = None  # run once, just before the first start
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -81,7 +81,7 @@ class Supervisor:
 
     def add(self, name: str, argv: list[str], *, restart: bool = False,
             ready: Callable[[], bool] | None = None, env: dict[str, str] | None = None,
-            death_signal: int = signal.SIGTERM, before: Callable[[], None] | None = None) -> None:
+            death_signal: int = signal.SIGTERM, before: Callable[[], object] | None = None) -> None:
         self.children.append(Child(name, argv, restart, ready, env, death_signal, before))
 
     def _spawn(self, c: Child) -> None:

@@ -41,13 +41,12 @@ import orjson
 
 from mailflow import keyfile
 from mailflow.config import Settings, parse_duration
+from schemas.states import FINAL
 
 TOPIC = "webhooks"
 # The states a webhook may ask for; "*" is every one.
 EVENTS = ("accepted", "rate_limited", "rejected", "stored", "quarantined", "deferred", "delivered",
           "bounced", "suppressed")
-FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited",
-                   "suppressed"})
 MAX_URL = 2048
 DEFAULT_SCHEDULE = "10s,1m,5m,15m,30m,1h,2h,4h"  # then every 4 h, until MAX_AGE
 DEFAULT_MAX_AGE = "3d"
@@ -113,7 +112,8 @@ def unseal(settings: Settings, webhook_id: str, sealed: str) -> str:
     if not sealed.startswith("v1:"):
         raise ValueError("unknown secret format")
     data = base64.b64decode(sealed[3:])
-    return _aead(settings).decrypt(data[:12], data[12:], webhook_id.encode()).decode()
+    plain: bytes = _aead(settings).decrypt(data[:12], data[12:], webhook_id.encode())
+    return plain.decode()
 
 
 # ---- where webhooks may go --------------------------------------------------------
@@ -152,7 +152,7 @@ def resolve_allowed(host: str, port: int, private_ok: bool) -> str | None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         return f"{host} does not resolve: {exc}"
-    bad = sorted({i[4][0] for i in infos if not address_allowed(i[4][0], private_ok)})
+    bad = sorted({str(i[4][0]) for i in infos if not address_allowed(str(i[4][0]), private_ok)})
     if bad:
         return (f"{host} resolves to {bad[0]}, a private, loopback or link-local address "
                 "(MAILFLOW_WEBHOOK_ALLOW_PRIVATE=true allows it)")

@@ -28,11 +28,12 @@ from streams.app import (
     mark_clean_shutdown,
     reset_tables_after_crash,
 )
-from streams.topics import ensure_topics, init_group_offsets
+from streams.topics import ensure_topics, group_id, init_group_offsets
 
 log = logging.getLogger("mailflow.worker")
 
-# Stages whose modules exist; the rest are accepted but said to be missing.
+# How often a consuming replica puts its web address on the ``registry`` topic; the
+# ingress routes mailbox and status reads to the replicas it has heard from lately.
 HEARTBEAT_SECONDS = 5.0
 
 
@@ -46,6 +47,7 @@ def parse_stages(text: str) -> list[str]:
 
 
 def available(stage: str) -> bool:
+    """Whether the stage's module exists; `run` skips, naming them, those that do not."""
     return importlib.util.find_spec(f"agents.{stage}") is not None
 
 
@@ -85,7 +87,7 @@ def run_stage(stage: str, settings: Settings, loglevel: str = "warning") -> int:
         return int(module.run(settings, f"http://{settings.web_advertise_host}:{replica.web_port}"))
     app = build_app(stage, settings)
     ensure_topics(settings, extra=internal_topics(app))
-    init_group_offsets(settings, f"{settings.topic_prefix}{stage}", input_topics(settings, stage))
+    init_group_offsets(settings, group_id(settings, stage), input_topics(settings, stage))
     datadir = Path(app.conf.datadir)
     if reset_tables_after_crash(datadir, Path(app.conf.tabledir)):
         print(f"mailflow: stage {stage} did not stop cleanly last time; "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas.states import State
+
 # Message ids (mailflow/ids.py): Crockford base32, lower case, 26 digits.
 ID_PATTERN = "^[0-9a-hjkmnp-tv-z]{26}$"
 ADDRESS = {"type": "string", "minLength": 3, "description": "`addr` or `Name <addr>`"}
@@ -39,9 +41,7 @@ ACCEPTED = {"type": "object", "required": ["id", "status_url"],
             "properties": {"id": {"type": "string"}, "status_url": {"type": "string"}}}
 
 RECIPIENT_STATE = {"type": "object", "required": ["state", "ts"], "properties": {
-    "state": {"type": "string", "enum": [
-        "accepted", "validated", "rate_limited", "rejected", "stored", "scanned", "quarantined",
-        "sent_folder", "deferred", "delivered", "bounced", "suppressed", "held", "replayed"]},
+    "state": {"type": "string", "enum": [s.value for s in State]},
     "ts": {"type": "number"}, "detail": {"type": "object"}, "waiting_on": {"type": "string"}}}
 
 STATUS = {"type": "object", "required": ["id", "recipients", "timeline", "state"], "properties": {
@@ -142,7 +142,7 @@ def _401() -> dict[str, Any]:
                                              "description": "`Bearer realm=\"mailflow\"`"}}}
 
 
-SECURED = [{"bearer": []}]
+SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 PUBLIC: list[dict[str, Any]] = []
 
 

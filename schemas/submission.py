@@ -11,6 +11,10 @@ The record's schema is ``schemas/submission.v1.json``. Example::
                                 sender="app@example.com", recipients=["a@example.org"])
     producer.flush()
 
+(That configuration is ``mailflow.kafka_io.producer_config(bootstrap)``: with
+another partitioner a sender's records would land on other partitions than the
+ingress's.)
+
 The message must already be a complete RFC 5322 message (From, Date, Message-ID);
 the validator stage rejects anything else to ``errors`` with a reason code. Bodies
 over ~700 KB must go to the object store first and travel as ``body_ref``.

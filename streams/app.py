@@ -21,7 +21,7 @@ import faust
 
 from mailflow.config import Settings
 from streams import faust_compat
-from streams.topics import full_name, topic_specs
+from streams.topics import full_name, group_id, topic_specs
 
 STAGES = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "retry", "status",
           "webhooks")
@@ -142,7 +142,7 @@ def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
     faust_compat.install()
     url = f"http://{settings.web_advertise_host}:{replica.web_port}"
     app = faust.App(
-        f"{settings.topic_prefix}{stage}",
+        group_id(settings, stage),
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="rocksdb://",  # faust uses rocksdict when python-rocksdb is absent
         datadir=str(replica.datadir),

@@ -62,7 +62,15 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 
 def full_name(settings: Settings, short: str) -> str:
+    """A topic's name on the broker: the settings' prefix and its short name."""
     return f"{settings.topic_prefix}{short}"
+
+
+def group_id(settings: Settings, stage: str) -> str:
+    """The consumer group of `stage` (``mailflow.<stage>`` by default): its committed
+    offsets are the stage's progress, and its lag the stage's queue (`mailflow lag`).
+    Also the name of the stage's Faust app, which Faust uses as its group."""
+    return f"{settings.topic_prefix}{stage}"
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0,
@@ -159,11 +167,10 @@ def init_group_offsets(settings: Settings, group: str, topics: Sequence[str],
     has no committed offset yet; return how many were set.
 
     A stage's group must read its input from the beginning. A member that is given
-    a partition the group never committed on falls back to a reset policy, and a
-    chaos run lost three delivery records that way: a second deliver replica joined
-    while mail flowed, the first had handled but not yet committed the partition,
-    and the newcomer began at the log's end. With an offset committed before any
-    member consumes, there is nothing to fall back on. Only an empty group accepts
+    a partition the group never committed on falls back to a reset policy: a
+    replica joining while another had handled but not yet committed the partition
+    would begin at the log's end and never handle the records in between. With an
+    offset committed before any member consumes, there is nothing to fall back on. Only an empty group accepts
     this commit; once members are consuming, they commit and this does nothing.
     """
     from confluent_kafka import KafkaException, TopicPartition

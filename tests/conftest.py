@@ -27,7 +27,7 @@ _spec.loader.exec_module(sys.modules["testca"])
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The session's broker: reused if one answers already, else started here."""
-    from mailflow.broker import is_ready
+    from devtools.broker import is_ready
 
     if is_ready(BOOTSTRAP):
         yield BOOTSTRAP
@@ -59,7 +59,7 @@ def submission_stack(kafka: str, work_dir: Path) -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def scanners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Real clamd, rspamd and the loopback DNS server (reused if already running)."""
-    from mailflow.services import check_installed, ensure_running
+    from devtools.services import check_installed, ensure_running
 
     missing = check_installed()
     assert not missing, f"scanner daemons missing (make setup installs them): {missing}"

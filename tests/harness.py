@@ -25,15 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from schemas.states import FINAL
+
 if TYPE_CHECKING:
     from confluent_kafka import Producer
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOTSTRAP = os.environ.get("MAILFLOW_TEST_BOOTSTRAP", "127.0.0.1:9092")
 
-
-FINAL = frozenset({"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited",
-                   "suppressed"})
 
 
 def settled(stack: Stack, ids: list[str]) -> bool:
@@ -176,7 +175,7 @@ class Broker:
         self.bootstrap = f"127.0.0.1:{port}"
 
     def start(self, timeout: float = 180) -> None:
-        from mailflow.broker import is_ready
+        from devtools.broker import is_ready
 
         env = {**os.environ, "MAILFLOW_DATA_DIR": str(self.data_dir)}
         log = open(self.data_dir / f"broker-{self.port}.log", "ab")  # noqa: SIM115
@@ -208,7 +207,7 @@ class Cluster:
 
     def __init__(self, data_dir: Path, nodes: int = 3, port: int | None = None,
                  heap: str | None = None) -> None:
-        from mailflow.broker import cluster_nodes
+        from devtools.broker import cluster_nodes
 
         self.data_dir = data_dir
         self.heap = heap  # each JVM's -Xmx; None: `mailflow broker`'s default (512m)
@@ -219,7 +218,7 @@ class Cluster:
 
     def start(self, timeout: float = 180) -> None:
         """Start every node; return once all are registered with the cluster."""
-        from mailflow.broker import cluster_ready
+        from devtools.broker import cluster_ready
 
         for n in self.nodes:
             self.start_node(n.node_id, wait=False)
@@ -232,7 +231,7 @@ class Cluster:
 
     def start_node(self, node_id: int, wait: bool = True, timeout: float = 120) -> None:
         """Start one node (again); with `wait`, until it answers on its own port."""
-        from mailflow.broker import is_ready
+        from devtools.broker import is_ready
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MAILFLOW_DATA_DIR": str(self.data_dir)}
@@ -545,8 +544,9 @@ def submit_raw(stack: Stack, raw: bytes) -> str:
 def producer(stack: Stack) -> Producer:
     from confluent_kafka import Producer
 
-    return Producer({"bootstrap.servers": stack.env["MAILFLOW_KAFKA_BOOTSTRAP"], "acks": "all",
-                     "enable.idempotence": True, "partitioner": "murmur2_random", "linger.ms": 5})
+    from mailflow.kafka_io import producer_config
+
+    return Producer(producer_config(stack.env["MAILFLOW_KAFKA_BOOTSTRAP"], **{"linger.ms": 5}))
 
 
 def produce_submission(p: Producer, stack: Stack, sender: str, rcpts: list[str], raw: bytes,

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from harness import ROOT, ScriptedPeer, free_port
 
-from mailflow.services import ServiceGroup, prepare_dnsmasq
+from devtools.services import ServiceGroup, prepare_dnsmasq
 
 
 class TestCA:

@@ -43,8 +43,8 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from mailflow.config import Settings
-from mailflow.kafka_io import CompactedReader
-from mailflow.kafka_ready import BrokerNotReady, is_transient, wait_for_partitions
+from mailflow.kafka_io import CompactedReader, coordinates
+from mailflow.kafka_ready import BrokerNotReady, is_transient, retry_kafka, wait_for_partitions
 from mailflow.mailrules import AddressError, mailbox_key, normalize_address
 from streams.topics import full_name
 
@@ -387,14 +387,14 @@ def _new_id() -> str:
 def _produce(settings: Settings, key: str, record: dict[str, Any]) -> None:
     from confluent_kafka import Producer
 
+    from mailflow.kafka_io import producer_config
     from streams.topics import ensure_topics
 
     ensure_topics(settings)
-    p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
-                  "enable.idempotence": True, "message.timeout.ms": 15000})
+    p = Producer(producer_config(settings.kafka_bootstrap, **{"message.timeout.ms": 15000}))
     errors: list[Any] = []
     p.produce(full_name(settings, "auth"), key=key.encode(), value=orjson.dumps(record),
-              on_delivery=lambda err, _m: err and errors.append(err))
+              on_delivery=lambda err, _m: errors.append(err) if err else None)
     if p.flush(20) != 0 or errors:
         raise RuntimeError(f"could not write to the auth topic: {errors or 'timeout'}")
 
@@ -442,15 +442,17 @@ def read_all(settings: Settings, timeout: float = 10.0) -> dict[str, dict[str, A
             if m is None or m.error():
                 continue
             key = (m.key() or b"").decode()
-            if m.value() is None:
+            value = m.value()
+            if value is None:
                 out.pop(key, None)
             else:
                 try:
-                    out[key] = orjson.loads(m.value())
+                    out[key] = orjson.loads(value)
                 except orjson.JSONDecodeError:
                     pass
-            if m.offset() + 1 >= ends[m.partition()]:
-                remaining.discard(m.partition())
+            _topic, partition, offset = coordinates(m)
+            if offset + 1 >= ends[partition]:
+                remaining.discard(partition)
     finally:
         c.close()
     return out
@@ -489,7 +491,7 @@ def ensure_demo_credentials(settings: Settings) -> tuple[str, str]:
         if not parsed:
             return False
         rec = known.get(parsed[1])
-        return bool(rec) and not rec.get("revoked") and hmac.compare_digest(
+        return rec is not None and not rec.get("revoked") and hmac.compare_digest(
             hash_secret(parsed[2]), str(rec.get("hash", "")))
 
     key = saved.get("key") if still_valid(saved.get("key")) else None

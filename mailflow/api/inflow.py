@@ -24,7 +24,9 @@ from aiokafka.structs import TopicPartition
 
 from mailflow import metrics
 from mailflow.config import Settings
+from mailflow.lag import partition_lag
 from streams.app import input_topics
+from streams.topics import group_id
 
 log = logging.getLogger("mailflow.inflow")
 
@@ -39,8 +41,7 @@ def must_wait(backlog: int, limit: int, waited: float, max_delay: float) -> bool
 
 class BacklogReader:
     """Records written to the pipeline stages' inputs that their groups have not
-    committed. A group that never committed on a partition counts nothing there:
-    at first start nothing has been accepted yet to wait for.
+    committed, counted as `mailflow lag` counts them (`mailflow.lag.partition_lag`).
 
     aiokafka (Python), not confluent-kafka's AdminClient: librdkafka's OffsetFetch
     from a client that is not a group member can crash its main thread when the
@@ -74,12 +75,12 @@ class BacklogReader:
             ends = await self.consumer.end_offsets(tps)
             try:
                 committed = await self.admin.list_consumer_group_offsets(
-                    f"{self.settings.topic_prefix}{stage}", partitions=tps)
+                    group_id(self.settings, stage), partitions=tps)
             except GroupCoordinatorNotAvailableError:
                 continue  # a broker whose offsets topic is not made yet: nothing committed
-            for tp, meta in committed.items():
-                if meta.offset >= 0 and tp in ends:
-                    total += max(0, ends[tp] - meta.offset)
+            starts = await self.consumer.beginning_offsets(tps)
+            total += sum(partition_lag(ends[tp], meta.offset, starts[tp])
+                         for tp, meta in committed.items() if tp in ends)
         return total
 
     async def close(self) -> None:

@@ -103,7 +103,7 @@ class Webhooks:
                              {"url": "delete one first"})
         hook_id = "wh_" + secrets.token_hex(8)
         secret = new_secret()
-        hook = {"id": hook_id, "url": doc["url"], "events": sorted(set(events)), "owner": who.id,
+        hook = {"id": hook_id, "url": doc["url"], "events": sorted(set(events or ())), "owner": who.id,
                 "scope": {"kind": who.kind, "domains": list(who.domains), "address": who.address},
                 "created_at": time.time(), "secret": seal(self.ing.settings, hook_id, secret)}
         try:
@@ -138,7 +138,7 @@ class Webhooks:
         if hook is None:
             return self._err(404, "not_found", f"no webhook {hook_id} of this credential")
         try:
-            await self.ing.producer.produce(self.topic, hook_id.encode(), None)  # type: ignore[arg-type]
+            await self.ing.producer.produce(self.topic, hook_id.encode(), None)
         except BrokerUnavailable as exc:
             return broker_unavailable(f"Kafka is not available ({exc})")
         return json_response({"deleted": _public(hook)})

@@ -409,7 +409,7 @@ def test_dockerfile_copies_every_package() -> None:
 
 # The broker settings whose values decide what a node's loss costs: replication,
 # in-sync replicas, leader election, failover timing, the listeners' names. The
-# cluster chaos run (tests/pipeline/test_cluster.py) runs mailflow/broker.py's
+# cluster chaos run (tests/pipeline/test_cluster.py) runs devtools/broker.py's
 # cluster with these; production runs compose.yaml's. They must be the same.
 FAILOVER_KEYS = (
     "process.roles", "default.replication.factor", "min.insync.replicas",
@@ -428,7 +428,7 @@ def kafka_env_name(key: str) -> str:
 
 
 def test_compose_kafka_matches_the_tested_cluster(tmp_path: Path) -> None:
-    from mailflow import broker
+    from devtools import broker
 
     voters = broker.cluster_nodes(3)
     services = compose()["services"]
@@ -453,7 +453,7 @@ def test_compose_kafka_matches_the_tested_cluster(tmp_path: Path) -> None:
 
 
 def test_docker_readme_states_the_replication_and_failover_settings() -> None:
-    from mailflow import broker
+    from devtools import broker
 
     text = (DOCKER / "README.md").read_text()
     for phrase in ("replication factor 3", "`min.insync.replicas=2`",

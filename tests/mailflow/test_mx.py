@@ -1,6 +1,6 @@
 """mailflow.mx: the pure helpers, and Resolver against the real dnsmasq on 127.0.0.1:5353.
 
-The DNS tests use the test zone in ``mailflow.services.DEFAULT_DNS_CONF`` (local
+The DNS tests use the test zone in ``devtools.services.DEFAULT_DNS_CONF`` (local
 TTL 1 s).  The session fixture starts the local services like
 test_services.py does, or reuses ones that already answer.  Timeouts and
 SERVFAIL come from sockets on loopback that never answer / answer SERVFAIL.
@@ -23,6 +23,13 @@ import dns.message
 import dns.rcode
 import pytest
 
+from devtools.services import (
+    DEFAULT_DNS_CONF,
+    DNS_PORT,
+    check_installed,
+    dns_query,
+    ensure_running,
+)
 from mailflow.config import parse_routes
 from mailflow.mx import (
     Destination,
@@ -34,13 +41,6 @@ from mailflow.mx import (
     parse_nameservers,
     route_for,
     to_ascii,
-)
-from mailflow.services import (
-    DEFAULT_DNS_CONF,
-    DNS_PORT,
-    check_installed,
-    dns_query,
-    ensure_running,
 )
 
 HOST = "127.0.0.1"

@@ -81,14 +81,14 @@ def test_supervisor_stops_children_cleanly_on_sighup(tmp_path: Path) -> None:
 
 
 def test_stack_lock_is_released_when_its_holder_dies(tmp_path: Path) -> None:
-    from mailflow import stack
+    from devtools import stack
     from mailflow.config import Settings
 
     settings = Settings(data_dir=tmp_path)
     holder = _parent(tmp_path, f"""
         import subprocess, time
         from pathlib import Path
-        from mailflow import stack
+        from devtools import stack
         from mailflow.config import Settings
         lock = stack.StackLock(Settings(data_dir=Path({str(tmp_path)!r})))
         assert lock.acquire()

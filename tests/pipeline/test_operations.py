@@ -13,6 +13,7 @@ from confluent_kafka import Producer
 from harness import ScriptedPeer, Stack, free_port, http, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from mailflow.kafka_io import producer_config
 from schemas.records import Message
 
 
@@ -56,8 +57,7 @@ def test_lag_shows_waiting_delivery_and_drains(ops_stack: Stack, peer: ScriptedP
     s = ops_stack
     export_port = free_port()
     s._spawn("lagexporter", ["lag", "--serve", str(export_port)])
-    p = Producer({"bootstrap.servers": s.env["MAILFLOW_KAFKA_BOOTSTRAP"], "acks": "all",
-                  "partitioner": "murmur2_random"})
+    p = Producer(producer_config(s.env["MAILFLOW_KAFKA_BOOTSTRAP"]))
     ids = []
     for n in range(500):
         raw = (f"From: ops{n % 9}@mailflow.test\r\nTo: r{n}@d{n % 7}.ops.test\r\nSubject: lag {n}\r\n"

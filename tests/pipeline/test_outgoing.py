@@ -16,7 +16,8 @@ import pytest
 from confluent_kafka import Producer
 from harness import ScriptedPeer, Stack, http, settled, wait_for
 
-from mailflow.services import EICAR
+from devtools.services import EICAR
+from mailflow.kafka_io import producer_config
 from schemas.records import Message
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -118,8 +119,7 @@ def test_per_recipient_results_at_one_domain(full_stack: Stack, peers):
 def test_thousand_messages_to_twenty_domains_each_delivered_once(full_stack: Stack, peers):
     s, (a, b) = full_stack, peers
     before = Counter(a.message_ids() + b.message_ids())
-    p = Producer({"bootstrap.servers": s.env["MAILFLOW_KAFKA_BOOTSTRAP"], "acks": "all",
-                  "enable.idempotence": True, "partitioner": "murmur2_random"})
+    p = Producer(producer_config(s.env["MAILFLOW_KAFKA_BOOTSTRAP"]))
     ids = []
     for n in range(1000):
         dom = f"d{n % 20}.out.test"

@@ -34,9 +34,9 @@ def produce_events(stack: Stack, first: int, count: int) -> None:
 def rewind(stack: Stack, stage: str, short: str) -> None:
     from confluent_kafka import TopicPartition
 
-    from streams.topics import group_client
+    from streams.topics import group_client, group_id
 
-    c = group_client(stack.settings(), f"{stack.prefix}{stage}")
+    c = group_client(stack.settings(), group_id(stack.settings(), stage))
     try:
         topic = f"{stack.prefix}{short}"
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions

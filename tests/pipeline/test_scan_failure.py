@@ -9,13 +9,13 @@ import orjson
 from confluent_kafka import Producer
 from harness import Stack, free_port, wait_for
 
-from mailflow.services import ServiceGroup, prepare_clamd
+from devtools.services import ServiceGroup, prepare_clamd
+from mailflow.kafka_io import producer_config
 from schemas.records import Message
 
 
 def produce_outgoing(stack: Stack, n: int, tag: str) -> list[str]:
-    p = Producer({"bootstrap.servers": stack.env["MAILFLOW_KAFKA_BOOTSTRAP"], "acks": "all",
-                  "partitioner": "murmur2_random"})
+    p = Producer(producer_config(stack.env["MAILFLOW_KAFKA_BOOTSTRAP"]))
     ids = []
     for i in range(n):
         raw = (f"From: s{i}@mailflow.test\r\nTo: r{i}@remote.test\r\nSubject: {tag} {i}\r\n"

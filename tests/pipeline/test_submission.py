@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import Producer
 from harness import FINAL, Broker, Stack, free_ports, http, wait_for
 
+from mailflow.kafka_io import producer_config
 from schemas.submission import make_submission
 
 
@@ -98,8 +99,7 @@ def test_two_hundred_mixed_submissions_each_reach_one_state(submission_stack: St
             sent[doc["id"]] = {"to": ["x@remote.test"], "limited": True}
         time.sleep(0.05)
     # 25 produced straight to Kafka that the validator must reject.
-    p = Producer({"bootstrap.servers": s.env["MAILFLOW_KAFKA_BOOTSTRAP"], "acks": "all",
-                  "partitioner": "murmur2_random"})
+    p = Producer(producer_config(s.env["MAILFLOW_KAFKA_BOOTSTRAP"]))
     for n in range(25):
         bad = b"To: x@remote.test\r\nSubject: no From header\r\n\r\nbody"
         msg_id, value = make_submission(bad, sender=f"direct{n}@mailflow.test", recipients=["x@remote.test"])

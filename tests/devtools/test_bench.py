@@ -1,10 +1,10 @@
-"""The soak report's verdicts (mailflow.bench.LagSampler.report), on made-up samples."""
+"""The soak report's verdicts (devtools.bench.LagSampler.report), on made-up samples."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mailflow.bench import LagSampler
+from devtools.bench import LagSampler
 from mailflow.config import Settings
 
 

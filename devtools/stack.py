@@ -20,6 +20,7 @@ left behind, if anything.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -212,7 +213,7 @@ def _busy_ports(settings: Settings) -> list[str]:
 # ---- the stack -----------------------------------------------------------------------
 def build(settings: Settings, scanners: bool = True,
           on_spawn: Any = None) -> Supervisor:
-    from mailflow import broker
+    from devtools import broker
     from mailflow.worker import available
     from streams.topics import ensure_topics
 
@@ -221,16 +222,16 @@ def build(settings: Settings, scanners: bool = True,
     if settings.broker_nodes > 1:
         broker.supervise_cluster(sup, me, settings.kafka_bootstrap, settings.broker_nodes)
     elif not broker.is_ready(settings.kafka_bootstrap):
-        host, _, port = settings.kafka_bootstrap.rpartition(":")
-        sup.add("kafka broker", [*me, "broker", "--port", port,
-                                 "--controller-port", str(int(port) + 1)],
+        _host, _, kafka_port = settings.kafka_bootstrap.rpartition(":")
+        sup.add("kafka broker", [*me, "broker", "--port", kafka_port,
+                                 "--controller-port", str(int(kafka_port) + 1)],
                 ready=lambda: broker.is_ready(settings.kafka_bootstrap))
     if scanners and available("scan"):
         def scanners_ready() -> bool:
             return _port_open("127.0.0.1", 3310) and _port_open("127.0.0.1", 11333)
 
         if not scanners_ready():
-            sup.add("clamd, rspamd, dns", [sys.executable, "-m", "mailflow.services", "up",
+            sup.add("clamd, rspamd, dns", [sys.executable, "-m", "devtools.services", "up",
                                            "--dir", str(settings.data_dir / "services")],
                     ready=scanners_ready)
     # The stages below are crash-safe by design (at-least-once, idempotent): if this
@@ -241,7 +242,7 @@ def build(settings: Settings, scanners: bool = True,
     for host, port in sorted(set(sink_routes)):
         if not _port_open(host, port):
             sup.add(f"smtp sink :{port}", [*me, "sink", "--host", host, "--port", str(port)],
-                    restart=True, ready=lambda h=host, p=port: _port_open(h, p), death_signal=kill)
+                    restart=True, ready=functools.partial(_port_open, host, port), death_signal=kill)
     first = True
     for stage in STAGES:
         if available(stage):

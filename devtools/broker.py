@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# cluster_bootstrap, the clients' side of cluster_nodes, lives with the settings
+# (the default bootstrap of a cluster); here for the callers of this module.
+from mailflow.config import cluster_bootstrap as cluster_bootstrap
+from mailflow.config import node_port
 from mailflow.supervise import die_with_parent
+from mailflow.kafka_ready import is_ready as is_ready
+from mailflow.kafka_ready import quiet_admin
 
 ROOT = Path(__file__).resolve().parents[1]
 POM = ROOT / "broker" / "pom.xml"
@@ -130,13 +136,7 @@ def cluster_nodes(nodes: int, port: int = 9092, controller_port: int | None = No
     if nodes < 1:
         raise ValueError("a cluster has at least one node")
     cport = port + 1 if controller_port is None else controller_port
-    return [Node(k, port + 2 * (k - 1), cport + 2 * (k - 1), host) for k in range(1, nodes + 1)]
-
-
-def cluster_bootstrap(nodes: int, port: int = 9092, host: str = "127.0.0.1") -> str:
-    """Every node's client address, comma-separated: what clients must be given so
-    that one of them down does not keep a (re)starting client from the cluster."""
-    return ",".join(n.bootstrap for n in cluster_nodes(nodes, port, host=host))
+    return [Node(k, node_port(port, k), node_port(cport, k), host) for k in range(1, nodes + 1)]
 
 
 def server_properties(log_dir: Path, port: int, controller_port: int, host: str = "127.0.0.1",
@@ -272,28 +272,6 @@ def prepare_node(data_dir: Path, node: Node, voters: list[Node], loglevel: str =
     return java_cmd(libs, "kafka.Kafka", str(props), log4j=log4j, heap=heap)
 
 
-def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
-    """A metadata request answered with at least one broker."""
-    from confluent_kafka.admin import AdminClient
-
-    try:
-        md = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
-                          "logger": _Quiet()}).list_topics(timeout=timeout)
-        return bool(md.brokers)
-    except Exception:
-        return False
-
-
-class _Quiet:
-    """A logger for librdkafka that drops the 'connection refused' noise while waiting."""
-
-    def log(self, *args: object, **kw: object) -> None:
-        pass
-
-    def __getattr__(self, name: str):
-        return self.log
-
-
 def supervise_cluster(sup: Any, me: list[str], bootstrap: str, nodes: int) -> None:
     """Add each node of the local cluster to `sup` (a `mailflow.supervise.Supervisor`)
     as its own ``mailflow broker --nodes N --node K``, restarted if it dies, so one
@@ -317,8 +295,7 @@ def cluster_ready(bootstrap: str, nodes: int, timeout: float = 2.0) -> bool:
     from confluent_kafka.admin import AdminClient
 
     try:
-        md = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
-                          "logger": _Quiet()}).list_topics(timeout=timeout)
+        md = AdminClient(quiet_admin(bootstrap)).list_topics(timeout=timeout)
         return len(md.brokers) >= nodes
     except Exception:
         return False

@@ -1,4 +1,4 @@
-"""The local cluster's layout and configuration (mailflow/broker.py), and the
+"""The local cluster's layout and configuration (devtools/broker.py), and the
 settings that point the stack at it. No JVM here: tests/pipeline/test_cluster.py
 runs the cluster itself."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mailflow import broker
+from devtools import broker
 from mailflow.config import Settings
 
 

@@ -29,9 +29,9 @@ import aiohttp
 import orjson
 
 from mailflow.config import Settings
+from schemas.states import FINAL
 from streams.topics import full_name
 
-FINAL = {"stored", "delivered", "bounced", "rejected", "quarantined", "rate_limited", "suppressed"}
 # Input records per message, where not one: a remote message's events are accepted,
 # validated, scanned, sent_folder (twice: passed on, and the Sent copy stored) and
 # delivered; a local one's fewer.
@@ -152,9 +152,10 @@ class EventFollower(threading.Thread):
     def run(self) -> None:
         while self.running:
             for m in self.consumer.consume(1000, 0.2):
-                if m.error():
+                value = m.value()
+                if m.error() or value is None:
                     continue
-                ev = orjson.loads(m.value())
+                ev = orjson.loads(value)
                 with self.lock:
                     self.by_stage.setdefault(ev.get("stage", "?"), []).append(ev["ts"])
                     if ev["state"] == "accepted":
@@ -469,7 +470,7 @@ def start_stack(settings: Settings, args: argparse.Namespace) -> tuple[Settings,
     """Own topic prefix and data dir, stages and API as child processes."""
     import socket
 
-    from mailflow.stack import _http_ok
+    from devtools.stack import _http_ok
     from mailflow.supervise import Supervisor
     from mailflow.worker import available, parse_stages
     from streams.topics import ensure_topics

@@ -22,8 +22,8 @@ see ``prepare_rspamd``), which makes a fresh data dir start in ~1 s, not ~15 s.
 Readiness is probed (clamd ``PING``, rspamd ``GET /ping``, a DNS query), never
 slept for.  Usage::
 
-    python -m mailflow.services check           # are the daemons installed?
-    python -m mailflow.services up [--dir D]    # run all three until Ctrl-C
+    python -m devtools.services check           # are the daemons installed?
+    python -m devtools.services up [--dir D]    # run all three until Ctrl-C
 
 or from Python::
 
@@ -42,11 +42,9 @@ import grp
 import hashlib
 import os
 import pwd
-import random
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -54,6 +52,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
 
 from mailflow.supervise import die_with_parent
 
@@ -183,28 +186,6 @@ def rspamd_ping(host: str = LOOPBACK, port: int = RSPAMD_PORT, timeout: float = 
     )
 
 
-_QTYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}
-RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
-
-
-def _read_name(msg: bytes, off: int) -> tuple[str, int]:
-    labels: list[str] = []
-    end = -1
-    for _ in range(128):  # bounded: no pointer loops
-        n = msg[off]
-        if n & 0xC0 == 0xC0:
-            if end < 0:
-                end = off + 2
-            off = ((n & 0x3F) << 8) | msg[off + 1]
-            continue
-        off += 1
-        if n == 0:
-            break
-        labels.append(msg[off : off + n].decode("ascii", "replace"))
-        off += n
-    return ".".join(labels) + ".", (end if end >= 0 else off)
-
-
 def dns_query(
     name: str,
     qtype: str = "A",
@@ -213,61 +194,18 @@ def dns_query(
     timeout: float = 1.0,
     tcp: bool = False,
 ) -> tuple[str, list[str]]:
-    """Minimal stdlib DNS client: returns (rcode name, answers as text).
+    """One query (dnspython, no resolver: straight to `server`): (rcode name, the
+    answer section's records as text, e.g. ``"192.0.2.10"`` or ``"10 mx1.example.test."``).
 
-    A/AAAA answers are addresses, MX answers ``"<pref> <exchange>"``, other
-    types the hex of their RDATA.  Raises OSError (socket.timeout) if there is
-    no answer."""
-    qid = random.randrange(1 << 16)
-    qname = b"".join(bytes([len(p)]) + p.encode("idna") for p in name.rstrip(".").split(".") if p)
-    packet = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + qname + b"\0"
-    packet += struct.pack("!HH", _QTYPES[qtype.upper()], 1)
-    if tcp:
-        with socket.create_connection((server, port), timeout=timeout) as s:
-            s.sendall(struct.pack("!H", len(packet)) + packet)
-            buf = b""
-            while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
-                chunk = s.recv(65535)
-                if not chunk:
-                    raise ConnectionError("DNS TCP connection closed early")
-                buf += chunk
-            reply = buf[2:]
-    else:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(timeout)
-            s.connect((server, port))
-            s.send(packet)
-            while True:
-                reply = s.recv(65535)
-                if len(reply) >= 12 and struct.unpack("!H", reply[:2])[0] == qid:
-                    break
-    rid, flags, qd, an, _ns, _ar = struct.unpack("!HHHHHH", reply[:12])
-    if rid != qid:
-        raise ConnectionError("DNS reply id mismatch")
-    off = 12
-    for _ in range(qd):
-        _, off = _read_name(reply, off)
-        off += 4
-    answers: list[str] = []
-    for _ in range(an):
-        _, off = _read_name(reply, off)
-        rtype, _cls, _ttl, rdlen = struct.unpack("!HHIH", reply[off : off + 10])
-        off += 10
-        rdata = reply[off : off + rdlen]
-        if rtype == 1:
-            answers.append(socket.inet_ntop(socket.AF_INET, rdata))
-        elif rtype == 28:
-            answers.append(socket.inet_ntop(socket.AF_INET6, rdata))
-        elif rtype == 15:
-            pref = struct.unpack("!H", rdata[:2])[0]
-            answers.append(f"{pref} {_read_name(reply, off + 2)[0]}")
-        elif rtype in (2, 5, 12):
-            answers.append(_read_name(reply, off)[0])
-        else:
-            answers.append(rdata.hex())
-        off += rdlen
-    rcode = flags & 0xF
-    return RCODES.get(rcode, str(rcode)), answers
+    Raises OSError (TimeoutError) when no answer comes within `timeout`."""
+    query = dns.message.make_query(name, qtype)
+    send = dns.query.tcp if tcp else dns.query.udp
+    try:
+        reply = send(query, server, timeout=timeout, port=port)
+    except dns.exception.Timeout as exc:
+        raise TimeoutError(f"no DNS answer from {server}:{port} in {timeout}s") from exc
+    answers = [rd.to_text() for rrset in reply.answer for rd in rrset]
+    return dns.rcode.to_text(reply.rcode()), answers
 
 
 def dns_ping(host: str = LOOPBACK, port: int = DNS_PORT, timeout: float = 0.3) -> bool:
@@ -276,7 +214,7 @@ def dns_ping(host: str = LOOPBACK, port: int = DNS_PORT, timeout: float = 0.3) -
         dns_query("ready.mailflow.invalid", "A", host, port, timeout=timeout)
         dns_query("ready.mailflow.invalid", "A", host, port, timeout=timeout, tcp=True)
         return True
-    except OSError:
+    except (OSError, dns.exception.DNSException):
         return False
 
 
@@ -430,7 +368,7 @@ def prepare_clamd(
     conf = data_dir / "clamd.conf"
     conf.write_text(
         f"""\
-# generated by mailflow.services -- do not edit
+# generated by devtools.services -- do not edit
 Foreground yes
 TCPSocket {port}
 TCPAddr {host}
@@ -561,7 +499,7 @@ def prepare_rspamd(
 
     (data_dir / "rspamd.conf").write_text(
         f"""\
-# generated by mailflow.services -- do not edit.  Stock rules from $CONFDIR,
+# generated by devtools.services -- do not edit.  Stock rules from $CONFDIR,
 # our overrides in $LOCAL_CONFDIR/local.d and override.d.
 .include "$CONFDIR/common.conf"
 
@@ -695,7 +633,7 @@ def prepare_dnsmasq(
     conf = data_dir / "dnsmasq.conf"
     conf.write_text(
         f"""\
-# generated by mailflow.services -- do not edit; records go to records.conf
+# generated by devtools.services -- do not edit; records go to records.conf
 port={port}
 listen-address={host}
 bind-interfaces
@@ -905,7 +843,7 @@ def ensure_running(
     """Make sure clamd, rspamd and dnsmasq answer on their default ports.
 
     Services that already answer (e.g. started by another test session or by
-    ``python -m mailflow.services up``) are reused as they are; the others are
+    ``python -m devtools.services up``) are reused as they are; the others are
     started from ``data_dir/<name>/``.  Returns the ServiceGroup of what was
     started -- the caller stops it -- or None if all three were running."""
     running = {name for name, probe in _PROBES.items() if probe()}
@@ -932,7 +870,7 @@ def ensure_running(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m mailflow.services", description=__doc__.split("\n\n")[0]
+        prog="python -m devtools.services", description=__doc__.split("\n\n")[0]
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check", help="check that the daemons are installed")

@@ -1,8 +1,8 @@
-"""Real clamd, rspamd and dnsmasq started by mailflow.services (no fakes).
+"""Real clamd, rspamd and dnsmasq started by devtools.services (no fakes).
 
 The session fixture starts them on their default loopback ports in a temp dir,
 or reuses instances that already answer there (another test session, or
-``python -m mailflow.services up``).  Needs the Debian packages clamav,
+``python -m devtools.services up``).  Needs the Debian packages clamav,
 clamav-daemon, rspamd and dnsmasq-base; without them the module is skipped,
 except under CI (``CI`` set) where that is an error.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import clamd
 import pytest
 
-from mailflow.services import (
+from devtools.services import (
     CLAMD_PORT,
     DEFAULT_DNS_CONF,
     DNS_PORT,
@@ -246,7 +246,7 @@ def test_group_times_out_and_cleans_up(tmp_path: Path) -> None:
 
 
 def test_rspamd_and_its_workers_die_when_their_starter_is_killed(services, tmp_path: Path) -> None:
-    """The process that started the daemons (`mailflow.services up` under `mailflow up`)
+    """The process that started the daemons (`devtools.services up` under `mailflow up`)
     is SIGKILLed: rspamd's main process gets its death signal (SIGTERM) and takes its
     forked workers along; nothing of the group is left after 10 s."""
     import subprocess
@@ -257,7 +257,7 @@ def test_rspamd_and_its_workers_die_when_their_starter_is_killed(services, tmp_p
     script.write_text(textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from mailflow.services import ServiceGroup, prepare_rspamd
+        from devtools.services import ServiceGroup, prepare_rspamd
         svc = prepare_rspamd(Path({str(tmp_path / "rspamd")!r}), port={port}, controller_port={ctl},
                              workers=2)
         group = ServiceGroup([svc], log=lambda m: None)
