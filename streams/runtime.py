@@ -390,11 +390,11 @@ class Stage:
             acks += changelog
         produce = self.producer.produce
         full = self._full
-        for short, key, value, on_ack in out.records:
+        for short, k, v, on_ack in out.records:
             name = full.get(short)
             if name is None:
                 name = full[short] = full_name(self.settings, short)
-            fut = produce(name, key, value)  # type: ignore[arg-type]  # None: a tombstone
+            fut = produce(name, k, v)  # type: ignore[arg-type]  # a None value: a tombstone
             if on_ack is not None:
                 fut.add_done_callback(partial(_acked, on_ack))
             acks.append(fut)
