@@ -13,7 +13,7 @@ before sending, so a record replayed after a crash or a rebalance does not reach
 the same recipient twice. The ledger's changelog record is awaited (acks=all)
 together with the record's events and retry/dead/bounce records, before the
 input offset may be committed; copies of one (message, domain) record are
-handled one at a time in a process (see ``handle``).
+handled one at a time in a process (`serial_key`).
 
 The window that remains is between the remote server's 250 (or its receipt of
 the final dot, if the reply never reached us) and the broker's ack of the ledger
@@ -58,8 +58,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+import orjson
 
-from agents.common import JSON_TABLE, Pending, StageIO
 from mailflow import metrics
 from mailflow.bounce_rules import DestinationBackoff, Verdict, classify, load_rules
 from mailflow.config import Settings
@@ -82,10 +82,12 @@ from mailflow.mx import PermanentDnsError, Resolver, TemporaryDnsError, route_fo
 from mailflow.queue import HOLD, OPERATOR_BOUNCE_REPLY, ControlView, bounce_requested, hold_of
 from mailflow.signing import Signer, wire_copies
 from mailflow.smtp import Pool
+from mailflow.suppression import TOPIC as SUPPRESSIONS
 from mailflow.suppression import SuppressionList
 from mailflow.suppression import entry as suppression_entry
-from mailflow.suppression import produce as produce_suppression
+from mailflow.suppression import key as suppression_key
 from schemas.records import Message, parse_message
+from streams.runtime import JSON_TABLE, Outputs, Stage
 
 STAGE = "deliver"
 log = logging.getLogger("mailflow.deliver")
@@ -107,10 +109,17 @@ def may_send(entry: dict[str, Any] | None, meta: dict[str, Any]) -> bool:
     return False
 
 
-def register(app: faust.App, settings: Settings) -> None:
+def serial_key(raw: bytes | None) -> str | None:
+    """The (message id, domain) of a ``delivery`` record: copies of one run one at a
+    time in a process (`streams.runtime.Stage.process` says why)."""
+    msg = parse_message(raw)
+    return f"{msg.id}|{msg.meta.get('domain') or domain_of(msg.recipients[0])}"
+
+
+def register(app: faust.App, settings: Settings) -> Stage:
     # No linger: the ledger entry's trip to the broker is the window in which a
     # kill -9 after the remote 250 means a second copy (see above).
-    io = StageIO(app, settings, STAGE, linger_ms=0)
+    stage = Stage(app, settings, STAGE, linger_ms=0, serial_key=serial_key)
     ledger = app.Table("ledger", partitions=settings.partitions, schema=JSON_TABLE)
     pool = Pool(ehlo=settings.ehlo_name, timeout=settings.smtp_timeout, tls=settings.smtp_tls,
                 max_per_host=settings.max_connections_per_host, ca_file=settings.tls_ca_file)
@@ -166,33 +175,14 @@ def register(app: faust.App, settings: Settings) -> None:
                     return outcomes  # a server answered about the recipients: that is the result
         return outcomes
 
-    # (message id, domain) -> [lock, how many handlers hold or wait for it]; see handle().
-    busy: dict[str, list[Any]] = {}
-
-    async def handle(raw: bytes | None) -> Pending:
+    async def handle(raw: bytes | None) -> Outputs:
+        # Copies of one (message, domain) record never run at once here: the stage's
+        # serial_key, held until this record's outputs are applied and acknowledged.
         msg = parse_message(raw)
         domain = str(msg.meta.get("domain") or domain_of(msg.recipients[0]))
-        # Two live copies of one (message, domain) record can exist: a replayed
-        # input whose first run had already deferred it to a retry topic, or a
-        # retry copy arriving while its replayed original is still in flight.
-        # Both hash to the same partition, so to this process; 32 actors could
-        # take them at once and both find the ledger empty. One at a time, then
-        # the second reads the first one's ledger entries.
-        key = f"{msg.id}|{domain}"
-        entry = busy.setdefault(key, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                return await handle_locked(msg, domain)
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del busy[key]
-
-    async def handle_locked(msg: Message, domain: str) -> Pending:
+        out = stage.outputs()
         entries = {r: ledger.get(f"{msg.id}|{r}") for r in msg.recipients}
         todo = [r for r in msg.recipients if may_send(entries[r], msg.meta)]
-        pending: Pending = []
         # Recipients the ledger says are finished get their final state again, never a
         # second send: after a replay (which reopened them in the status), and after a
         # crash between the ledger entry's ack and its events' (a chaos run left a
@@ -203,42 +193,41 @@ def register(app: faust.App, settings: Settings) -> None:
         for r in (r for r in msg.recipients if r not in todo):
             entry = entries[r] or {}
             state = "delivered" if entry.get("kind") == DELIVERED else "bounced"
-            pending.append(await io.event(msg.id, state, [r], {"reply": entry.get("reply"), "note": note},
-                                          sender=msg.sender))
+            out.event(msg.id, state, [r], {"reply": entry.get("reply"), "note": note}, sender=msg.sender)
         if not todo:
-            return pending
+            return out
         if not control.ready.is_set():  # holds made before a restart apply to the first record
             await control_read()
         controls = control.controls()
         if msg.sender:  # a bounce (null sender) is never suppressed
-            todo = await drop_suppressed(msg, todo, pending)
+            todo = await drop_suppressed(msg, todo, out)
             if not todo:
-                return pending
+                return out
         now = time.time()
         first = float(msg.meta.get("first_attempt", now))
         if bounce_requested(controls, msg.id, msg.meta) is not None:
             outcomes = [Outcome(r, PERMANENT, None, OPERATOR_BOUNCE_REPLY) for r in todo]
-            return pending + await finish(msg, domain, outcomes, first, now, why="operator")
+            return await finish(out, msg, domain, outcomes, first, now, why="operator")
         hold = hold_of(controls, domain, msg.id)
         if hold is not None:
-            return pending + await to_hold(msg, domain, todo, hold, now)
+            return to_hold(out, msg, domain, todo, hold, now)
         if expired(first, now, settings.max_queue_age):
             last = msg.meta.get("last_error", "no attempt succeeded")
             outcomes = [Outcome(r, PERMANENT, None, f"expired after {settings.max_queue_age:g}s; last error: {last}")
                         for r in todo]
-            return pending + await finish(msg, domain, outcomes, first, now, why="expired")
+            return await finish(out, msg, domain, outcomes, first, now, why="expired")
         if (until := backoff.paused(domain, now)) is not None:
             # The destination asked us to slow down: wait without spending an attempt.
-            return pending + await to_retry(msg, domain, todo, first, now,
-                                            f"{domain} rate-limited us; paused until {until:.0f}",
-                                            count_attempt=False, klass="rate_limited")
+            return to_retry(out, msg, domain, todo, first, now,
+                            f"{domain} rate-limited us; paused until {until:.0f}",
+                            count_attempt=False, klass="rate_limited")
         if not shaper.try_acquire(domain):
             # The destination is at its bound: step aside to the first retry tier
             # without spending an attempt, so the partition keeps moving.
-            return pending + await to_retry(msg, domain, todo, first, now, "destination busy (shaped)",
-                                  count_attempt=False)
+            return to_retry(out, msg, domain, todo, first, now, "destination busy (shaped)",
+                            count_attempt=False)
         try:
-            body = await io.body(msg)
+            body = await stage.body(msg)
             try:
                 outcomes = await attempt_all(domain, msg, todo, body)
             except Exception as exc:  # never park mail on a fault of ours: defer it
@@ -248,11 +237,11 @@ def register(app: faust.App, settings: Settings) -> None:
             shaper.release(domain)
         # The retry delay counts from the end of this attempt, not its start: an
         # attempt that took its whole SMTP timeout must not make the next one early.
-        return pending + await finish(msg, domain, outcomes, first, time.time())
+        return await finish(out, msg, domain, outcomes, first, time.time())
 
-    async def drop_suppressed(msg: Message, todo: list[str], pending: Pending) -> list[str]:
+    async def drop_suppressed(msg: Message, todo: list[str], out: Outputs) -> list[str]:
         """`todo` without the recipients on the sender domain's suppression list; each
-        of those gets its final `suppressed` event (added to `pending`), no SMTP."""
+        of those gets its final `suppressed` event (added to `out`), no SMTP."""
         await suppressions.ready()
         sender_domain = domain_of(msg.sender)
         left = []
@@ -262,9 +251,9 @@ def register(app: faust.App, settings: Settings) -> None:
                 left.append(r)
                 continue
             metrics.SMTP_REPLIES.labels("suppressed", "routed" if settings.smtp_routes else "mx").inc()
-            pending.append(await io.event(msg.id, "suppressed", [r], {
+            out.event(msg.id, "suppressed", [r], {
                 "reason": hit.get("reason"), "suppressed_at": hit.get("ts"),
-                **({"reply": hit["reply"]} if hit.get("reply") else {})}, sender=msg.sender))
+                **({"reply": hit["reply"]} if hit.get("reply") else {})}, sender=msg.sender)
         return left
 
     def replayed_past(msg: Message, hit: dict[str, Any]) -> bool:
@@ -293,27 +282,27 @@ def register(app: faust.App, settings: Settings) -> None:
         v = classify(o.code, o.reply, o.kind == PERMANENT, rules)
         return dataclasses.replace(o, kind=TEMPORARY if v.retry else PERMANENT), v
 
-    async def finish(msg: Message, domain: str, outcomes: list[Outcome], first: float, now: float,
-                     why: str = "permanent") -> Pending:
-        pending: Pending = []
+    async def finish(out: Outputs, msg: Message, domain: str, outcomes: list[Outcome], first: float,
+                     now: float, why: str = "permanent") -> Outputs:
+        """`out` with the outcomes' ledger entries, events, retries and bounces."""
         judged = [judge(o, why) for o in outcomes]
         outcomes = [o for o, _ in judged]
         verdicts = {o.recipient: v for o, v in judged if v is not None}
         for o in outcomes:
             metrics.SMTP_REPLIES.labels(reply_class(o), "routed" if settings.smtp_routes else "mx").inc()
             if o.kind != TEMPORARY:
-                # Written before anything else: the record that stops a second send.
-                pending.append(io.table_write(ledger, f"{msg.id}|{o.recipient}",
-                                           {"kind": o.kind, "reply": o.reply, "ts": now}))
+                # The runtime sends table writes before anything else: the record
+                # that stops a second send.
+                out.write(ledger, f"{msg.id}|{o.recipient}", {"kind": o.kind, "reply": o.reply, "ts": now})
         delivered = [o for o in outcomes if o.kind == DELIVERED]
         failed = [o for o in outcomes if o.kind == PERMANENT]
         temporary = [o for o in outcomes if o.kind == TEMPORARY]
         limited = [o for o in temporary if verdicts[o.recipient].klass == "rate_limited"]
         temporary = [o for o in temporary if o not in limited]
         for o in delivered:
-            pending.append(await io.event(msg.id, "delivered", [o.recipient],
-                                          {"reply": o.reply, "host": o.host,
-                                           **({"tls": o.tls} if o.tls else {})}, sender=msg.sender))
+            out.event(msg.id, "delivered", [o.recipient],
+                      {"reply": o.reply, "host": o.host, **({"tls": o.tls} if o.tls else {})},
+                      sender=msg.sender)
         if delivered and not limited:
             backoff.clear(domain)
         for o in delivered:
@@ -321,40 +310,33 @@ def register(app: faust.App, settings: Settings) -> None:
             # (an unsubscribe or an API entry is the person's or operator's, and stays).
             hit = suppressions.get(domain_of(msg.sender), o.recipient) if msg.sender else None
             if hit is not None and hit.get("reason") == "hard_bounce":
-                pending.append(produce_suppression(io.producer, settings, None,
-                                                   domain_of(msg.sender), o.recipient))
+                out.send(SUPPRESSIONS, suppression_key(domain_of(msg.sender), o.recipient), None)
         for o in failed:
             if msg.sender and verdicts[o.recipient].suppress:
-                pending.append(suppress(msg, o, now))
+                suppress(out, msg, o, now)
         if failed:
-            pending += await bounce(msg, failed, first, now, why,
-                                    {r: v.klass for r, v in verdicts.items()})
+            await bounce(out, msg, failed, first, now, why, {r: v.klass for r, v in verdicts.items()})
         if limited:
             backoff.pause(domain, max(verdicts[o.recipient].slow for o in limited), now)
-            pending += await to_retry(msg, domain, [o.recipient for o in limited], first, now,
-                                      limited[0].reply, count_attempt=False, klass="rate_limited",
-                                      tls=limited[0].tls)
+            to_retry(out, msg, domain, [o.recipient for o in limited], first, now,
+                     limited[0].reply, count_attempt=False, klass="rate_limited", tls=limited[0].tls)
         if temporary:
             reason = temporary[0].reply
-            pending += await to_retry(msg, domain, [o.recipient for o in temporary], first, now, reason,
-                                      klass=verdicts[temporary[0].recipient].klass, tls=temporary[0].tls)
-        return pending
+            to_retry(out, msg, domain, [o.recipient for o in temporary], first, now, reason,
+                     klass=verdicts[temporary[0].recipient].klass, tls=temporary[0].tls)
+        return out
 
-    def suppress(msg: Message, o: Outcome, now: float) -> asyncio.Future[Any]:
-        """Put a hard-bounced recipient on the sender domain's suppression list."""
+    def suppress(out: Outputs, msg: Message, o: Outcome, now: float) -> None:
+        """Put a hard-bounced recipient on the sender domain's suppression list; this
+        process knows the entry once the broker took it, before it reads it back."""
         rec = suppression_entry(domain_of(msg.sender), o.recipient, "hard_bounce", "deliver",
                                 now, reply=o.reply, message_id=msg.id)
-        fut = produce_suppression(io.producer, settings, rec)
+        out.send(SUPPRESSIONS, suppression_key(rec["domain"], rec["address"]), orjson.dumps(rec),
+                 on_ack=lambda partition, offset: suppressions.remember(rec, partition, offset))
 
-        def acked(f: asyncio.Future[tuple[int, int]]) -> None:
-            if not f.cancelled() and f.exception() is None:
-                suppressions.remember(rec, *f.result())
-        fut.add_done_callback(acked)
-        return fut
-
-    async def to_retry(msg: Message, domain: str, rcpts: list[str], first: float, now: float,
-                       reason: str, count_attempt: bool = True, klass: str | None = None,
-                       tls: dict[str, Any] | None = None) -> Pending:
+    def to_retry(out: Outputs, msg: Message, domain: str, rcpts: list[str], first: float, now: float,
+                 reason: str, count_attempt: bool = True, klass: str | None = None,
+                 tls: dict[str, Any] | None = None) -> Outputs:
         attempt_no = int(msg.meta.get("attempt", 0)) + (1 if count_attempt else 0)
         # A shaped step-aside is no failed attempt: always the first (shortest)
         # tier, however many attempts failed before.
@@ -364,48 +346,47 @@ def register(app: faust.App, settings: Settings) -> None:
                 "last_error": reason, "due": due, "tier": tier, "history": history[-MAX_HISTORY:]}
         rec = msg.with_(recipients=rcpts, meta=meta)
         metrics.RETRIES.labels(str(tier)).inc()
-        return [await io.event(msg.id, "deferred", rcpts, {"attempt": attempt_no, "next_attempt_at": due,
-                                                          "tier": tier, "error": reason,
-                                                          **({"class": klass} if klass else {}),
-                                                          **({"tls": tls} if tls else {})},
-                               sender=msg.sender),
-                await io.send(f"retry.{tier}", domain, rec.to_json())]
+        out.event(msg.id, "deferred", rcpts, {"attempt": attempt_no, "next_attempt_at": due,
+                                              "tier": tier, "error": reason,
+                                              **({"class": klass} if klass else {}),
+                                              **({"tls": tls} if tls else {})},
+                  sender=msg.sender)
+        out.send(f"retry.{tier}", domain, rec.to_json())
+        return out
 
-    async def to_hold(msg: Message, domain: str, rcpts: list[str], hold: dict[str, Any],
-                      now: float) -> Pending:
+    def to_hold(out: Outputs, msg: Message, domain: str, rcpts: list[str], hold: dict[str, Any],
+                now: float) -> Outputs:
         """Held by an operator: onto ``retry.hold`` untried, no attempt spent; `held_at`
         kept from an earlier hold pass (the time held does not count as queue age)."""
         meta = {**msg.meta, "domain": domain, "held_at": float(msg.meta.get("held_at") or now)}
         by = "id" if "id" in hold else "domain"
         metrics.STAGE_MESSAGES.labels(STAGE, "held").inc()
-        return [await io.event(msg.id, "held", rcpts, {"hold": by, "value": hold.get(by),
-                                                      "since": hold["since"]}),
-                await io.send(HOLD, domain, msg.with_(recipients=rcpts, meta=meta).to_json())]
+        out.event(msg.id, "held", rcpts, {"hold": by, "value": hold.get(by), "since": hold["since"]})
+        out.send(HOLD, domain, msg.with_(recipients=rcpts, meta=meta).to_json())
+        return out
 
-    async def bounce(msg: Message, failed: list[Outcome], first: float, now: float,
-                     why: str, classes: dict[str, str] | None = None) -> Pending:
+    async def bounce(out: Outputs, msg: Message, failed: list[Outcome], first: float, now: float,
+                     why: str, classes: dict[str, str] | None = None) -> None:
         """Final failures: ``bounced`` events, the ``dead`` record and a DSN. `why`:
         ``permanent`` (refused), ``expired`` (MAX_QUEUE_AGE) or ``operator``
         (`mailflow queue bounce`); `classes`: each recipient's reply class."""
         expired_ = why == "expired"
-        pending: Pending = []
         rcpts = [o.recipient for o in failed]
         detail: dict[str, Any] = {"reply": failed[0].reply}
         if why != "permanent":
             detail["reason"] = why
         for o in failed:
             cls = (classes or {}).get(o.recipient)
-            pending.append(await io.event(msg.id, "bounced", [o.recipient],
-                                          {**detail, "reply": o.reply, **({"class": cls} if cls else {})},
-                                          sender=msg.sender))
-        body = await io.body(msg)
+            out.event(msg.id, "bounced", [o.recipient],
+                      {**detail, "reply": o.reply, **({"class": cls} if cls else {})}, sender=msg.sender)
+        body = await stage.body(msg)
         history = [*msg.meta.get("history", []), {"ts": now, "failed": rcpts, "error": failed[0].reply}]
         dead = msg.with_(recipients=rcpts, meta={**msg.meta, "history": history[-MAX_HISTORY:],
                                                  "dead": {"reason": why,
                                                           "failed": [o.__dict__ for o in failed], "ts": now}})
-        pending.append(await io.send("dead", msg.id, dead.to_json()))
+        out.send("dead", msg.id, dead.to_json())
         if is_bounce(msg.sender, header_block(body)):
-            return pending  # never a bounce about a bounce
+            return  # never a bounce about a bounce
         dsn_id = new_id()
         dsn = build_dsn(
             original=body, envelope_from=msg.sender,
@@ -424,16 +405,13 @@ def register(app: faust.App, settings: Settings) -> None:
                              size=len(dsn), body=dsn, source="bounce",
                              meta={"bounce": True, "bounce_of": msg.id,
                                    **({"dkim": dkim_header.decode("ascii")} if dkim_header else {})})
-        pending.append(await io.event(dsn_id, "accepted", [msg.sender], {"bounce_of": msg.id}, sender=""))
+        out.event(dsn_id, "accepted", [msg.sender], {"bounce_of": msg.id}, sender="")
         if settings.is_local(msg.sender):
             # The validator's route for local mail: the sender's inbox.
-            pending.append(await io.send("admitted", "", bounce_msg.to_json()))
+            out.send("admitted", "", bounce_msg.to_json())
         else:
             rec = bounce_msg.with_(meta={**bounce_msg.meta, "domain": domain_of(msg.sender)})
-            pending.append(await io.send("delivery", domain_of(msg.sender), rec.to_json()))
-        return pending
+            out.send("delivery", domain_of(msg.sender), rec.to_json())
 
-    @app.agent(io.topic("delivery"), name=f"{settings.topic_prefix}{STAGE}", concurrency=32)
-    async def deliver(stream: faust.StreamT) -> None:
-        async for value in stream:
-            await io.process(value, handle)
+    stage.agent("delivery", handle, mode="each", concurrency=32)
+    return stage

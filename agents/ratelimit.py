@@ -20,9 +20,9 @@ import time
 import faust
 import orjson
 
-from agents.common import JSON_TABLE, Pending, StageIO, acked_table, acked_writes
 from mailflow.config import Settings
 from schemas.records import parse_message
+from streams.runtime import JSON_TABLE, Outputs, Stage, windowed_table
 
 STAGE = "ratelimit"
 
@@ -43,46 +43,37 @@ def should_throttle(count: int, limit: int) -> bool:
     return count >= limit
 
 
-def register(app: faust.App, settings: Settings) -> None:
-    io = StageIO(app, settings, STAGE)
+def register(app: faust.App, settings: Settings) -> Stage:
+    stage = Stage(app, settings, STAGE)
     limit, window = settings.rate_limit
-    # An AckedTable: each count's changelog record is acknowledged by Kafka before
-    # the input offset commits, so a worker killed -9 restores every count it had.
-    counts = (
-        acked_table(app, "sender_counts", default=int, partitions=settings.partitions,
-                    schema=JSON_TABLE)
-        .tumbling(window, expires=window * 2)
-        .relative_to_stream()
-    )
+    # Each count's changelog record is acknowledged by Kafka before the input
+    # offset commits (`Outputs.window_add`), so a worker killed -9 restores every
+    # count it had.
+    counts = windowed_table(app, "sender_counts", window, expires=window * 2, default=int,
+                            partitions=settings.partitions, schema=JSON_TABLE)
 
-    async def handle(raw: bytes | None, event: faust.EventT) -> Pending:
+    async def handle(raw: bytes | None, event: faust.EventT) -> Outputs:
         msg = parse_message(raw)
-        pending: Pending = [await io.event(msg.id, "accepted", msg.recipients,
-                                           sender=msg.sender, ts=msg.received_at)]
-        # No await between the read and the write: the batch's records cannot
-        # interleave here. The window is the one of this record's Kafka timestamp.
-        with acked_writes() as acks:
-            window_set = counts[msg.sender][event]
-            window_set += 1
-        pending += acks
-        count = window_set.current()
+        out = stage.outputs()
+        out.event(msg.id, "accepted", msg.recipients, sender=msg.sender, ts=msg.received_at)
+        # No await between this read and the runtime's write of the count: the
+        # batch's records cannot interleave here. The window is the one of this
+        # record's Kafka timestamp.
+        count = counts[msg.sender][event].current() + 1
+        out.window_add(counts, msg.sender, event)
         if should_throttle(count, limit):
             _, until = window_bounds(event.message.timestamp or time.time(), window)
-            pending.append(await io.send(
-                "throttle", msg.sender,
-                orjson.dumps({"sender": msg.sender, "until": until, "limit": limit}),
-            ))
+            out.send("throttle", msg.sender,
+                     orjson.dumps({"sender": msg.sender, "until": until, "limit": limit}))
         if over_limit(count, limit):
             detail = f"over {limit} messages per {window:g}s"
-            pending.append(await io.park("rate_limited", "rate_limited", raw, msg.id, detail))
-            pending.append(await io.event(msg.id, "rate_limited", msg.recipients,
-                                          {"reason": "rate_limited", "message": detail},
-                                          sender=msg.sender))
+            out.park("rate_limited", "rate_limited", raw, msg.id, detail)
+            out.event(msg.id, "rate_limited", msg.recipients,
+                      {"reason": "rate_limited", "message": detail}, sender=msg.sender)
         else:
             # Pass the record on as it came: no re-encoding on the hot path.
-            pending.append(await io.send("admitted", msg.sender, raw))
-        return pending
+            out.send("admitted", msg.sender, raw)
+        return out
 
-    @app.agent(io.topic("submissions"), name=f"{settings.topic_prefix}{STAGE}")
-    async def ratelimit(stream: faust.StreamT) -> None:
-        await io.run_batches(stream, handle, with_event=True)
+    stage.agent("submissions", handle, with_event=True)
+    return stage

@@ -25,29 +25,31 @@ from __future__ import annotations
 
 import faust
 
-from agents.common import Pending, StageIO
 from mailflow.config import Settings
 from mailflow.mailrules import group_by_domain
 from mailflow.objstore import body_key, put_body
 from mailflow.signing import Signer, unsubscribe_links
 from mailflow.unsubscribe import with_unsubscribe_headers
 from schemas.records import parse_message
+from streams.runtime import Outputs, Stage
 
 STAGE = "sentfolder"
 
 
-def register(app: faust.App, settings: Settings) -> None:
-    io = StageIO(app, settings, STAGE)
+def register(app: faust.App, settings: Settings) -> Stage:
+    stage = Stage(app, settings, STAGE)
     signer = Signer(settings)
 
-    async def handle(raw: bytes | None) -> Pending:
+    async def handle(raw: bytes | None) -> Outputs:
         msg = parse_message(raw)
-        body = await io.body(msg)
+        out = stage.outputs()
+        body = await stage.body(msg)
         header, dkim = await signer.sign(body)
         if dkim.get("required"):
-            return [await io.park("dkim_key_missing", "rejected", raw, msg.id, dkim["reason"]),
-                    await io.event(msg.id, "rejected", msg.recipients,
-                                   {"reason": "dkim_key_missing", "message": dkim["reason"]})]
+            out.park("dkim_key_missing", "rejected", raw, msg.id, dkim["reason"])
+            out.event(msg.id, "rejected", msg.recipients,
+                      {"reason": "dkim_key_missing", "message": dkim["reason"]})
+            return out
         if header:
             meta = {**msg.meta, "dkim": header.decode("ascii")}
             # One-click unsubscribe: each recipient's copy starts with its own two
@@ -66,18 +68,15 @@ def register(app: faust.App, settings: Settings) -> None:
         if msg.body is not None and (local_sender or len(groups) > 1):
             await put_body(settings.object_store_url, body_key(msg.id), msg.body)
             by_ref = msg.with_(body=None, body_ref=body_key(msg.id))
-        pending: Pending = []
         if local_sender and not msg.meta.get("bounce"):
             copy = by_ref.with_(mailbox=msg.sender, folder="sent")
-            pending.append(await io.send("local", msg.sender, copy.to_json()))
+            out.send("local", msg.sender, copy.to_json())
         outgoing = msg if len(groups) == 1 else by_ref
         for domain, rcpts in groups.items():
             rec = outgoing.with_(recipients=rcpts, meta={**msg.meta, "domain": domain})
-            pending.append(await io.send("delivery", domain, rec.to_json()))
-        pending.append(await io.event(msg.id, "sent_folder", msg.recipients,
-                                      {"sent_copy": local_sender, "dkim": dkim}))
-        return pending
+            out.send("delivery", domain, rec.to_json())
+        out.event(msg.id, "sent_folder", msg.recipients, {"sent_copy": local_sender, "dkim": dkim})
+        return out
 
-    @app.agent(io.topic("clean"), name=f"{settings.topic_prefix}{STAGE}")
-    async def sentfolder(stream: faust.StreamT) -> None:
-        await io.run_batches(stream, handle)
+    stage.agent("clean", handle)
+    return stage

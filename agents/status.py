@@ -15,11 +15,11 @@ from typing import Any
 
 import faust
 
-from agents.common import BATCH_MAX, BATCH_WITHIN, JSON_TABLE, Pending, StageIO
 from mailflow import metrics
 from mailflow.config import Settings
 from schemas.records import Event, PoisonPill, parse_event
 from schemas.states import FINAL
+from streams.runtime import JSON_TABLE, Outputs, Stage
 
 STAGE = "status"
 
@@ -87,36 +87,34 @@ def view_of(st: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def register(app: faust.App, settings: Settings) -> None:
-    io = StageIO(app, settings, STAGE)
+def register(app: faust.App, settings: Settings) -> Stage:
+    stage = Stage(app, settings, STAGE)
     table = app.Table("status", partitions=settings.partitions, schema=JSON_TABLE)
 
-    async def handle(events: list[faust.EventT]) -> Pending:
+    async def handle(events: list[faust.EventT]) -> Outputs:
         """Apply a batch of events; each message's status is written once per batch."""
-        pending: Pending = []
+        out = stage.outputs()
         changed: dict[str, tuple[dict[str, Any], faust.EventT]] = {}  # id -> (status, its event)
         for event in events:
             try:
                 ev = parse_event(event.value)
             except PoisonPill as pill:  # one bad event must not hold the batch
-                pending.append(await io.park(pill.reason, "poison", event.value, detail=pill.detail))
+                out.park(pill.reason, "poison", event.value, detail=pill.detail)
                 continue
             before = changed[ev.id][0] if ev.id in changed else table.get(ev.id)
             st, finalized = apply_event(before, ev)
             changed[ev.id] = (st, event)
             if finalized and "accepted_at" in st:
                 metrics.END_TO_END_SECONDS.labels(ev.state).observe(max(0.0, ev.ts - st["accepted_at"]))
-        pending += [io.table_write(table, msg_id, st, event) for msg_id, (st, event) in changed.items()]
-        return pending
+        for msg_id, (st, event) in changed.items():
+            out.write(table, msg_id, st, event)  # in the partition of the event's record
+        return out
 
     # A batch at a time, applied in offset order without an await in between, so a
     # message's events apply in order, and the several events one message gets in a
     # batch (a busy moment) cost one table write. A batch that fails on the way to
     # Kafka is applied again whole: apply_event is idempotent per event.
-    @app.agent(io.topic("events"), name=f"{settings.topic_prefix}{STAGE}")
-    async def status(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH_MAX, BATCH_WITHIN):
-            await io.process(list(events), handle)
+    stage.agent("events", handle, mode="whole")
 
     @app.page("/v1/messages/{msg_id}")
     @app.table_route(table=table, match_info="msg_id")
@@ -126,3 +124,5 @@ def register(app: faust.App, settings: Settings) -> None:
             return view.json({"error": {"code": "not_found", "message": f"no message {msg_id}"}},
                              status=404)
         return view.json(view_of(st))
+
+    return stage

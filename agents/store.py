@@ -23,23 +23,23 @@ from typing import Any
 
 import faust
 
-from agents.common import JSON_TABLE, DurableWrites, Pending, StageIO
 from mailflow import mailbox as mb
 from mailflow.config import Settings
 from mailflow.ids import is_id
 from mailflow.mailrules import AddressError, mailbox_key
 from mailflow.objstore import get_body
 from schemas.records import PoisonPill, parse_message
+from streams.runtime import JSON_TABLE, Outputs, Stage
 
 STAGE = "store"
 
 
-def register(app: faust.App, settings: Settings) -> None:
-    io = StageIO(app, settings, STAGE)
+def register(app: faust.App, settings: Settings) -> Stage:
+    stage = Stage(app, settings, STAGE)
     table = app.Table("mailboxes", partitions=settings.partitions, schema=JSON_TABLE)
     cache = mb.LRU()
 
-    async def handle(raw: bytes | None) -> Pending:
+    async def handle(raw: bytes | None) -> Outputs:
         msg = parse_message(raw)
         if not msg.mailbox or msg.folder not in mb.FOLDERS or not msg.body_ref:
             raise PoisonPill("bad_field", "local records need mailbox, folder and body_ref")
@@ -49,22 +49,22 @@ def register(app: faust.App, settings: Settings) -> None:
             "received_at": msg.received_at, "stored_at": time.time(), "size": msg.size,
             "body_ref": msg.body_ref, **(msg.meta.get("summary") or {}),
         }
-        writes = DurableWrites(io, table)
-        if mb.append(writes, msg.mailbox, msg.folder, msg.id, meta):
+        out = stage.outputs()
+        # The runtime applies these writes to the table as soon as this returns, with
+        # no wait in between: the next record of the mailbox reads them.
+        if mb.append(out.writing(table), msg.mailbox, msg.folder, msg.id, meta):
             cache.drop_prefix((msg.mailbox, msg.folder))
         # The event is repeated on a replay; the status stage applies it once.
         if msg.folder == "inbox":
             # The recipients as addressed (the mailbox key may differ in case): the
             # status names recipients as they were submitted.
-            event = await io.event(msg.id, "stored", list(msg.recipients) or [msg.mailbox],
-                                   {"mailbox": msg.mailbox}, sender=msg.sender)
+            out.event(msg.id, "stored", list(msg.recipients) or [msg.mailbox],
+                      {"mailbox": msg.mailbox}, sender=msg.sender)
         else:
-            event = await io.event(msg.id, "sent_folder", [], {"mailbox": msg.mailbox})
-        return [*writes.acks, event]
+            out.event(msg.id, "sent_folder", [], {"mailbox": msg.mailbox})
+        return out
 
-    @app.agent(io.topic("local"), name=f"{settings.topic_prefix}{STAGE}")
-    async def store(stream: faust.StreamT) -> None:
-        await io.run_batches(stream, handle)
+    stage.agent("local", handle)
 
     def find(address: str, msg_id: str) -> dict[str, Any] | None:
         for folder in mb.FOLDERS:
@@ -112,6 +112,8 @@ def register(app: faust.App, settings: Settings) -> None:
         if request.query.get("parts", "1") != "0":
             out.update(mb.parts(await get_body(settings.object_store_url, meta["body_ref"])))
         return view.json(out)
+
+    return stage
 
 
 def _bad_request(view: Any, address: str, msg_id: str | None = None) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import faust
 
-from agents.common import Pending, StageIO
 from mailflow.config import Settings
 from mailflow.mailrules import (
     check_message,
@@ -25,16 +24,18 @@ from mailflow.mailrules import (
 )
 from mailflow.objstore import body_key, put_body
 from schemas.records import parse_message
+from streams.runtime import Outputs, Stage
 
 STAGE = "validate"
 
 
-def register(app: faust.App, settings: Settings) -> None:
-    io = StageIO(app, settings, STAGE)
+def register(app: faust.App, settings: Settings) -> Stage:
+    stage = Stage(app, settings, STAGE)
 
-    async def handle(raw: bytes | None) -> Pending:
+    async def handle(raw: bytes | None) -> Outputs:
         msg = parse_message(raw)
-        body = await io.body(msg)
+        out = stage.outputs()
+        body = await stage.body(msg)
         headers = parse_headers(body)  # once, for the checks and the listing summary
         problems = check_message(msg.sender, msg.recipients, body, headers=headers,
                                  max_bytes=settings.max_message_bytes,
@@ -42,14 +43,12 @@ def register(app: faust.App, settings: Settings) -> None:
         if problems:
             first = problems[0]
             detail = "; ".join(p.message for p in problems)
-            return [
-                await io.park(first.code, "rejected", raw, msg.id, detail),
-                await io.event(msg.id, "rejected", msg.recipients,
-                               {"reason": first.code, "message": detail}, sender=msg.sender),
-            ]
+            out.park(first.code, "rejected", raw, msg.id, detail)
+            out.event(msg.id, "rejected", msg.recipients,
+                      {"reason": first.code, "message": detail}, sender=msg.sender)
+            return out
         local, remote = split_recipients(msg.recipients, settings.local_domains)
         meta = {**msg.meta, "summary": summarize(body, headers)}
-        pending: Pending = []
         if local:
             ref = msg.body_ref
             if ref is None:
@@ -66,13 +65,12 @@ def register(app: faust.App, settings: Settings) -> None:
                 # An inbox copy names only its own recipients: Bcc recipients stay hidden.
                 rec = msg.with_(body=None, body_ref=ref, recipients=rcpts, mailbox=mailbox,
                                 folder=folder, meta=meta)
-                pending.append(await io.send("local", mailbox, rec.to_json()))
+                out.send("local", mailbox, rec.to_json())
         if remote:
             rec = msg.with_(recipients=remote, meta=meta)
-            pending.append(await io.send("outgoing", msg.id, rec.to_json()))
-            pending.append(await io.event(msg.id, "validated", remote, {"next": "scan"}))
-        return pending
+            out.send("outgoing", msg.id, rec.to_json())
+            out.event(msg.id, "validated", remote, {"next": "scan"})
+        return out
 
-    @app.agent(io.topic("admitted"), name=f"{settings.topic_prefix}{STAGE}")
-    async def validate(stream: faust.StreamT) -> None:
-        await io.run_batches(stream, handle)
+    stage.agent("admitted", handle)
+    return stage

@@ -37,7 +37,6 @@ import faust
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from agents.common import Pending, StageIO
 from mailflow import metrics
 from mailflow.config import Settings
 from mailflow.webhooks import (
@@ -53,6 +52,7 @@ from mailflow.webhooks import (
     unseal,
 )
 from schemas.records import PoisonPill, parse_event
+from streams.runtime import Outputs, Stage
 from streams.topics import full_name
 
 STAGE = "webhooks"
@@ -100,8 +100,8 @@ class Circuits:
         self.state.pop(hook, None)
 
 
-def register(app: faust.App, settings: Settings) -> None:
-    io = StageIO(app, settings, STAGE)
+def register(app: faust.App, settings: Settings) -> Stage:
+    stage = Stage(app, settings, STAGE)
     # A retry agent sleeps until its head record is due; a rebalance must not wait
     # for that sleep to end.
     app.conf.stream_wait_empty = False
@@ -164,8 +164,9 @@ def register(app: faust.App, settings: Settings) -> None:
             return f"{type(exc).__name__}: {exc}"
 
     async def deliver(hook_id: str, hook: dict[str, Any], body: dict[str, Any], attempt: int,
-                      first: float) -> Pending:
+                      first: float) -> Outputs:
         """Try (unless the endpoint's circuit is open); park it a tier up on failure."""
+        out = stage.outputs()
         now = time.time()
         if circuits.is_open(hook_id, now):
             error = "endpoint failing; not tried"
@@ -173,35 +174,38 @@ def register(app: faust.App, settings: Settings) -> None:
             error = await post(hook_id, hook, body)
             if error is None:
                 circuits.succeeded(hook_id)
-                return []
+                return out
             circuits.failed(hook_id, time.time())
             log.info("webhook %s: %s; retrying later", hook_id, error)
         now = time.time()
         if now - first > max_age():
-            return [await io.park("webhook_expired", "webhook", job(hook_id, body, attempt, first, now, error),
-                                  body.get("message_id"), detail=error)]
+            out.park("webhook_expired", "webhook", job(hook_id, body, attempt, first, now, error),
+                     body.get("message_id"), detail=error)
+            return out
         tier = min(attempt + 1, len(schedule))
         due = now + schedule[tier - 1]
-        return [await io.send(f"webhooks.retry.{tier}", hook_id,
-                              job(hook_id, body, attempt + 1, first, due, error))]
+        out.send(f"webhooks.retry.{tier}", hook_id, job(hook_id, body, attempt + 1, first, due, error))
+        return out
 
-    async def handle(raw: bytes | None) -> Pending:
+    async def handle(raw: bytes | None) -> Outputs:
         ev = parse_event(raw)
-        pending: Pending = []
+        out = stage.outputs()
         sender = ev.sender
         if not sender:
-            return pending  # a bounce's own events (null sender), or one not ours to tell
+            return out  # a bounce's own events (null sender), or one not ours to tell
         registered = await hooks()
         wanted = [(hid, h) for hid, h in registered.items() if h and matches(h, ev.state, sender, ev.ts)]
         if not wanted:
-            return pending
+            return out
         now = time.time()
         results = await asyncio.gather(*(
             deliver(hid, h, payload(ev, r, sender), 0, now)
             for hid, h in wanted for r in (ev.recipients or [])))
-        return pending + [p for ps in results for p in ps]
+        for r in results:
+            out.extend(r)
+        return out
 
-    async def handle_retry(raw: bytes | None) -> Pending:
+    async def handle_retry(raw: bytes | None) -> Outputs:
         try:
             j = orjson.loads(raw or b"")
             hook_id, body = str(j["hook"]), dict(j["body"])
@@ -210,12 +214,11 @@ def register(app: faust.App, settings: Settings) -> None:
             raise PoisonPill("bad_webhook_job", repr(exc)) from None
         hook = (await hooks()).get(hook_id)
         if not hook:
-            return []  # deleted since: nobody to tell
+            return stage.outputs()  # deleted since: nobody to tell
         return await deliver(hook_id, hook, body, attempt, first)
 
-    @app.agent(io.topic("events"), name=f"{settings.topic_prefix}{STAGE}")
-    async def webhooks(stream: faust.StreamT) -> None:
-        await io.run_batches(stream, handle)
+    stage.agent("events", handle)
+    stage.handlers["webhooks.retry"] = handle_retry
 
     def retry_agent(tier: int) -> None:
         async def run(stream: faust.StreamT) -> None:
@@ -227,9 +230,11 @@ def register(app: faust.App, settings: Settings) -> None:
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                     due = 0.0
                 await asyncio.sleep(max(0.0, min(due - time.time(), schedule[tier - 1])))
-                await io.process(value, handle_retry)
+                await stage.process(value, handle_retry)
 
-        app.agent(io.topic(f"webhooks.retry.{tier}"), name=f"{settings.topic_prefix}{STAGE}-retry-{tier}")(run)
+        app.agent(stage.topic(f"webhooks.retry.{tier}"),
+                  name=f"{settings.topic_prefix}{STAGE}-retry-{tier}")(run)
 
     for tier in range(1, len(schedule) + 1):
         retry_agent(tier)
+    return stage

@@ -15,8 +15,8 @@ The same hop three ways, each in its own process so that its CPU is its own:
     (`mailflow.kafka_io.AsyncProducer`), waiting for every ack, then a commit.
 ``stage``
     a stage on mailflow's runtime: a Faust app made by `streams.app.make_app`, its
-    agent running `agents.common.StageIO.run_batches` with a handler that forwards
-    the record through `StageIO.send`, offsets committed by Faust.
+    agent running `streams.runtime.Stage.run_batches` with a handler that returns
+    the record as its one output (`Outputs.send`), offsets committed by Faust.
 
 ``--count`` records of ``--size`` bytes are written once to an input topic; each
 run reads all of them with a fresh consumer group and writes each to an output
@@ -174,7 +174,6 @@ def hop_stage(args: argparse.Namespace, src_short: str, dst_short: str, prefix: 
     prints the figures and exits the process (a Faust worker owns its loop)."""
     import faust
 
-    from agents.common import StageIO
     from mailflow.config import Settings
     from streams import app as streams_app
 
@@ -184,18 +183,37 @@ def hop_stage(args: argparse.Namespace, src_short: str, dst_short: str, prefix: 
     stage = args.group.removeprefix(prefix)
     replica = streams_app.claim_replica(settings, stage)
     app = streams_app.make_app(stage, settings, replica)
-    io = StageIO(app, settings, stage)
     state: dict[str, float] = {"seen": 0}
 
-    async def forward(raw: bytes | None) -> list[Any]:
+    def started() -> None:
         if not state["seen"]:
             state["t0"], state["c0"] = time.perf_counter(), time.process_time()
         state["seen"] += 1
-        return [await io.send(dst_short, None, raw or b"")]
 
-    @app.agent(io.topic(src_short), name=args.group)
-    async def hop(stream: faust.StreamT) -> None:
-        await io.run_batches(stream, forward)
+    try:
+        from streams.runtime import Outputs, Stage
+    except ImportError:  # a --baseline checkout from before streams/runtime.py
+        from agents.common import StageIO  # type: ignore[import-not-found]
+
+        io = StageIO(app, settings, stage)
+
+        async def forward_old(raw: bytes | None) -> list[Any]:
+            started()
+            return [await io.send(dst_short, None, raw or b"")]
+
+        @app.agent(io.topic(src_short), name=args.group)
+        async def hop(stream: faust.StreamT) -> None:
+            await io.run_batches(stream, forward_old)
+    else:
+        runtime = Stage(app, settings, stage)
+
+        async def forward(raw: bytes | None) -> Outputs:
+            started()
+            out = runtime.outputs()
+            out.send(dst_short, None, raw or b"")
+            return out
+
+        runtime.agent(src_short, forward, name=args.group)
 
     @app.timer(0.05)
     async def done() -> None:

@@ -34,9 +34,9 @@ from typing import Any
 # (the default bootstrap of a cluster); here for the callers of this module.
 from mailflow.config import cluster_bootstrap as cluster_bootstrap
 from mailflow.config import node_port
-from mailflow.supervise import die_with_parent
 from mailflow.kafka_ready import is_ready as is_ready
 from mailflow.kafka_ready import quiet_admin
+from mailflow.supervise import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 POM = ROOT / "broker" / "pom.xml"

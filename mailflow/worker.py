@@ -52,7 +52,7 @@ def available(stage: str) -> bool:
 
 
 def build_app(stage: str, settings: Settings) -> faust.App:
-    from agents.common import register_metrics_page
+    from streams.runtime import register_metrics_page
 
     replica = claim_replica(settings, stage)
     app = make_app(stage, settings, replica)

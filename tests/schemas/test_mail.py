@@ -359,7 +359,7 @@ def test_null_typed_keys_read_as_absent():
 
 
 def test_events_and_errors_as_the_stages_write_them_fit_their_schemas():
-    # agents/common.py StageIO.event / park; mailflow/replay.py's replayed event
+    # streams/runtime.py Outputs.event / park; mailflow/replay.py's replayed event
     events = [Event(id="m1", state="deferred", stage="deliver", ts=T, recipients=["x@one.test"],
                     detail={"attempt": 1, "next_attempt_at": T + 60, "tier": 1, "error": "451"}, sender="a@x.test"),
               Event(id="m1", state="sent_folder", stage="store", ts=T, recipients=[], detail={"mailbox": "a"}),

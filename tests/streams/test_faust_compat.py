@@ -77,7 +77,7 @@ def test_a_missing_or_reshaped_attribute_is_named_in_the_failure() -> None:
 def test_importing_the_api_or_the_stage_modules_patches_nothing() -> None:
     # A fresh interpreter: this test process may have installed the patches already.
     code = (
-        "import mailflow.api.server, mailflow.api.inflow, streams.app, agents.common\n"
+        "import mailflow.api.server, mailflow.api.inflow, streams.app, streams.runtime\n"
         "from faust.transport.consumer import Consumer\n"
         "from faust.transport.producer import ProducerBuffer\n"
         "from streams import faust_compat\n"

@@ -1,0 +1,74 @@
+"""The webhooks stage's routing, its handler called with a stand-in for the webhooks
+topic: which events become POSTs, and what a failed POST leaves (a retry-tier record,
+or a parked one past the maximum age); the POSTs themselves are tested against a
+real receiver in tests/pipeline/test_citizen.py."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from agents import webhooks
+from schemas.records import Event, PoisonPill
+
+HOOK = {"url": "http://127.0.0.1:1/hook", "events": ["delivered"], "created_at": 0,
+        "owner": "k1", "scope": {"kind": "key", "domains": ["shop.test"]}, "secret": "x"}
+
+
+class FakeReader:
+    hooks: dict[str, Any] = {}
+
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+        self.values = {t: FakeReader.hooks for t in topics}
+
+    def sync(self, topic: str, *args: object) -> bool:
+        return True
+
+
+@pytest.fixture
+def stage(app, settings, monkeypatch):
+    import mailflow.api.auth
+
+    monkeypatch.setattr(mailflow.api.auth, "SyncReader", FakeReader)
+    monkeypatch.setattr(FakeReader, "hooks", {"h1": HOOK})
+    return webhooks.register(app, settings)
+
+
+def event(state: str = "delivered", sender: str | None = "alice@shop.test") -> bytes:
+    return Event(id="01m8rvnz585drabdqrcz86dqkt", state=state, stage="deliver", ts=time.time(),
+                 recipients=["bob@x.test"], sender=sender).to_json()
+
+
+async def test_a_failed_post_goes_to_the_first_retry_tier_and_opens_the_circuit(stage):
+    out = await stage.handlers["events"](event())
+    (key, value), = out.sent("webhooks.retry.1")
+    job = orjson.loads(value)
+    assert key == b"h1" and job["attempt"] == 1 and job["body"]["recipient"] == "bob@x.test"
+    again = await stage.handlers["events"](event())  # the circuit is open: no connection tried
+    assert orjson.loads(again.sent("webhooks.retry.1")[0][1])["error"] == "endpoint failing; not tried"
+
+
+async def test_events_no_webhook_asked_for_produce_nothing(stage):
+    assert (await stage.handlers["events"](event(state="scanned"))).records == []
+    assert (await stage.handlers["events"](event(sender=None))).records == []  # a bounce's own
+    assert (await stage.handlers["events"](event(sender="eve@other.test"))).records == []  # not the key's
+
+
+async def test_a_retry_past_the_maximum_age_is_parked(stage):
+    body = {"event_id": "e1", "message_id": "01m8rvnz585drabdqrcz86dqkt", "recipient": "bob@x.test"}
+    job = orjson.dumps({"hook": "h1", "body": body, "attempt": 3, "first": 0.0, "due": 0.0})
+    out = await stage.handlers["webhooks.retry"](job)
+    parked = orjson.loads(out.sent("errors")[0][1])
+    assert (parked["reason"], parked["state"], parked["id"]) == ("webhook_expired", "webhook", body["message_id"])
+
+
+async def test_a_retry_for_a_deleted_webhook_is_dropped_and_a_bad_job_is_poison(stage):
+    FakeReader.hooks.clear()
+    job = orjson.dumps({"hook": "h1", "body": {}, "attempt": 1, "first": time.time(), "due": 0.0})
+    assert (await stage.handlers["webhooks.retry"](job)).records == []
+    with pytest.raises(PoisonPill):
+        await stage.handlers["webhooks.retry"](b"{}")
+
