@@ -5,7 +5,8 @@ the handler produced is acknowledged by Kafka (acks=all) before the input event
 is acked, so a crash at any point means the input is read again, never that an
 output is missing (at-least-once; the stages downstream are idempotent per id).
 
-`StageIO.run_batches` feeds a stage its input in batches (Faust's ``take_events``):
+`StageIO.run_batches` feeds a stage its input in batches (`streams.feed.batches`,
+straight from Faust's consumer, in place of Faust's ``take_events``):
 the records of a batch run concurrently, so their outputs leave in a few produce
 requests instead of one each, and the batch's offsets are acked only after every
 record of it is done. A batch's records start in offset order and a handler's
@@ -43,6 +44,7 @@ from mailflow.config import Settings
 from mailflow.kafka_io import AsyncProducer, BrokerUnavailable
 from mailflow.objstore import get_body
 from schemas.records import ErrorRecord, Event, Message, PoisonPill
+from streams import feed
 from streams.app import topic
 from streams.faust_compat import run_eagerly
 from streams.topics import full_name
@@ -294,7 +296,7 @@ class StageIO:
         `handler(raw)`, or `handler(raw, event)` with `with_event` (for the Kafka
         timestamp or a windowed table, which outside Faust's own per-event loop
         must be told the event)."""
-        async for events in stream.take_events(max_, within):
+        async for events in feed.batches(stream, max_, within):
             await self.process_batch(events, handler, with_event)
 
     async def process_batch(self, events: list[EventT], handler: Callable[..., Awaitable[Pending]],
