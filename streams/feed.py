@@ -19,7 +19,8 @@ fetch loop (mailflow's `_drain_messages_eagerly`) hands each fetched record to
 ready: a batch is what one fetch brought, not what arrived in a fixed wait. While
 Faust's flow control is suspended (a rebalance), the offer is refused and Faust's
 awaited path (`Feed.__call__`) waits for flow to resume and for Faust's producer
-buffer to ebb, as the conductor does.
+buffer to ebb, as the conductor does; on the plain path the producer buffer is
+waited for once per batch, before the batch is taken.
 
 What stays Faust's, unchanged: the consumer, its fetcher and its offsets. Each record
 of a batch is tracked in ``Consumer._unacked_messages`` when the batch is taken (as
@@ -241,9 +242,13 @@ async def batches(stream: faust.StreamT, max_: int, within: float
     FEEDS[channel] = feed
     conductor = app.topics
     conductor._update_callback_map()  # type: ignore[attr-defined]  # if assigned already
+    ebb = app.producer.buffer.wait_until_ebb
     try:
         while True:
             await feed.wait_batch()
+            # Faust's conductor waits here per record: table writes queued in Faust's
+            # producer buffer past its bound hold the stage back until they drain.
+            await ebb()
             events = feed.take()
             if not events:
                 continue
