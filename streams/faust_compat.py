@@ -33,11 +33,14 @@ import faust
 from aiokafka import errors as KafkaErrors
 from aiokafka.consumer.fetcher import Fetcher
 from faust.sensors.monitor import Monitor
+from faust.transport.conductor import Conductor, ConductorCompiler
 from faust.transport.consumer import CONSUMER_FETCHING, Consumer, ensure_TP
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.producer import ProducerBuffer
 from faust.types import EventT, Message, StreamT
 from faust.types.tuples import TP
+
+from streams.feed import ENDED, FEEDS, Feed
 
 TESTED_VERSION = "0.15.3"
 TESTED_AIOKAFKA = "0.14.0"  # Faust's Kafka client, patched below too
@@ -275,8 +278,19 @@ def run_eagerly(coro: Coroutine[Any, Any, Any], context: contextvars.Context | N
 # delivered and none counted as a gap), so this loop delivers every record. Measured
 # with bench/hop.py (docs/BENCHMARKS.md). Upstream: faust-streaming #229 (a
 # deadlock in this very wait_first), robinhood/faust #563 (slow consumption).
+#
+# A partition whose conductor callback is a `streams.feed.Feed` (see
+# `_build_handler_feeding`) gets its records by a plain call, `Feed.offer`, without
+# the conductor's lock and closures, and each feed that got records is told when a
+# fetch's records are all handed over (`Feed.fetched`: its batch is ready). While
+# the conductor rebuilds its callbacks (its lock held) or flow is suspended, every
+# record takes the conductor's path.
 async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: no cover
     callback = self.callback
+    conductor = self.transport.app.topics
+    tp_callbacks = conductor._tp_to_callback
+    get_tp_callback = tp_callbacks.get
+    rebuilding = conductor._tp_to_callback_lock.locked
     getmany = self.getmany
     consumer_should_stop = self._stopped.is_set
     fetcher_should_stop = fetcher._stopped.is_set
@@ -295,7 +309,8 @@ async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: n
             # As Faust: getmany can return at once, in a loop never yielding.
             await self.sleep(0)
             if not self.should_stop:
-                async for _tp, message in ait:
+                fed: set[Feed] = set()
+                async for tp, message in ait:
                     num_since_yield += 1
                     if num_since_yield > yield_every:
                         await sleep(0)
@@ -306,9 +321,15 @@ async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: n
                     if suspended():
                         await self.wait_first(callback(message), suspend_flow.wait())
                         continue
+                    feed = get_tp_callback(tp)
+                    if type(feed) is Feed and not rebuilding() and feed.offer(message):
+                        fed.add(feed)
+                        continue
                     done, rest = run_eagerly(callback(message))
                     if not done:
                         await self.wait_first(rest, suspend_flow.wait())
+                for feed in fed:
+                    feed.fetched()
                 unset_flag(CONSUMER_FETCHING)
     except self.consumer_stopped_errors:
         if self.transport.app.should_stop:
@@ -325,6 +346,39 @@ async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: n
         raise
     finally:
         unset_flag(CONSUMER_FETCHING)
+
+
+# --- Conductor._build_handler: partitions fed to a stage's batches -----------------
+
+# Faust's conductor compiles, per assigned partition, a callback that decodes each
+# record into an event and puts it in the queue of every channel subscribed to the
+# partition, for a stream to iterate; for a stage that handles its input a batch at
+# a time that machinery (the conductor's closure, the event, the queue, the stream
+# iterator and per-event acks) was about a third of a no-op hop's CPU. A partition
+# whose only subscriber is the channel of a `streams.feed.Feed` gets the feed itself
+# as its callback; one it shares with other channels gets a callback that offers
+# the record to each feed, then runs Faust's callback for the other channels; a
+# channel whose feed ended receives nothing. Upstream: robinhood/faust #563 (slow
+# consumption), faust-streaming #229.
+_faust_build_handler = Conductor._build_handler
+
+
+def _build_handler_feeding(self: Any, tp: Any, channels: Any) -> Any:
+    feeds = [FEEDS[c] for c in channels if c in FEEDS]
+    others = {c for c in channels if c not in FEEDS and c not in ENDED}
+    if not feeds:
+        return _faust_build_handler(self, tp, others if len(others) != len(channels) else channels)
+    if len(feeds) == 1 and not others:
+        return feeds[0]
+    rest = _faust_build_handler(self, tp, others) if others else None
+
+    async def on_message(message: Any) -> None:
+        for feed in feeds:
+            await feed(message)
+        if rest is not None:
+            await rest(message)
+
+    return on_message
 
 
 # --- AIOKafkaConsumerThread._create_worker_consumer: the fetch long poll --------------
@@ -483,6 +537,31 @@ PATCHES: tuple[Patch, ...] = (
                       "callback(message), self.suspend_flow.wait()",
                       "get_read_offset = self._read_offset.__getitem__",
                       "except self.consumer_stopped_errors:")),
+    Patch(Conductor, "_build_handler", _build_handler_feeding,
+          "the conductor's per-record event, queue and stream were a third of a hop's CPU "
+          "(see _build_handler_feeding, streams/feed.py)",
+          "robinhood/faust #563; faust-streaming #229", params=("self", "tp", "channels"),
+          source_has=("return self._compiler.build(self, tp, channels)",)),
+    # What the feed's path reads or calls of Faust's, as the conductor's callback does.
+    Patch(Conductor, "__init__", None, "the fetch loop reads the conductor's callback map",
+          "none", params=("self", "app"),
+          source_has=("self._tp_to_callback = {}", "self._tp_to_callback_lock = asyncio.Lock()")),
+    Patch(Conductor, "_update_callback_map", None, "a feed rebuilds the callbacks as it starts",
+          "none", params=("self",), source_has=("self._build_handler(tp",)),
+    Patch(ConductorCompiler, "build", None,
+          "Feed.__call__ waits where the conductor's callback does",
+          "none", params=("self", "conductor", "tp", "channels"),
+          source_has=("await acquire_flow_control()", "await wait_until_producer_ebb()",
+                      "message.incref(channels_n)")),
+    Patch(Consumer, "on_buffer_full", None, "a full feed takes its partition out of the fetch",
+          "none", params=("self", "tp")),
+    Patch(Consumer, "on_buffer_drop", None, "a drained feed puts it back", "none",
+          params=("self", "tp")),
+    Patch(Consumer, "ack", None, "a feed acks each handled record's message",
+          "none", params=("self", "message"),
+          source_has=("self._unacked_messages.discard(message)", "acked_for_tp.append(offset)")),
+    Patch(Message, "ack", None, "a feed acks through the message's reference count", "none",
+          params=("self", "consumer", "n"), source_has=("return self.on_final_ack(consumer)",)),
     Patch(Fetcher, "_proc_offset_request", _offsets_refreshing_stale_metadata,
           "an offset lookup answered by a stale leader retried it for five minutes",
           "none found upstream (aiokafka's fetch path refreshes; this one does not)",

@@ -17,7 +17,8 @@ are applied to the local store the moment the handler returns, with no wait in
 between, so the next record's handler reads them (a rate window's count, a mailbox
 page, a ledger entry).
 
-`Stage.run_batches` feeds a stage its input in batches (Faust's ``take_events``):
+`Stage.run_batches` feeds a stage its input in batches (`streams.feed.batches`,
+straight from Faust's consumer, in place of Faust's ``take_events``):
 the records of a batch run concurrently, so their outputs leave in a few produce
 requests instead of one each, and the batch's offsets are acked only after every
 record of it is done. A batch's records start in offset order and a handler's
@@ -58,6 +59,7 @@ from mailflow.config import Settings
 from mailflow.kafka_io import AsyncProducer, BrokerUnavailable
 from mailflow.objstore import get_body
 from schemas.records import ErrorRecord, Event, Message, PoisonPill
+from streams import feed
 from streams.app import topic
 from streams.faust_compat import run_eagerly
 from streams.topics import full_name
@@ -314,6 +316,14 @@ class Stage:
         self._handled = {o: metrics.STAGE_MESSAGES.labels(name, o)
                          for o in ("ok", "poison", "failed", "retried")}
         self._seconds = metrics.STAGE_SECONDS.labels(name)
+        # librdkafka's idempotent producer holds its first record until it has its
+        # producer id, about 0.5 s after it is made; made on the stage's first record,
+        # that was a 0.5 s hop at each stage for the first message after a start
+        # (bench/idle.py), so it is made as the worker starts.
+        app.task(self._start_producer)
+
+    async def _start_producer(self) -> None:
+        self.producer  # noqa: B018 (made now, not on the first record)
 
     # --- declaring ---------------------------------------------------------------
 
@@ -487,14 +497,14 @@ class Stage:
         `handler(raw)`, or `handler(raw, event)` with `with_event` (for the Kafka
         timestamp or a windowed table, which outside Faust's own per-event loop
         must be told the event)."""
-        async for events in stream.take_events(max_, within):
+        async for events in feed.batches(stream, max_, within):
             await self.process_batch(events, handler, with_event)
 
     async def run_whole_batches(self, stream: faust.StreamT, handler: Handler,
                                 max_: int = BATCH_MAX, within: float = BATCH_WITHIN) -> None:
         """Hand each batch to `handler(events)` whole (a list of Faust events), one
         batch at a time; the batch is redone whole on a failure."""
-        async for events in stream.take_events(max_, within):
+        async for events in feed.batches(stream, max_, within):
             await self.process(list(events), handler)
 
     async def _handle_and_perform(self, handler: Handler, ev: EventT, with_event: bool
