@@ -29,12 +29,12 @@ cooperation closes the window.
 
 Trust: the body goes out with the ``DKIM-Signature`` lines the sent-folder stage
 made (``meta["dkim"]``), the same on every attempt; bounces made here are signed
-(mailflow/signing.py). TLS is checked against the MX host name (mailflow/smtp.py),
+(mailflow/mta/signing.py). TLS is checked against the MX host name (mailflow/mta/smtp.py),
 and a recipient domain's MTA-STS policy may narrow the MX hosts and require
-verified TLS (mailflow/mtasts.py); ``delivered`` and ``deferred`` events say which
+verified TLS (mailflow/mta/mtasts.py); ``delivered`` and ``deferred`` events say which
 TLS was used.
 
-Operators' queue actions (`mailflow queue`, mailflow/queue.py) are read from
+Operators' queue actions (`mailflow queue`, mailflow/ops/queue.py) are read from
 ``queue.control`` (`ControlView`, read to its end before the first record): a
 record whose message has a bounce request ends ``bounced`` (reason ``operator``)
 with a report to the sender; a record held by domain or by id is not tried: it
@@ -61,9 +61,17 @@ import faust
 import orjson
 
 from mailflow import metrics
-from mailflow.bounce_rules import DestinationBackoff, Verdict, classify, load_rules
 from mailflow.config import Settings
-from mailflow.delivery import (
+from mailflow.ids import new_id
+from mailflow.mta.dsn import FailedRecipient, build_dsn, is_bounce, parse_enhanced, status_for_reply
+from mailflow.mta.mtasts import MtaSts
+from mailflow.mta.mtasts import plan as sts_plan
+from mailflow.mta.mx import PermanentDnsError, Resolver, TemporaryDnsError, route_for
+from mailflow.mta.signing import Signer, wire_copies
+from mailflow.mta.smtp import Pool
+from mailflow.ops.queue import HOLD, OPERATOR_BOUNCE_REPLY, ControlView, bounce_requested, hold_of
+from mailflow.rules.bounce_rules import DestinationBackoff, Verdict, classify, load_rules
+from mailflow.rules.delivery import (
     DELIVERED,
     PERMANENT,
     TEMPORARY,
@@ -73,15 +81,7 @@ from mailflow.delivery import (
     next_due,
     reply_class,
 )
-from mailflow.dsn import FailedRecipient, build_dsn, is_bounce, parse_enhanced, status_for_reply
-from mailflow.ids import new_id
-from mailflow.mailrules import domain_of, header_block
-from mailflow.mtasts import MtaSts
-from mailflow.mtasts import plan as sts_plan
-from mailflow.mx import PermanentDnsError, Resolver, TemporaryDnsError, route_for
-from mailflow.queue import HOLD, OPERATOR_BOUNCE_REPLY, ControlView, bounce_requested, hold_of
-from mailflow.signing import Signer, wire_copies
-from mailflow.smtp import Pool
+from mailflow.rules.mailrules import domain_of, header_block
 from mailflow.suppression import TOPIC as SUPPRESSIONS
 from mailflow.suppression import SuppressionList
 from mailflow.suppression import entry as suppression_entry
@@ -136,7 +136,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
         if not reading:
             reading.append(asyncio.ensure_future(asyncio.to_thread(control.ready.wait)))
         return reading[0]
-    # Issue 16: replies classified by the rule table (mailflow/bounce_rules.py),
+    # Issue 16: replies classified by the rule table (mailflow/rules/bounce_rules.py),
     # destinations that rate-limit us paused, suppressed recipients never attempted.
     rules = load_rules()
     backoff = DestinationBackoff()
@@ -150,7 +150,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
             return [Outcome(r, PERMANENT, None, exc.reason) for r in rcpts]
         except TemporaryDnsError as exc:
             return [Outcome(r, TEMPORARY, None, exc.reason) for r in rcpts]
-        # MTA-STS (mailflow/mtasts.py): enforce keeps the MX hosts its policy names, TLS required.
+        # MTA-STS (mailflow/mta/mtasts.py): enforce keeps the MX hosts its policy names, TLS required.
         sts = sts_plan(domain, await mta_sts.policy(domain), dests) if mta_sts and not route else None
         if sts is not None:
             if sts.refused:
@@ -266,7 +266,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
         """One transaction for the record's recipients; one per recipient when the
         message has per-recipient headers (one-click unsubscribe: each its own link),
         each with the DKIM-Signature lines made once before the first attempt
-        (sentfolder; `mailflow.signing.wire_copies`)."""
+        (sentfolder; `mailflow.mta.signing.wire_copies`)."""
         copies = wire_copies(msg.meta, body, rcpts)
         if len(copies) == 1:
             return await attempt(domain, msg, *copies[0])

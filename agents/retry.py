@@ -14,7 +14,7 @@ the record is on ``delivery`` with acks=all.
 This stage is a plain confluent-kafka consumer rather than a Faust agent: Faust
 has no way for an agent to pause one partition until a time and seek back.
 
-Operators' queue actions (`mailflow queue`, see mailflow/queue.py), read from
+Operators' queue actions (`mailflow queue`, see mailflow/ops/queue.py), read from
 ``queue.control`` (`ControlView`, read to its end before anything is consumed):
 
 * a flush (of everything, or of one domain) or a bounce request makes each
@@ -52,7 +52,7 @@ from confluent_kafka import (
 from mailflow import metrics
 from mailflow.config import Settings
 from mailflow.kafka_io import producer_config
-from mailflow.queue import (
+from mailflow.ops.queue import (
     CONTROL,
     HOLD,
     Controls,

@@ -22,7 +22,7 @@ from typing import Any
 import faust
 
 from mailflow.config import Settings
-from mailflow.scanners import Clamd, Rspamd, ScannerUnavailable, verdict
+from mailflow.mta.scanners import Clamd, Rspamd, ScannerUnavailable, verdict
 from schemas.records import parse_message
 from streams.runtime import Outputs, Stage
 

@@ -11,7 +11,7 @@ one domain keeps its body inline on ``delivery`` (the Sent copy still goes by
 reference), which spares the delivery stage an object-store read per message.
 
 DKIM: this is where a message's headers and body are final, so it is signed here,
-once (``mailflow.signing``): the ``DKIM-Signature`` lines go into the records'
+once (``mailflow.mta.signing``): the ``DKIM-Signature`` lines go into the records'
 ``meta["dkim"]`` (and, for one-click unsubscribe, one signature per recipient
 over its own List-Unsubscribe headers in ``meta["dkim_rcpt"]``) and the delivery
 stage puts them in front of the body for every attempt, so retries send the same
@@ -26,10 +26,10 @@ from __future__ import annotations
 import faust
 
 from mailflow.config import Settings
-from mailflow.mailrules import group_by_domain
+from mailflow.mta.signing import Signer, unsubscribe_links
 from mailflow.objstore import body_key, put_body
-from mailflow.signing import Signer, unsubscribe_links
-from mailflow.unsubscribe import with_unsubscribe_headers
+from mailflow.rules.mailrules import group_by_domain
+from mailflow.rules.unsubscribe import with_unsubscribe_headers
 from schemas.records import parse_message
 from streams.runtime import Outputs, Stage
 

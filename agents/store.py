@@ -23,11 +23,11 @@ from typing import Any
 
 import faust
 
-from mailflow import mailbox as mb
 from mailflow.config import Settings
 from mailflow.ids import is_id
-from mailflow.mailrules import AddressError, mailbox_key
 from mailflow.objstore import get_body
+from mailflow.rules import mailbox as mb
+from mailflow.rules.mailrules import AddressError, mailbox_key
 from schemas.records import PoisonPill, parse_message
 from streams.runtime import JSON_TABLE, Outputs, Stage
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 import faust
 
 from mailflow.config import Settings
-from mailflow.mailrules import (
+from mailflow.objstore import body_key, put_body
+from mailflow.rules.mailrules import (
     check_message,
     mailbox_key,
     parse_headers,
     split_recipients,
     summarize,
 )
-from mailflow.objstore import body_key, put_body
 from schemas.records import parse_message
 from streams.runtime import Outputs, Stage
 

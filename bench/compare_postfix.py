@@ -348,7 +348,7 @@ def run_mailflow(args: argparse.Namespace, work: Path, system: str) -> dict[str,
            "MAILFLOW_SCANNERS": "clamd,rspamd" if system == "mailflow-scan" else "none"}
     if system == "mailflow-flow":
         env["MAILFLOW_IN_FLOW_BACKLOG"] = str(args.flow_backlog)
-    cmd = [sys.executable, "-m", "mailflow.cli", "bench", "--start", "all", "--count", str(args.count),
+    cmd = [sys.executable, "-m", "mailflow.ops.cli", "bench", "--start", "all", "--count", str(args.count),
            "--size", str(args.size), "--concurrency", str(args.concurrency), "--domains", str(args.domains),
            "--remote-share", "1.0", "--submit-log", str(log), "--timeout", str(args.timeout)]
     bootstrap = Settings.from_env().kafka_bootstrap

@@ -16,8 +16,8 @@ import time
 import dkim
 import orjson
 
-from mailflow import domains as dom
-from mailflow import signing
+from mailflow.mta import domains as dom
+from mailflow.mta import signing
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ DEFERRING = [f"d{i}.bench.test" for i in range(5)]  # 5 of the bench's 50 domain
 
 def one(mode: str, count: int, sink_port: int, defer_port: int) -> dict:
     env = {**os.environ, "MAILFLOW_SMTP_ROUTES": f"*=127.0.0.1:{sink_port}"}
-    args = [sys.executable, "-m", "mailflow.cli", "bench", "--start", "all", "--count", str(count)]
+    args = [sys.executable, "-m", "mailflow.ops.cli", "bench", "--start", "all", "--count", str(count)]
     if mode in ("healthy", "tenpct451"):
         # The retry benchmark: scanning off; in `tenpct451` 10 % of the mail goes to a
         # server that always answers 451, and only the rest is waited for.

@@ -74,7 +74,7 @@ def one_round(replicas: int, count: int, peer: SlowPeer, base: Path) -> dict:
     p.flush(60)
     with peer.lock:
         peer.times.clear()
-    procs = [subprocess.Popen([sys.executable, "-m", "mailflow.cli", "worker", "--stages", "deliver"],
+    procs = [subprocess.Popen([sys.executable, "-m", "mailflow.ops.cli", "worker", "--stages", "deliver"],
                               env=env, stdout=subprocess.DEVNULL, stderr=open(base / f"{prefix}deliver.log", "ab"),
                               start_new_session=True) for _ in range(replicas)]
     try:

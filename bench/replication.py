@@ -76,7 +76,7 @@ def one_round(kind: str, work: Path, count: int, heap: str, scanners: bool,
                "MAILFLOW_DATA_DIR": str(data / "stack"),
                "MAILFLOW_SMTP_ROUTES": f"*=127.0.0.1:{sink_port}",
                "MAILFLOW_SCANNERS": "clamd,rspamd" if scanners else "none"}
-        proc = subprocess.Popen([sys.executable, "-m", "mailflow.cli", "bench", "--start", "all",
+        proc = subprocess.Popen([sys.executable, "-m", "mailflow.ops.cli", "bench", "--start", "all",
                                  "--count", str(count), "--remote-share", "1.0"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, cwd=ROOT)
         # The brokers' CPU from when the bench's stack is up (its line on stderr) to its

@@ -34,7 +34,7 @@ def one(count: int, partitions: int, replicas: int, sink_port: int) -> dict[str,
     env = {**os.environ, "MAILFLOW_SMTP_ROUTES": f"*=127.0.0.1:{sink_port}", "MAILFLOW_SCANNERS": "none",
            "MAILFLOW_PARTITIONS": str(partitions)}
     stages = "ratelimit,validate,store,scan,sentfolder,retry,status," + ",".join(["deliver"] * replicas)
-    cmd = [sys.executable, "-m", "mailflow.cli", "bench", "--start", stages, "--count", str(count),
+    cmd = [sys.executable, "-m", "mailflow.ops.cli", "bench", "--start", stages, "--count", str(count),
            "--remote-share", "1.0"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
     lines = [x for x in out.stdout.splitlines() if x.startswith("{")]

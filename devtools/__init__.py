@@ -7,5 +7,5 @@ and the loopback DNS server, ``python -m devtools.services up``), `stack`
 `mailflow sink`) and `bench` (the load generator, `mailflow bench`).
 
 No stage and no part of the API imports this package (tests/devtools/test_apart.py
-checks it); `mailflow.cli` reaches these commands by lazy imports.
+checks it); `mailflow.ops.cli` reaches these commands by lazy imports.
 """

@@ -249,7 +249,7 @@ class LagSampler(threading.Thread):
         self.running = True
 
     def run(self) -> None:
-        from mailflow.lag import measure
+        from mailflow.ops.lag import measure
 
         while self.running:
             try:
@@ -471,8 +471,8 @@ def start_stack(settings: Settings, args: argparse.Namespace) -> tuple[Settings,
     import socket
 
     from devtools.stack import _http_ok
-    from mailflow.supervise import Supervisor
-    from mailflow.worker import available, parse_stages
+    from mailflow.ops.supervise import Supervisor
+    from mailflow.ops.worker import available, parse_stages
     from streams.topics import ensure_topics
 
     prefix = f"bench{uuid.uuid4().hex[:6]}."
@@ -489,7 +489,7 @@ def start_stack(settings: Settings, args: argparse.Namespace) -> tuple[Settings,
 
     args.key, _ = create_key(settings, sorted(settings.local_domains), name="bench")
     sup = Supervisor()
-    me = [sys.executable, "-m", "mailflow.cli"]
+    me = [sys.executable, "-m", "mailflow.ops.cli"]
     for stage in parse_stages(args.start):
         if available(stage):
             sup.add(f"stage {stage}", [*me, "worker", "--stages", stage], env=env)

@@ -36,7 +36,7 @@ from mailflow.config import cluster_bootstrap as cluster_bootstrap
 from mailflow.config import node_port
 from mailflow.kafka_ready import is_ready as is_ready
 from mailflow.kafka_ready import quiet_admin
-from mailflow.supervise import die_with_parent
+from mailflow.ops.supervise import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 POM = ROOT / "broker" / "pom.xml"
@@ -273,7 +273,7 @@ def prepare_node(data_dir: Path, node: Node, voters: list[Node], loglevel: str =
 
 
 def supervise_cluster(sup: Any, me: list[str], bootstrap: str, nodes: int) -> None:
-    """Add each node of the local cluster to `sup` (a `mailflow.supervise.Supervisor`)
+    """Add each node of the local cluster to `sup` (a `mailflow.ops.supervise.Supervisor`)
     as its own ``mailflow broker --nodes N --node K``, restarted if it dies, so one
     node's crash is what it is in production: a failover, not an outage. Node 1's
     port is the first address of `bootstrap`. Nodes that already answer are left

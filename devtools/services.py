@@ -58,7 +58,7 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from mailflow.supervise import die_with_parent
+from mailflow.ops.supervise import die_with_parent
 
 __all__ = [
     "CLAMD_PORT",

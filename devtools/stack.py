@@ -6,7 +6,7 @@ rspamd and the loopback DNS server, the SMTP sink (when a route points at it),
 one process per stage, then the HTTP API. Each is waited on until it is ready.
 Ctrl-C, SIGTERM, SIGHUP or `mailflow down` stops them in reverse order, flushing
 and committing; if `mailflow up` itself dies (SIGKILL included), every child goes
-with it (`mailflow.supervise.die_with_parent`).
+with it (`mailflow.ops.supervise.die_with_parent`).
 
 One stack per data dir: the running `mailflow up` holds an flock on
 ``DATA_DIR/run/up.lock`` for its whole life (the kernel drops it when the process
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mailflow.config import Settings
-from mailflow.supervise import Child, Supervisor
+from mailflow.ops.supervise import Child, Supervisor
 from streams.app import STAGES
 
 
@@ -214,10 +214,10 @@ def _busy_ports(settings: Settings) -> list[str]:
 def build(settings: Settings, scanners: bool = True,
           on_spawn: Any = None) -> Supervisor:
     from devtools import broker
-    from mailflow.worker import available
+    from mailflow.ops.worker import available
     from streams.topics import ensure_topics
 
-    me = [sys.executable, "-m", "mailflow.cli"]
+    me = [sys.executable, "-m", "mailflow.ops.cli"]
     sup = Supervisor(on_spawn=on_spawn)
     if settings.broker_nodes > 1:
         broker.supervise_cluster(sup, me, settings.kafka_bootstrap, settings.broker_nodes)
@@ -288,8 +288,8 @@ def print_demo_credentials(settings: Settings) -> None:
 
 
 def ensure_domain_keys(settings: Settings) -> None:
-    """DKIM keys for the local domains (mailflow.domains), so the demo signs its first message."""
-    from mailflow import domains
+    """DKIM keys for the local domains (mailflow.mta.domains), so the demo signs its first message."""
+    from mailflow.mta import domains
 
     try:
         made = domains.ensure(settings, sorted(settings.local_domains))
@@ -431,7 +431,7 @@ def _up_detached(settings: Settings, scanners: bool) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         # Its own session, no death signal: a detached stack outlives this command.
-        proc = subprocess.Popen([sys.executable, "-m", "mailflow.cli", "up"]
+        proc = subprocess.Popen([sys.executable, "-m", "mailflow.ops.cli", "up"]
                                 + ([] if scanners else ["--no-scanners"]),
                                 stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                 start_new_session=True)

@@ -96,8 +96,8 @@ class Settings:
     smtp_timeout: float = 30.0
     smtp_tls: str = "opportunistic"  # opportunistic | required | off
     tls_ca_file: str = ""  # PEM CAs trusted for MX certificates besides the system's
-    dkim: str = "sign-if-key"  # sign-if-key | required (mailflow.signing)
-    mta_sts: bool = True  # MTA-STS policies of recipient domains (mailflow.mtasts)
+    dkim: str = "sign-if-key"  # sign-if-key | required (mailflow.mta.signing)
+    mta_sts: bool = True  # MTA-STS policies of recipient domains (mailflow.mta.mtasts)
     mta_sts_port: int = 443  # the policy hosts' HTTPS port (tests only)
     max_connections_per_host: int = 8
     domain_rate: tuple[int, float] | None = None  # per destination domain, e.g. 600/60s

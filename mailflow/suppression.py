@@ -4,7 +4,7 @@ Entries are keyed by (sender domain, recipient address), both lower-cased, and l
 on the compacted topic ``suppressions`` (key ``<domain>|<address>``, value JSON
 ``{"domain", "address", "reason", "source", "ts", ...}``; a tombstone removes
 one). They are written by the deliver stage on a hard bounce (see
-`mailflow.bounce_rules`: the mailbox does not exist or is disabled), by the
+`mailflow.rules.bounce_rules`: the mailbox does not exist or is disabled), by the
 one-click unsubscribe endpoint, and by the API (``POST /v1/suppressions``), and
 survive every restart since the topic is the store.
 

@@ -46,7 +46,7 @@ import orjson
 
 from schemas.records import SUBMISSION_VERSION, PoisonPill, _loads
 
-LOCAL_FOLDERS = ("inbox", "sent")  # mailflow.mailbox.FOLDERS
+LOCAL_FOLDERS = ("inbox", "sent")  # mailflow.rules.mailbox.FOLDERS
 MAX_HISTORY = 30  # entries of `RetryState.history` kept (the deliver stage's limit)
 
 # The record's own keys, in the order `Message.to_json` writes them.
@@ -147,7 +147,7 @@ class ScanVerdict:
 class DeadLetter:
     """``meta.dead`` of a ``dead`` record: why (``permanent``, ``expired``,
     ``operator``), when, and each failed recipient's last outcome (the fields of
-    `mailflow.delivery.Outcome`: recipient, kind, code, reply, host, tls)."""
+    `mailflow.rules.delivery.Outcome`: recipient, kind, code, reply, host, tls)."""
 
     reason: str
     ts: float
@@ -237,7 +237,7 @@ _RETRY_VALUES = operator.attrgetter(*RetryState.KEYS)
 # How each typed ``meta`` key is read (a PoisonPill when it does not fit) and, when
 # it is not plain JSON, written.
 _META_PARSE: dict[str, Callable[[str, Any], Any]] = {
-    "unsubscribe": _text_map,  # recipient -> RFC 8058 link (API; mailflow/unsubscribe.py)
+    "unsubscribe": _text_map,  # recipient -> RFC 8058 link (API; mailflow/rules/unsubscribe.py)
     "dkim": _nonempty,  # DKIM-Signature lines (sentfolder; deliver's bounces)
     "dkim_rcpt": _text_map,  # recipient -> its own DKIM-Signature lines (sentfolder)
     "summary": _summary,  # what a mailbox listing shows (validate; mailrules.summarize)

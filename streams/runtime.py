@@ -137,7 +137,7 @@ class Outputs:
         self.writes.append((table, key, value, event))
 
     def writing(self, table: Any) -> TableWrites:
-        """A mapping over `table` for code written against one (`mailflow.mailbox`):
+        """A mapping over `table` for code written against one (`mailflow.rules.mailbox`):
         reads see this record's own writes first, writes become `write`."""
         return TableWrites(self, table)
 

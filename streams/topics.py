@@ -8,11 +8,11 @@ of each live worker, read by the ingress to route mailbox and status reads),
 ``auth`` (API keys and mailbox tokens by id: hashes only, see mailflow/api/auth.py),
 ``idempotency`` (credential + Idempotency-Key -> request hash and message id;
 compacted and also deleted after 2 days, the window being 24 h), ``domains``
-(sending domains and their DKIM selectors, private keys sealed: mailflow/domains.py),
+(sending domains and their DKIM selectors, private keys sealed: mailflow/mta/domains.py),
 ``suppressions`` ((sender domain, recipient) -> reason; see mailflow/suppression.py),
 ``webhooks`` (webhook id -> URL, events, owner, encrypted secret; mailflow/webhooks.py)
 and ``queue.control`` (operators' holds, flushes and bounce requests: see
-mailflow/queue.py); held mail waits on ``retry.hold`` (key: domain), and the
+mailflow/ops/queue.py); held mail waits on ``retry.hold`` (key: domain), and the
 webhooks stage's deliveries wait on its retry tiers ``webhooks.retry.1..N``.
 
 `ensure_topics` creates what is missing at start; partition count and replication
@@ -46,7 +46,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
     specs += [TopicSpec(f"retry.{i}") for i in range(1, len(settings.retry_schedule) + 1)]
     # Held mail (`mailflow queue hold`), an input of the retry stage like the tiers,
-    # so its consumer lag shows it; and the operators' queue actions (mailflow/queue.py).
+    # so its consumer lag shows it; and the operators' queue actions (mailflow/ops/queue.py).
     specs += [TopicSpec("retry.hold"), TopicSpec("queue.control", compacted=True, partitions=1)]
     specs += [TopicSpec(f"webhooks.retry.{i}") for i in range(1, len(webhook_retry_schedule()) + 1)]
     specs += [TopicSpec("throttle", compacted=True, partitions=1),

@@ -180,7 +180,7 @@ class Broker:
         env = {**os.environ, "MAILFLOW_DATA_DIR": str(self.data_dir)}
         log = open(self.data_dir / f"broker-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailflow.cli", "broker", "--port", str(self.port),
+            [sys.executable, "-m", "mailflow.ops.cli", "broker", "--port", str(self.port),
              "--controller-port", str(self.controller_port),
              *(["--heap", self.heap] if self.heap else [])],
             env=env, stdout=log, stderr=log, start_new_session=True)
@@ -237,7 +237,7 @@ class Cluster:
         env = {**os.environ, "MAILFLOW_DATA_DIR": str(self.data_dir)}
         log = open(self.data_dir / f"node-{node_id}.log", "ab")  # noqa: SIM115
         self.procs[node_id] = proc = subprocess.Popen(
-            [sys.executable, "-m", "mailflow.cli", "broker", "--nodes", str(len(self.nodes)),
+            [sys.executable, "-m", "mailflow.ops.cli", "broker", "--nodes", str(len(self.nodes)),
              "--node", str(node_id), "--port", str(self.port),
              *(["--heap", self.heap] if self.heap else [])],
             env=env, stdout=log, stderr=log, start_new_session=True)
@@ -330,7 +330,7 @@ class Stack:
         logdir = self.data_dir / "logs"
         logdir.mkdir(exist_ok=True)
         log = open(logdir / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "mailflow.cli", *argv], env=self.env,
+        proc = subprocess.Popen([sys.executable, "-m", "mailflow.ops.cli", *argv], env=self.env,
                                 stdout=log, stderr=log, start_new_session=True, cwd=ROOT)
         self.procs.setdefault(name, []).append(proc)
         return proc

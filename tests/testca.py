@@ -203,5 +203,5 @@ def txt_record(name: str, value: str) -> str:
 
 def run_cli(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
     """``mailflow ARGS`` with ``stack``'s environment (its topics, data dir, DNS)."""
-    return subprocess.run([sys.executable, "-m", "mailflow.cli", *args], env=stack.env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "mailflow.ops.cli", *args], env=stack.env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

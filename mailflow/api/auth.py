@@ -45,7 +45,7 @@ from aiokafka.partitioner import murmur2
 from mailflow.config import Settings
 from mailflow.kafka_io import CompactedReader, coordinates
 from mailflow.kafka_ready import BrokerNotReady, is_transient, wait_for_partitions
-from mailflow.mailrules import AddressError, mailbox_key, normalize_address
+from mailflow.rules.mailrules import AddressError, mailbox_key, normalize_address
 from streams.topics import full_name
 
 KEY_PREFIX = "mf"

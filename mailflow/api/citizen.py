@@ -26,9 +26,9 @@ from aiohttp import web
 
 from mailflow.api.auth import Principal, domain_allowed
 from mailflow.kafka_io import BrokerUnavailable
-from mailflow.mailrules import AddressError, normalize_address
+from mailflow.rules.mailrules import AddressError, normalize_address
+from mailflow.rules.unsubscribe import read_token, secret
 from mailflow.suppression import SuppressionList, entry, produce
-from mailflow.unsubscribe import read_token, secret
 
 ONE_CLICK = "List-Unsubscribe=One-Click"
 MAX_NOTE = 200

@@ -16,8 +16,8 @@ from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses, parseaddr
 from typing import Any
 
-from mailflow import mime
-from mailflow.mailrules import (
+from mailflow.rules import mime
+from mailflow.rules.mailrules import (
     AddressError,
     Field,
     bad_header_name,
@@ -30,7 +30,7 @@ from mailflow.mailrules import (
 
 FIELDS = {"from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "headers", "attachments",
           "unsubscribe"}
-# Set per recipient by mailflow with "unsubscribe": true (mailflow/unsubscribe.py).
+# Set per recipient by mailflow with "unsubscribe": true (mailflow/rules/unsubscribe.py).
 UNSUBSCRIBE_HEADERS = {"list-unsubscribe", "list-unsubscribe-post"}
 # Headers the JSON form sets itself; a caller may not supply them through `headers`.
 RESERVED = {"from", "to", "cc", "bcc", "reply-to", "subject", "message-id", "date", "sender",

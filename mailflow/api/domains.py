@@ -21,9 +21,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from mailflow import domains as dom
 from mailflow.config import Settings
-from mailflow.signing import from_domain
+from mailflow.mta import domains as dom
+from mailflow.mta.signing import from_domain
 from streams.topics import full_name
 
 KEY = web.AppKey("domains_api", object)
@@ -99,7 +99,7 @@ class DomainsApi:
             name = dom.normalize_domain(doc["domain"])
         except dom.DomainError as exc:
             return error(400, "invalid_input", str(exc), {"domain": str(exc)})
-        from mailflow.keyring import operator_key
+        from mailflow.mta.keyring import operator_key
 
         def make() -> dict[str, Any]:
             rec = dom.new_domain(operator_key(self.settings), name, ed)

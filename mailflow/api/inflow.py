@@ -24,7 +24,7 @@ from aiokafka.structs import TopicPartition
 
 from mailflow import metrics
 from mailflow.config import Settings
-from mailflow.lag import partition_lag
+from mailflow.ops.lag import partition_lag
 from streams.app import input_topics
 from streams.topics import group_id
 
@@ -41,7 +41,7 @@ def must_wait(backlog: int, limit: int, waited: float, max_delay: float) -> bool
 
 class BacklogReader:
     """Records written to the pipeline stages' inputs that their groups have not
-    committed, counted as `mailflow lag` counts them (`mailflow.lag.partition_lag`).
+    committed, counted as `mailflow lag` counts them (`mailflow.ops.lag.partition_lag`).
 
     aiokafka (Python), not confluent-kafka's AdminClient: librdkafka's OffsetFetch
     from a client that is not a group member can crash its main thread when the

@@ -51,7 +51,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from yarl import URL
 
-from mailflow import metrics, mime
+from mailflow import metrics
 from mailflow.api.auth import Authenticator, Principal, SyncReader, header_from_addresses
 from mailflow.api.citizen import register as register_citizen_routes
 from mailflow.api.compose import Composed, InputError, compose_json, prepare_raw
@@ -63,9 +63,10 @@ from mailflow.config import Settings
 from mailflow.ids import encode as encode_id
 from mailflow.ids import is_id, new_id
 from mailflow.kafka_io import AsyncProducer, BrokerUnavailable
-from mailflow.mailrules import AddressError, check_message, mailbox_key, parse_headers
 from mailflow.objstore import body_key, delete_body, get_body, put_body
-from mailflow.unsubscribe import links_for
+from mailflow.rules import mime
+from mailflow.rules.mailrules import AddressError, check_message, mailbox_key, parse_headers
+from mailflow.rules.unsubscribe import links_for
 from schemas.records import Message
 from streams.topics import full_name
 
@@ -371,7 +372,7 @@ class Ingress:
         await self.inflow.admit()
         rec = Message(id=msg_id, sender=c.sender, recipients=c.recipients,
                       received_at=time.time(), size=len(c.raw))
-        if c.extra.get("unsubscribe"):  # RFC 8058 links per recipient (mailflow/unsubscribe.py)
+        if c.extra.get("unsubscribe"):  # RFC 8058 links per recipient (mailflow/rules/unsubscribe.py)
             rec.meta["unsubscribe"] = links_for(s, c.sender, c.recipients)
         ref = None
         if len(c.raw) > s.inline_max_bytes:
@@ -531,7 +532,7 @@ class Ingress:
             return who
         if not who.admin:
             return forbidden("the queue is shown to admin keys only")
-        from mailflow import queue
+        from mailflow.ops import queue
 
         try:
             doc = await asyncio.get_running_loop().run_in_executor(None, queue.snapshot, self.settings)

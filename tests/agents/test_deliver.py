@@ -15,8 +15,8 @@ import pytest
 
 from agents import deliver
 from mailflow.config import parse_routes
-from mailflow.delivery import DELIVERED, PERMANENT, Outcome
-from mailflow.queue import HOLD, Controls
+from mailflow.ops.queue import HOLD, Controls
+from mailflow.rules.delivery import DELIVERED, PERMANENT, Outcome
 from mailflow.suppression import TOPIC as SUPPRESSIONS
 from schemas.records import parse_message
 

@@ -9,7 +9,7 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException
 
 from agents.retry import RetryStage, due_at
-from mailflow.queue import parse_controls
+from mailflow.ops.queue import parse_controls
 from schemas.records import Message
 
 

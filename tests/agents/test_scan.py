@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from agents import scan
-from mailflow.scanners import ScannerUnavailable
+from mailflow.mta.scanners import ScannerUnavailable
 from schemas.records import parse_message
 
 

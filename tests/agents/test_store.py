@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from agents import store
-from mailflow import mailbox as mb
+from mailflow.rules import mailbox as mb
 from schemas.records import PoisonPill
 
 

@@ -83,7 +83,7 @@ def test_broker_nodes_setting_points_the_stack_at_the_cluster(monkeypatch: pytes
 
 
 class Recorder:
-    """Records what a `mailflow.supervise.Supervisor` would be asked to run."""
+    """Records what a `mailflow.ops.supervise.Supervisor` would be asked to run."""
 
     def __init__(self) -> None:
         self.added: list[tuple[str, list[str], bool, bool]] = []

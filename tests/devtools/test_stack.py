@@ -86,7 +86,7 @@ class Up:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env, self.log = env, log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mailflow.cli", "up", "--no-scanners"],
+            self.proc = subprocess.Popen([sys.executable, "-m", "mailflow.ops.cli", "up", "--no-scanners"],
                                          env=env, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
 
@@ -101,7 +101,7 @@ class Up:
 
 
 def _mailflow(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mailflow.cli", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "mailflow.ops.cli", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -201,7 +201,7 @@ def test_sigkill_of_up_leaves_no_process_behind(first: dict[str, Any]) -> None:
     tree = _tree(up.proc.pid)
     cmds = " ".join(cmd for _, cmd in tree.values())
     # What `mailflow up` started: the broker and its JVM, every stage, the API, ...
-    assert "kafka.Kafka" in cmds and "mailflow.cli api" in cmds and "--stages deliver" in cmds
+    assert "kafka.Kafka" in cmds and "mailflow.ops.cli api" in cmds and "--stages deliver" in cmds
     assert len(tree) >= 12, cmds
     os.kill(up.proc.pid, signal.SIGKILL)
     up.proc.wait(10)

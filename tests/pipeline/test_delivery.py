@@ -206,7 +206,7 @@ def test_refused_recipient_bounces_with_dsn_to_local_sender(dstack: Stack, peers
 
 
 def replay(stack: Stack, *args: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "mailflow.cli", "replay", *args], env=stack.env,
+    out = subprocess.run([sys.executable, "-m", "mailflow.ops.cli", "replay", *args], env=stack.env,
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     return orjson.loads(out.stdout.strip().splitlines()[-1])

@@ -27,8 +27,8 @@ from harness import ROOT, ScriptedPeer, Stack, free_port, http, settled, wait_fo
 from testca import LocalDns, txt_record
 from testca import run_cli as cli
 
-from mailflow import domains as dom
-from mailflow.keyring import operator_key
+from mailflow.mta import domains as dom
+from mailflow.mta.keyring import operator_key
 
 MX = "mx-host=dkim.test,mx.dkim.test,10\nhost-record=mx.dkim.test,127.0.0.1\n"
 
@@ -244,7 +244,7 @@ def test_required_mode_refuses_a_domain_without_key(world: dict[str, Any]) -> No
     s = world["stack"]
     port = free_port()
     env = {**s.env, "MAILFLOW_DKIM": "required", "MAILFLOW_API_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "-m", "mailflow.cli", "api"], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "mailflow.ops.cli", "api"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

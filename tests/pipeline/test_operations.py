@@ -46,7 +46,7 @@ def metrics_of(url: str) -> dict[str, list]:
 
 
 def lag_json(stack: Stack) -> dict:
-    out = subprocess.run([sys.executable, "-m", "mailflow.cli", "lag", "--json"], env=stack.env,
+    out = subprocess.run([sys.executable, "-m", "mailflow.ops.cli", "lag", "--json"], env=stack.env,
                          capture_output=True, text=True, timeout=60, check=True)
     import orjson
 
@@ -72,7 +72,7 @@ def test_lag_shows_waiting_delivery_and_drains(ops_stack: Stack, peer: ScriptedP
     doc = lag_json(s)["stages"]
     assert doc["deliver"]["consumers"] == 0 and doc["deliver"]["oldest_age"] > 0
     assert doc["sentfolder"]["total"] == 0 and doc["scan"]["total"] == 0
-    table = subprocess.run([sys.executable, "-m", "mailflow.cli", "lag"], env=s.env,
+    table = subprocess.run([sys.executable, "-m", "mailflow.ops.cli", "lag"], env=s.env,
                            capture_output=True, text=True, timeout=60, check=True).stdout
     assert any(line.startswith("deliver") and line.split()[-3] == "500" for line in table.splitlines()), table
 

@@ -86,7 +86,7 @@ def qstack(kafka: str, work_dir: Path, peers: dict[str, ScriptedPeer]) -> Iterat
 
 def queue(stack: Stack, *args: str) -> dict[str, Any]:
     """`mailflow queue ARGS`: the JSON line it ends with."""
-    out = subprocess.run([sys.executable, "-m", "mailflow.cli", "queue", *args], env=stack.env,
+    out = subprocess.run([sys.executable, "-m", "mailflow.ops.cli", "queue", *args], env=stack.env,
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     return orjson.loads(out.stdout.strip().splitlines()[-1])

@@ -12,7 +12,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 from harness import Stack, wait_for
 
-from mailflow.lag import measure
+from mailflow.ops.lag import measure
 from schemas.records import Event
 
 STATES = ("accepted", "admitted", "validated", "scanned", "sent_folder", "delivered")

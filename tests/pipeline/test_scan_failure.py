@@ -46,7 +46,7 @@ def test_closed_waits_for_clamd_and_passes_nothing_unscanned(kafka: str, work_di
         second = produce_outgoing(stack, 30, "during")
         time.sleep(6)
         assert not set(second) & set(clean_records(stack)), "passed while clamd was down"
-        from mailflow.lag import measure
+        from mailflow.ops.lag import measure
 
         assert measure(stack.settings(), ["scan"])[0].total >= 1  # waiting shows as lag
         clamd = ServiceGroup([prepare_clamd(tmp_path / "clamd", port=port)])

@@ -147,7 +147,7 @@ def test_two_hundred_mixed_submissions_each_reach_one_state(submission_stack: St
         checked += 1
     assert checked > 50
     # The remote part is visible as lag on the scanner's input.
-    from mailflow.lag import measure
+    from mailflow.ops.lag import measure
 
     scan = next(x for x in measure(s.settings(), ["scan"]))
     waiting = sum(1 for e in sent.values() if "raw" in e and any(not r.endswith(("mailflow.test", "local.test")) for r in e["to"]))

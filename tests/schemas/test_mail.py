@@ -15,7 +15,7 @@ import orjson
 import pytest
 from referencing import Registry, Resource
 
-from mailflow import mailbox
+from mailflow.rules import mailbox
 from schemas.mail import (
     LOCAL_FOLDERS,
     DeadLetter,
@@ -169,7 +169,7 @@ def bounce_remote() -> Message:  # agents/deliver.py bounce, to delivery for a r
     return msg.with_(meta={**msg.meta, "domain": "ext.test"})
 
 
-def replayed() -> Message:  # mailflow/replay.py plan_dead (before the typed records)
+def replayed() -> Message:  # mailflow/ops/replay.py plan_dead (before the typed records)
     msg = dead()
     meta = {k: v for k, v in msg.meta.items() if k not in ("dead", "due", "tier")}
     meta.update({"domain": "one.test", "attempt": 0, "first_attempt": T + 900, "replayed_at": T + 900})
@@ -359,7 +359,7 @@ def test_null_typed_keys_read_as_absent():
 
 
 def test_events_and_errors_as_the_stages_write_them_fit_their_schemas():
-    # streams/runtime.py Outputs.event / park; mailflow/replay.py's replayed event
+    # streams/runtime.py Outputs.event / park; mailflow/ops/replay.py's replayed event
     events = [Event(id="m1", state="deferred", stage="deliver", ts=T, recipients=["x@one.test"],
                     detail={"attempt": 1, "next_attempt_at": T + 60, "tier": 1, "error": "451"}, sender="a@x.test"),
               Event(id="m1", state="sent_folder", stage="store", ts=T, recipients=[], detail={"mailbox": "a"}),

@@ -102,7 +102,7 @@ def test_every_line_separator_in_a_header_bound_input_is_refused_by_name(sep):
 def test_json_addresses_reach_the_headers_as_given(addr):
     from email.utils import getaddresses
 
-    from mailflow.mailrules import normalize_address, parse_headers
+    from mailflow.rules.mailrules import normalize_address, parse_headers
 
     c = compose({"from": addr, "to": addr, "cc": [addr], "reply_to": addr, "text": "x"})
     want = normalize_address(getaddresses([addr])[0][1])
