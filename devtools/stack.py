@@ -259,6 +259,10 @@ def build(settings: Settings, scanners: bool = True,
     return sup
 
 
+# Set in the environment of the stack `mailflow up --detach` runs in the background.
+DETACHED_CHILD = "MAILFLOW_UP_DETACHED_CHILD"
+
+
 def api_url(settings: Settings) -> str:
     return f"http://{settings.api_host}:{settings.api_port}"
 
@@ -278,6 +282,11 @@ def print_demo_credentials(settings: Settings) -> None:
     if auth_mode() != "required":
         return
     key, token = ensure_demo_credentials(settings)
+    if os.environ.get(DETACHED_CHILD):
+        # Our output is the detached stack's log file: secrets never go in a log.
+        # `mailflow up --detach` prints them to its own terminal once the stack is up.
+        print("mailflow: demo credentials made; `mailflow env` prints them", file=sys.stderr, flush=True)
+        return
     first = sorted(settings.local_domains)[0]
     lines = "\n".join(f"    {line}" for line in env_lines(settings, key, token))
     print(f"mailflow: demo API key (sends as {', '.join(sorted(settings.local_domains))}) and "
@@ -434,6 +443,7 @@ def _up_detached(settings: Settings, scanners: bool) -> int:
         proc = subprocess.Popen([sys.executable, "-m", "mailflow.ops.cli", "up"]
                                 + ([] if scanners else ["--no-scanners"]),
                                 stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                env={**os.environ, DETACHED_CHILD: "1"},
                                 start_new_session=True)
     deadline = time.monotonic() + 420
     while not (running(settings) or {}).get("ready"):

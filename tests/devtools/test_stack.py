@@ -11,6 +11,7 @@ The tests run in this order and share the stack (module fixture).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -227,3 +228,22 @@ def test_up_after_a_sigkill_starts_cleanly_and_down_stops_it(first: dict[str, An
     assert up.proc.wait(30) == 0  # a clean stop, as Ctrl-C
     assert not _survivors(tree), _survivors(tree)
     assert "no stack is running" in _mailflow(env, "down").stdout
+
+
+def test_a_detached_stack_keeps_its_secrets_out_of_its_log(first: dict[str, Any]) -> None:
+    """`mailflow up --detach` prints the demo key and token to the terminal that ran
+    it; the background stack's log (DATA_DIR/run/up.log) never holds them."""
+    env = first["env"]
+    assert "no stack is running" in _mailflow(env, "down").stdout  # the test before stopped it
+    up = _mailflow(env, "up", "--detach", "--no-scanners", timeout=420)
+    try:
+        assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
+        saved = json.loads((Path(env["MAILFLOW_DATA_DIR"]) / "demo-credentials.json").read_text())
+        assert saved["key"] in up.stderr and saved["token"] in up.stderr  # the terminal has them
+        log = (Path(env["MAILFLOW_DATA_DIR"]) / "run" / "up.log").read_text(errors="replace")
+        assert "stack ready" in log
+        assert saved["key"] not in log and saved["token"] not in log, "a secret in the stack's log"
+        assert "`mailflow env` prints them" in log
+    finally:
+        down = _mailflow(env, "down")
+    assert down.returncode == 0 and "stack stopped" in down.stdout, f"{down.stdout}\n{down.stderr}"
