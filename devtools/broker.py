@@ -104,8 +104,8 @@ def ensure_jars(log=print) -> Path:
 
 
 # A killed broker's partitions stay without a leader until the controller fences it
-# for missed heartbeats; Kafka's 9 s default left the chaos run's writes waiting that
-# long. 6 s with heartbeats every second fails over faster, and still leaves a
+# for missed heartbeats, and writes to them wait that long (Kafka's default: 9 s).
+# 6 s with heartbeats every second fails over faster, and still leaves a
 # 2-core machine under load six missed beats before a live broker is fenced.
 BROKER_SESSION_MS = 6000
 BROKER_HEARTBEAT_MS = 1000

@@ -91,7 +91,7 @@ def any_broker_answers(bootstrap: str, tries: int = 3, timeout: float = 3.0) -> 
     meanwhile. None accepting twice in a row, half a second apart, is an outage (the
     only broker gone: say so in a second); nodes that accept but do not answer within
     `timeout`, `tries` times, are one too (a broker shutting down, or hung). 3 s a
-    try: a saturated 2-core machine left 1 s probes of live brokers unanswered.
+    try: a live broker on a saturated 2-core machine can take over 1 s to answer.
     """
     from mailflow.kafka_ready import is_ready
 
@@ -149,9 +149,8 @@ class AsyncProducer:
         # Neither a failed connection (_TRANSPORT) nor librdkafka's "all brokers down"
         # is taken at its word: on a cluster both come when one node dies (the second
         # when the producer's only connections were to that node), and flagging them
-        # made the ingress refuse every submission at each broker kill (211 503s in a
-        # one-minute cluster chaos run). The watch thread asks whether any broker
-        # answers, and only then is the broker down.
+        # would make the ingress refuse every submission whenever one node dies. The
+        # watch thread asks whether any broker answers, and only then is the broker down.
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self._suspect.set()
         log.warning("kafka producer: %s", err)
@@ -159,11 +158,10 @@ class AsyncProducer:
     def _watch(self) -> None:
         """Decide "down" and "up again" off the poll thread.
 
-        The probe used to run in the poll thread, through the producer's own handle:
-        for its up to 6 s no delivery report was served, and on a cluster it could
-        fail with two of three nodes up (a one-minute chaos run: "no broker answers"
-        6 s after a node's kill -9, then 127 submissions answered 503). Now it is
-        `any_broker_answers`, from a client of its own, here.
+        The probe is `any_broker_answers`, from a client of its own, here: in the
+        poll thread, through the producer's own handle, no delivery report would be
+        served for its up to 6 s, and on a cluster that handle can fail the probe with
+        two of three nodes up (its requests queued for the node that died).
         """
         while self._running:
             if self._down:

@@ -71,10 +71,9 @@ class NoReadOffsets(MutableMapping[Any, Any]):
     After a rebalance Faust resumes fetching a stream partition before it seeks it
     back to the committed offset (faust-streaming #221, #606). Records fetched early
     raise the read offset; the queue they sat in is cleared; the re-fetch after the
-    seek is then dropped as old. A CI run's store skipped 103 records that way and
-    its commit stopped for good; a chaos run's deliver stage had the offsets of a
-    skipped record counted as a gap and committed past it: mail lost. Without read
-    offsets nothing is dropped and nothing is assumed: a record fetched twice is
+    seek is then dropped as old: the stage skips those records and its commit stops
+    for good, or their offsets count as a gap and are committed past (mail lost).
+    Without read offsets nothing is dropped and nothing is assumed: a record fetched twice is
     handled twice, which every stage is idempotent for, and Faust's ack still
     ignores offsets below the committed one.
     """
@@ -138,15 +137,14 @@ async def _perform_seek_keeping_base(self: Any) -> None:
 
 # --- AIOKafkaConsumerThread.commit: a commit that never returns ---------------------------
 
-# An offset commit that never returns stops a stage for good, with nothing but a
-# Faust log line after five minutes ("Has not committed TP"): a five-minute chaos run's
-# scan stage sent a commit as the broker was killed and waited on it for the rest
-# of the run while every other stage went on. A replica whose commit has not
+# An offset commit sent as the broker dies may never return, and stops that stage
+# for good while the others go on, with nothing but a Faust log line after five
+# minutes ("Has not committed TP"). A replica whose commit has not
 # returned after COMMIT_STUCK seconds exits, as if killed; its supervisor (`mailflow
 # up`, an orchestrator, bench/chaos) starts it again and it resumes from its last
 # commit like after any crash, handling a few records twice (every stage is
-# idempotent). Commits wait out a broker restart (15 s in the chaos runs); a broker
-# away for longer makes replicas restart until it is back.
+# idempotent). COMMIT_STUCK is well above a broker restart (about 15 s), which
+# commits wait out; a broker away for longer makes replicas restart until it is back.
 COMMIT_STUCK = 120.0
 _thread_commit = AIOKafkaConsumerThread.commit
 
@@ -165,11 +163,9 @@ async def _commit_or_exit(self: Any, offsets: Any) -> Any:
 # Records Faust fetched and then dropped without handling: its fetch loop discards
 # the rest of a fetched batch when flow control pauses or the generation changes, and
 # records fetched while a partition is not yet active, trusting a later seek to read
-# them again. Right after a table's recovery some were not read again: a status stage
-# started over a backlog with its changelog to restore handled the first 5 records of
-# each partition, never saw the next 37, and handled everything after; its commit
-# stayed at 5 for good (nothing lost, since the commit cannot pass them, but the
-# stage's lag never fell and every restart handled it all again). A partition whose
+# them again. Right after a table's recovery some are not read again, and the commit
+# stays below them for good: nothing is lost, since the commit cannot pass them, but
+# the stage's lag never falls and every restart handles the backlog again. A partition whose
 # acknowledged offsets start past its commit base, with no record below them fetched
 # and unacknowledged, for HOLE_GRACE seconds, is sought back to the base and read again
 # (every stage is idempotent for a record handled twice). Related upstream:
@@ -274,9 +270,9 @@ def run_eagerly(coro: Coroutine[Any, Any, Any], context: contextvars.Context | N
 # queue). Nearly every hand-over never waits. Here the callback runs at once while
 # flow is not suspended; only one that does wait goes on as a task under the same
 # ``wait_first``, and while flow is suspended Faust's own path is taken. The read
-# offsets Faust's loop consults are gone (see NoReadOffsets: every record was
-# delivered and none counted as a gap), so this loop delivers every record. Measured
-# with bench/hop.py (docs/BENCHMARKS.md). Upstream: faust-streaming #229 (a
+# offsets Faust's loop consults are gone (see NoReadOffsets: every record is
+# delivered and none counted as a gap), so this loop delivers every record. The
+# saving: bench/hop.py, docs/BENCHMARKS.md. Upstream: faust-streaming #229 (a
 # deadlock in this very wait_first), robinhood/faust #563 (slow consumption).
 #
 # A partition whose conductor callback is a `streams.feed.Feed` (see
@@ -354,7 +350,7 @@ async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: n
 # record into an event and puts it in the queue of every channel subscribed to the
 # partition, for a stream to iterate; for a stage that handles its input a batch at
 # a time that machinery (the conductor's closure, the event, the queue, the stream
-# iterator and per-event acks) was about a third of a no-op hop's CPU. A partition
+# iterator and per-event acks) is about a third of a no-op hop's CPU. A partition
 # whose only subscriber is the channel of a `streams.feed.Feed` gets the feed itself
 # as its callback; one it shares with other channels gets a callback that offers
 # the record to each feed, then runs Faust's callback for the other channels; a
@@ -387,9 +383,9 @@ def _build_handler_feeding(self: Any, tp: Any, channels: Any) -> Any:
 # whose last fetched records the stream has not taken yet; Faust makes that fetch
 # wait up to 1.5 s (a hard-coded fetch_max_wait_ms) for data. Right after a record
 # arrives, the next fetch is sent without its partition, so the partition's next
-# record waits for that fetch to run out: the hops of up to about a second that a
-# stack showed at idle or just after its start, while under load fetches return
-# full at once and the wait never matters. A shorter wait bounds that delay; an idle
+# record waits for that fetch to run out: a hop of up to about a second at idle or
+# just after a start, while under load fetches return full at once and the wait
+# never matters. A shorter wait bounds that delay; an idle
 # stage pays one empty fetch per FETCH_MAX_WAIT_MS.
 FETCH_MAX_WAIT_MS = 50
 _faust_worker_consumer = AIOKafkaConsumerThread._create_worker_consumer
@@ -410,10 +406,10 @@ def _worker_consumer_short_poll(self: Any, transport: Any) -> aiokafka.AIOKafkaC
 # after an assignment or a reset), gets "not the leader" from a node that lost the
 # partition, waits `retry_backoff` and asks the same node again: unlike its other paths
 # it never refreshes the metadata that named that node, so the consumer stays on the
-# stale leader until the periodic refresh (`metadata_max_age_ms`, five minutes). On a
-# three-node cluster whose killed broker came back and took its leaderships again, a
-# validate replica asked the old leader 681 times and never read a record. An answer
-# that says the metadata is stale now asks for fresh metadata, as the fetch path does.
+# stale leader until the periodic refresh (`metadata_max_age_ms`, five minutes): when
+# a killed broker comes back and takes its leaderships again, a replica can go on
+# asking the old leader and read nothing. Here an answer that says the metadata is
+# stale asks for fresh metadata, as the fetch path does.
 _fetcher_offset_request = Fetcher._proc_offset_request
 
 
@@ -428,8 +424,8 @@ async def _offsets_refreshing_stale_metadata(self: Any, node_id: int, topic_data
 
 class RawSchema(faust.Schema):
     """Keys and values as the bytes Kafka holds, decoded without Faust's serializer
-    registry: a raw topic's decode went through the registry and the codec for both
-    (a tenth of a no-op hop's CPU) to return the same bytes. For topics of raw bytes
+    registry, whose decode of a raw topic goes through the registry and the codec for
+    both (a tenth of a no-op hop's CPU) to return the same bytes. For topics of raw bytes
     only (`streams.app.topic`)."""
 
     def __init__(self) -> None:

@@ -1,7 +1,7 @@
 """A stage's input in batches, straight from Faust's consumer: `batches(stream, max_, within)`.
 
 It replaces ``stream.take_events(max_, within)`` for a stage that handles its input a
-batch at a time (`agents.common.StageIO.run_batches`) and yields the same thing: a
+batch at a time (`streams.runtime.Stage.run_batches`) and yields the same thing: a
 list of Faust events (``faust.Event``: ``.key``, ``.value``, ``.headers``,
 ``.message`` with ``.tp``, ``.offset``, ``.timestamp``), at most `max_` of them, in
 offset order per partition. What it leaves out is Faust's machinery between the
@@ -29,7 +29,7 @@ Faust's stream iterator does), so a rebalance's ``wait_empty`` waits for it and
 (``Message.ack(consumer)`` → ``Consumer.ack``, the ``_acked`` bookkeeping Faust
 commits from, through mailflow's commit base) only when the code that took the batch
 asks for the next one, that is after every output of every record of the batch was
-acknowledged (`StageIO.process_batch` returns only then). Unlike ``take_events``, a
+acknowledged (`Stage.process_batch` returns only then). Unlike ``take_events``, a
 batch whose consumer raised or was cancelled is not acked: its records are untracked
 and stay uncommitted, read again after a restart or by `refetch_holes`. Records that
 Faust's flow control clears on a revoke (the feed is a queue managed by

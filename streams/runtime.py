@@ -317,9 +317,8 @@ class Stage:
                          for o in ("ok", "poison", "failed", "retried")}
         self._seconds = metrics.STAGE_SECONDS.labels(name)
         # librdkafka's idempotent producer holds its first record until it has its
-        # producer id, about 0.5 s after it is made; made on the stage's first record,
-        # that was a 0.5 s hop at each stage for the first message after a start
-        # (bench/idle.py), so it is made as the worker starts.
+        # producer id, about 0.5 s after it is made: made as the worker starts, so the
+        # first message after a start does not wait 0.5 s at each stage (bench/idle.py).
         app.task(self._start_producer)
 
     async def _start_producer(self) -> None:
@@ -345,7 +344,7 @@ class Stage:
         ``whole`` (`run_whole_batches`: a batch is one handler call, for a stage that
         folds several records into one table write). The agent's name is
         ``<prefix><stage>`` unless `name` says otherwise: the consumer group's
-        agent, as before.
+        agent.
         """
         agent_name = name or f"{self.settings.topic_prefix}{self.name}"
 
@@ -422,12 +421,11 @@ class Stage:
         buffer and forgets it, and Faust's pre-commit flush of that buffer is best
         effort (it gives up after 0.1 s without progress), so an input offset can be
         committed while its table writes are still in memory; a kill -9 then loses
-        them for good (a CI run lost 131 of 300 mailbox appends that way). Awaited,
-        the commit waits.
+        them for good. Awaited, the commit waits.
 
         The changelog record goes out through the stage's librdkafka producer, with
         the key encoded by the table's own codec and a JSON value, not through
-        Faust's pure-Python one: that was a third of the status stage's
+        Faust's pure-Python one, which costs a third of the status stage's
         CPU. As Faust's own write does, the local store then records the offset it
         holds data up to, so a clean restart replays only the changelog's tail.
 
@@ -467,10 +465,10 @@ class Stage:
         """Send again, with the key's current local value, every table write whose
         changelog record the broker did not take, and wait for the acks.
 
-        Without this a write lost while the broker was away stayed in this replica's
-        local store only: the record's retry found its work done and wrote nothing,
-        its offset was committed, and a replica restoring that partition from the
-        changelog later did not have it (a delivery ledger entry, hence a second
+        Without this, a write lost while the broker is away stays in this replica's
+        local store only: the record's retry finds its work done and writes nothing,
+        its offset is committed, and a replica that later restores the partition from
+        the changelog lacks it (a delivery ledger entry, hence a second
         send of a replayed record; a mailbox append). The current value includes
         the lost write, and is never older than one already sent: every write to a
         key of a partition this replica owns is made here, in order. Raises the

@@ -231,9 +231,8 @@ class SyncReader(CompactedReader):
         sends the offsets request to the leader its metadata cache names, and after a
         leader's kill -9 that stays the dead node until something refreshes the cache,
         which for this never-subscribed consumer is nothing but the node coming back.
-        One 15 s try timed out with two nodes of three up and the new leader elected
-        at 6.7 s; 1 s tries with a metadata read between them had the answer at 7.0 s
-        (a local three-node cluster; docs/BENCHMARKS.md).
+        A single long try therefore times out even once a new leader is elected;
+        short tries find it within about a second of its election (docs/BENCHMARKS.md).
         """
         from confluent_kafka import KafkaException, TopicPartition
 

@@ -1,5 +1,5 @@
 """Sending like a good citizen, over HTTP: the suppression list, RFC 8058 one-click
-unsubscribe and webhook endpoints (issue 16).
+unsubscribe and webhook endpoints.
 
 * ``GET /v1/suppressions?domain=D`` lists the suppressed recipients of sender
   domain D; ``POST /v1/suppressions`` ``{"domain", "address", "note"?}`` adds one

@@ -46,7 +46,7 @@ class BacklogReader:
     aiokafka (Python), not confluent-kafka's AdminClient: librdkafka's OffsetFetch
     from a client that is not a group member can crash its main thread when the
     group's coordinator answers NOT_COORDINATOR (a NULL group handle; confluent-kafka
-    -javascript #374). A long-running sampler met it within minutes in the test suite.
+    -javascript #374), which a long-running sampler meets within minutes.
     """
 
     def __init__(self, settings: Settings) -> None:

@@ -622,7 +622,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_get("/{name:app\\.(?:js|css)}", ing.web_file)
     app["ingress"] = ing
     register_domains(app, ing, settings)
-    register_citizen_routes(app, ing)  # suppressions, unsubscribe, webhooks (issue 16)
+    register_citizen_routes(app, ing)  # suppressions, unsubscribe, webhooks
     return app
 
 

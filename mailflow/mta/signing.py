@@ -95,7 +95,7 @@ def _openssl_rsa_sign(hash: Any, private_key: dict[str, int]) -> bytes:
     dkimpy does the RSA arithmetic in Python: 15-30 ms per RSA-2048 signature on the
     test machine, more than the whole rest of a message's trip through a stage.
     PKCS#1 v1.5 signatures are deterministic, so OpenSSL's are the same bytes
-    (tests/mailflow/test_signing.py checks that against dkimpy's own); dkimpy still
+    (tests/mailflow/mta/test_signing.py checks that against dkimpy's own); dkimpy still
     does the canonicalisation, hashing and header. Other hashes go to dkimpy.
     """
     if hash.name.lower() != "sha256":

@@ -94,8 +94,8 @@ def run_stage(stage: str, settings: Settings, loglevel: str = "warning") -> int:
               "restoring its tables from their changelogs", file=sys.stderr, flush=True)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so it can spin on every
-    # record: every debug line of aiokafka and Faust was then built and handled, a
-    # tenth of a stage's CPU. Workers run under a supervisor; no spinner.
+    # record, and building and handling every debug line of aiokafka and Faust costs
+    # a tenth of a stage's CPU. Workers run under a supervisor; no spinner.
     worker.spinner = None
     print(f"mailflow: stage {stage} starting, web {app.conf.canonical_url}, "
           f"data {app.conf.datadir}", file=sys.stderr, flush=True)
