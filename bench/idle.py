@@ -129,6 +129,7 @@ async def submit(api: str, key: str, args: argparse.Namespace, local_domain: str
                  ) -> list[tuple[int, str, str, float]]:
     """(n, kind, id, submission time) per accepted message, one at a time."""
     import aiohttp
+
     from devtools.bench import message
 
     out = []
@@ -153,7 +154,6 @@ async def submit(api: str, key: str, args: argparse.Namespace, local_domain: str
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from devtools.bench import remove_stack, start_smtp_sink, start_stack
-
     from mailflow.config import Settings
     from streams.topics import full_name
 
