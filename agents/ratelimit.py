@@ -21,7 +21,7 @@ import faust
 import orjson
 
 from mailflow.config import Settings
-from schemas.records import parse_message
+from schemas.mail import parse_submission
 from streams.runtime import JSON_TABLE, Outputs, Stage, windowed_table
 
 STAGE = "ratelimit"
@@ -53,7 +53,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
                             partitions=settings.partitions, schema=JSON_TABLE)
 
     async def handle(raw: bytes | None, event: faust.EventT) -> Outputs:
-        msg = parse_message(raw)
+        msg = parse_submission(raw)
         out = stage.outputs()
         out.event(msg.id, "accepted", msg.recipients, sender=msg.sender, ts=msg.received_at)
         # No await between this read and the runtime's write of the count: the

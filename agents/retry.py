@@ -68,7 +68,7 @@ from mailflow.ops.queue import (
 )
 from schemas.mail import Delivery, parse_deferred, parse_delivery
 from schemas.records import ErrorRecord, PoisonPill
-from streams.topics import full_name
+from streams.topics import full_name, group_id
 
 STAGE = "retry"
 log = logging.getLogger("mailflow.retry")
@@ -108,7 +108,7 @@ class RetryStage:
         self.errors = full_name(settings, "errors")
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.topic_prefix}{STAGE}",
+            "group.id": group_id(settings, STAGE),
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
@@ -280,7 +280,7 @@ class RetryStage:
         tps = [TopicPartition(t, p) for t, p in todo]
         starts = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(tps, timeout=10)}
         reader = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap, "enable.auto.commit": False,
-                           "group.id": f"{self.settings.topic_prefix}{STAGE}-scan-{os.getpid()}"})
+                           "group.id": group_id(self.settings, STAGE, f"-scan-{os.getpid()}")})
         try:
             ends = {(t, p): reader.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1] for t, p in todo}
             begin = {k: (o if o >= 0 else OFFSET_BEGINNING) for k, o in starts.items()}

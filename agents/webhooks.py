@@ -53,7 +53,7 @@ from mailflow.webhooks import (
 )
 from schemas.records import PoisonPill, parse_event
 from streams.runtime import Outputs, Stage
-from streams.topics import full_name
+from streams.topics import full_name, group_id
 
 STAGE = "webhooks"
 log = logging.getLogger("mailflow.webhooks")
@@ -233,7 +233,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
                 await stage.process(value, handle_retry)
 
         app.agent(stage.topic(f"webhooks.retry.{tier}"),
-                  name=f"{settings.topic_prefix}{STAGE}-retry-{tier}")(run)
+                  name=group_id(settings, STAGE, f"-retry-{tier}"))(run)
 
     for tier in range(1, len(schedule) + 1):
         retry_agent(tier)

@@ -58,11 +58,12 @@ from mailflow import metrics
 from mailflow.config import Settings
 from mailflow.kafka_io import AsyncProducer, BrokerUnavailable
 from mailflow.objstore import get_body
+from schemas.mail import MailRecord
 from schemas.records import ErrorRecord, Event, Message, PoisonPill
 from streams import feed
 from streams.app import topic
 from streams.faust_compat import run_eagerly
-from streams.topics import full_name
+from streams.topics import full_name, group_id
 
 log = logging.getLogger("mailflow.stage")
 
@@ -344,10 +345,10 @@ class Stage:
         ``each`` (`process`, one record at a time per actor; `concurrency` actors),
         ``whole`` (`run_whole_batches`: a batch is one handler call, for a stage that
         folds several records into one table write). The agent's name is
-        ``<prefix><stage>`` unless `name` says otherwise: the consumer group's
-        agent, as before.
+        the stage's group name (`streams.topics.group_id`) unless `name` says
+        otherwise: the consumer group's agent, as before.
         """
-        agent_name = name or f"{self.settings.topic_prefix}{self.name}"
+        agent_name = name or group_id(self.settings, self.name)
 
         async def run(stream: faust.StreamT) -> None:
             if mode == "batches":
@@ -366,8 +367,8 @@ class Stage:
 
     # --- reading -----------------------------------------------------------------
 
-    async def body(self, msg: Message) -> bytes:
-        """The message's body, inline or from the object store."""
+    async def body(self, msg: MailRecord | Message) -> bytes:
+        """The message's body, inline or from the object store (any mail record)."""
         if msg.body is not None:
             return msg.body
         assert msg.body_ref is not None
