@@ -16,6 +16,7 @@ errs on the strict side, never the lax one).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import faust
 import orjson
@@ -52,7 +53,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
     counts = windowed_table(app, "sender_counts", window, expires=window * 2, default=int,
                             partitions=settings.partitions, schema=JSON_TABLE)
 
-    async def handle(raw: bytes | None, event: faust.EventT) -> Outputs:
+    async def handle(raw: bytes | None, event: faust.EventT[Any]) -> Outputs:
         msg = parse_submission(raw)
         out = stage.outputs()
         out.event(msg.id, "accepted", msg.recipients, sender=msg.sender, ts=msg.received_at)

@@ -17,6 +17,7 @@ the message on marked as not scanned.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 import faust
@@ -36,7 +37,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
     waiting_told: set[str] = set()  # ids whose status already says they wait on a scanner
 
     async def scan(body: bytes, sender: str, rcpts: list[str], msg_id: str) -> tuple[Any, Any]:
-        jobs = []
+        jobs: list[Coroutine[Any, Any, Any]] = []
         if clam:
             jobs.append(clam.scan(body))
         if spam:

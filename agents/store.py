@@ -66,7 +66,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
 
     def find(address: str, msg_id: str) -> dict[str, Any] | None:
         for folder in mb.FOLDERS:
-            meta = table.get(mb.meta_key(address, folder, msg_id))
+            meta: dict[str, Any] | None = table.get(mb.meta_key(address, folder, msg_id))
             if meta is not None:
                 return meta
         return None

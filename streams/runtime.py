@@ -74,7 +74,7 @@ BATCH_WITHIN = 0.02
 
 # Tables: string keys, JSON values. (Faust encodes these keys as JSON strings; which
 # partition a write goes to is the input record's, see `Stage.table_write`.)
-JSON_TABLE = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+JSON_TABLE: faust.Schema = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
 
 
 class RetryLater(Exception):
@@ -382,8 +382,8 @@ class Stage:
         # acks=all guarantee at a fraction of the CPU per record. Faust keeps the
         # consumer, the tables and their changelogs.
         if self._producer is None:
-            self._producer = AsyncProducer(self.settings.kafka_bootstrap, timeout_ms=30000,
-                                           **{"linger.ms": self.linger_ms})
+            extra: dict[str, Any] = {"linger.ms": self.linger_ms}  # not an identifier: by dict
+            self._producer = AsyncProducer(self.settings.kafka_bootstrap, timeout_ms=30000, **extra)
         return self._producer
 
     def perform(self, out: Outputs, event: EventT | None = None) -> list[Awaitable[Any]]:
