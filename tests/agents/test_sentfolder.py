@@ -46,3 +46,29 @@ async def test_dkim_required_without_a_key_parks_and_rejects(app, settings, make
     assert [t for t, _, _, _ in out.records] == ["errors", "events"]
     assert orjson.loads(out.sent("errors")[0][1])["reason"] == "dkim_key_missing"
     assert out.states() == [("rejected", ["bob@x.test"])]
+
+
+class FakeSigner:
+    """Signs everything: the lines name the bytes signed, so a test can tell whose they are."""
+
+    def __init__(self, settings: object) -> None:
+        pass
+
+    async def sign(self, message: bytes) -> tuple[bytes, dict[str, object]]:
+        unsub = b"List-Unsubscribe: " in message.split(b"\r\n\r\n", 1)[0]
+        return (b"DKIM-Signature: per\r\n" if unsub else b"DKIM-Signature: all\r\n"), {"signed": True}
+
+
+async def test_signed_mail_carries_its_signature_and_one_per_unsubscribe_recipient(
+        app, settings, make_message, monkeypatch):
+    monkeypatch.setattr(sentfolder, "Signer", FakeSigner)
+    handle = sentfolder.register(app, settings).handlers["clean"]
+    msg = make_message(kind=Outgoing, recipients=["bob@x.test", "dan@x.test"],
+                       unsubscribe={"bob@x.test": "<https://u.test/1>"})
+    out = await handle(msg.to_json())
+    (key, value), = out.sent("delivery")
+    rec = parse_delivery(value)
+    assert (key, rec.dkim, rec.dkim_rcpt) == (b"x.test", "DKIM-Signature: all\r\n",
+                                              {"bob@x.test": "DKIM-Signature: per\r\n"})
+    assert rec.unsubscribe == {"bob@x.test": "<https://u.test/1>"} and rec.body == msg.body
+    assert orjson.loads(out.sent("events")[0][1])["detail"]["dkim"] == {"signed": True}
