@@ -16,12 +16,13 @@ errs on the strict side, never the lax one).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import faust
 import orjson
 
 from mailflow.config import Settings
-from schemas.records import parse_message
+from schemas.mail import parse_submission
 from streams.runtime import JSON_TABLE, Outputs, Stage, windowed_table
 
 STAGE = "ratelimit"
@@ -52,8 +53,8 @@ def register(app: faust.App, settings: Settings) -> Stage:
     counts = windowed_table(app, "sender_counts", window, expires=window * 2, default=int,
                             partitions=settings.partitions, schema=JSON_TABLE)
 
-    async def handle(raw: bytes | None, event: faust.EventT) -> Outputs:
-        msg = parse_message(raw)
+    async def handle(raw: bytes | None, event: faust.EventT[Any]) -> Outputs:
+        msg = parse_submission(raw)
         out = stage.outputs()
         out.event(msg.id, "accepted", msg.recipients, sender=msg.sender, ts=msg.received_at)
         # No await between this read and the runtime's write of the count: the

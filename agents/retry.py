@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -68,7 +69,7 @@ from mailflow.ops.queue import (
 )
 from schemas.mail import Delivery, parse_deferred, parse_delivery
 from schemas.records import ErrorRecord, PoisonPill
-from streams.topics import full_name
+from streams.topics import full_name, group_id
 
 STAGE = "retry"
 log = logging.getLogger("mailflow.retry")
@@ -108,7 +109,7 @@ class RetryStage:
         self.errors = full_name(settings, "errors")
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.topic_prefix}{STAGE}",
+            "group.id": group_id(settings, STAGE),
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
@@ -142,14 +143,18 @@ class RetryStage:
             self.lanes.pop(tp, None)
             self.lanes_paused.discard(tp)
 
-    def produce_acked(self, records: list[tuple[str, bytes | None, bytes]]) -> None:
+    def produce_acked(self, records: Sequence[tuple[str, bytes | None, bytes | None]]) -> None:
         """Put records on their topics and wait for the broker's ack of every one,
         trying again (all of them) for as long as it takes."""
         while True:
             errors: list[KafkaError] = []
+
+            def delivered(err: KafkaError | None, _msg: Any, errs: list[KafkaError] = errors) -> None:
+                if err:
+                    errs.append(err)
+
             for topic, key, value in records:
-                self.producer.produce(topic, key=key, value=value,
-                                      on_delivery=lambda err, _m, errs=errors: errs.append(err) if err else None)
+                self.producer.produce(topic, key=key, value=value, on_delivery=delivered)
             left = self.producer.flush(30)
             if not errors and not left:
                 return
@@ -188,9 +193,9 @@ class RetryStage:
             msg = self.consumer.poll(timeout)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("retry: %s", msg.error())
+            if (err := msg.error()) is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("retry: %s", err)
                 continue
             if msg.topic() == self.hold_topic:
                 self.on_held(msg)
@@ -280,13 +285,13 @@ class RetryStage:
         tps = [TopicPartition(t, p) for t, p in todo]
         starts = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(tps, timeout=10)}
         reader = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap, "enable.auto.commit": False,
-                           "group.id": f"{self.settings.topic_prefix}{STAGE}-scan-{os.getpid()}"})
+                           "group.id": group_id(self.settings, STAGE, f"-scan-{os.getpid()}")})
         try:
             ends = {(t, p): reader.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1] for t, p in todo}
             begin = {k: (o if o >= 0 else OFFSET_BEGINNING) for k, o in starts.items()}
             waiting = {k for k, end in ends.items() if end > max(0, starts[k])}
             reader.assign([TopicPartition(t, p, begin[(t, p)]) for t, p in waiting])
-            found: list[tuple[str, bytes | None, bytes]] = []
+            found: list[tuple[str, bytes | None, bytes | None]] = []
             last = time.monotonic()
             while waiting:
                 if time.monotonic() - last > 10:
@@ -296,9 +301,10 @@ class RetryStage:
                     continue
                 last = time.monotonic()
                 k = (m.topic(), m.partition())
-                if k not in waiting or m.offset() >= ends[k]:
+                offset = m.offset()
+                if k not in waiting or offset is None or offset >= ends[k]:
                     continue
-                if m.offset() + 1 >= ends[k]:
+                if offset + 1 >= ends[k]:
                     waiting.discard(k)
                 fields = record_fields(m.key(), m.value())
                 if fields is None:
@@ -317,10 +323,10 @@ class RetryStage:
                                       "ts": time.time()})
                 marks.append((self.control_topic, f"flushed|{key}|{t}|{p}".encode(), value))
         self.produce_acked(marks)
-        for _, key, value in marks:
-            self.control.apply(key.decode(), value)  # in force now, not when the view reads it back
-            fkey, t, p = key.decode().split("|", 1)[1].rsplit("|", 2)
-            self.marked[(fkey, t, int(p))] = orjson.loads(value)["flush_ts"]
+        for _, mark, value in marks:
+            self.control.apply(mark.decode(), value)  # in force now, not when the view reads it back
+            fkey, mtopic, mpart = mark.decode().split("|", 1)[1].rsplit("|", 2)
+            self.marked[(fkey, mtopic, int(mpart))] = orjson.loads(value)["flush_ts"]
         self.seen_version = self.control.version
         if found:
             log.info("retry: a flush sent %d deferred record(s) to delivery now", len(found))

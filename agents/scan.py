@@ -17,13 +17,14 @@ the message on marked as not scanned.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 import faust
 
 from mailflow.config import Settings
 from mailflow.mta.scanners import Clamd, Rspamd, ScannerUnavailable, verdict
-from schemas.records import parse_message
+from schemas.mail import ScanVerdict, parse_outgoing
 from streams.runtime import Outputs, Stage
 
 STAGE = "scan"
@@ -36,7 +37,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
     waiting_told: set[str] = set()  # ids whose status already says they wait on a scanner
 
     async def scan(body: bytes, sender: str, rcpts: list[str], msg_id: str) -> tuple[Any, Any]:
-        jobs = []
+        jobs: list[Coroutine[Any, Any, Any]] = []
         if clam:
             jobs.append(clam.scan(body))
         if spam:
@@ -46,14 +47,14 @@ def register(app: faust.App, settings: Settings) -> Stage:
         return (next(it) if clam else None), (next(it) if spam else None)
 
     async def handle(raw: bytes | None) -> Outputs:
-        msg = parse_message(raw)
+        msg = parse_outgoing(raw)
         out = stage.outputs()
         body = await stage.body(msg)
         try:
             clam_result, spam_result = await scan(body, msg.sender, msg.recipients, msg.id)
         except ScannerUnavailable as exc:
             if settings.scan_failure == "open":
-                rec = msg.with_(meta={**msg.meta, "scan": {"scanned": False, "reason": str(exc)}})
+                rec = msg.with_(scan=ScanVerdict(False, str(exc)))
                 out.send("clean", msg.id, rec.to_json())
                 out.event(msg.id, "scanned", msg.recipients, {"scanned": False, "reason": str(exc)})
                 return out
@@ -71,7 +72,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
             out.park(v.kind, "quarantined", raw, msg.id, str(detail))
             out.event(msg.id, "quarantined", msg.recipients, detail, sender=msg.sender)
             return out
-        rec = msg.with_(meta={**msg.meta, "scan": {"scanned": bool(settings.scanners), **v.detail}})
+        rec = msg.with_(scan=ScanVerdict(bool(settings.scanners), detail=dict(v.detail)))
         out.send("clean", msg.id, rec.to_json())
         out.event(msg.id, "scanned", msg.recipients, v.detail)
         return out

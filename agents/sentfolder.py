@@ -12,8 +12,8 @@ reference), which spares the delivery stage an object-store read per message.
 
 DKIM: this is where a message's headers and body are final, so it is signed here,
 once (``mailflow.mta.signing``): the ``DKIM-Signature`` lines go into the records'
-``meta["dkim"]`` (and, for one-click unsubscribe, one signature per recipient
-over its own List-Unsubscribe headers in ``meta["dkim_rcpt"]``) and the delivery
+``meta.dkim`` (and, for one-click unsubscribe, one signature per recipient
+over its own List-Unsubscribe headers in ``meta.dkim_rcpt``) and the delivery
 stage puts them in front of the body for every attempt, so retries send the same
 bytes. ``sent_folder``'s detail says whether and
 with what it was signed. With ``MAILFLOW_DKIM=required`` a message whose From
@@ -26,11 +26,11 @@ from __future__ import annotations
 import faust
 
 from mailflow.config import Settings
-from mailflow.mta.signing import Signer, unsubscribe_links
+from mailflow.mta.signing import Signer
 from mailflow.objstore import body_key, put_body
 from mailflow.rules.mailrules import group_by_domain
 from mailflow.rules.unsubscribe import with_unsubscribe_headers
-from schemas.records import parse_message
+from schemas.mail import Delivery, LocalCopy, parse_outgoing
 from streams.runtime import Outputs, Stage
 
 STAGE = "sentfolder"
@@ -41,7 +41,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
     signer = Signer(settings)
 
     async def handle(raw: bytes | None) -> Outputs:
-        msg = parse_message(raw)
+        msg = parse_outgoing(raw)
         out = stage.outputs()
         body = await stage.body(msg)
         header, dkim = await signer.sign(body)
@@ -51,29 +51,26 @@ def register(app: faust.App, settings: Settings) -> Stage:
                       {"reason": "dkim_key_missing", "message": dkim["reason"]})
             return out
         if header:
-            meta = {**msg.meta, "dkim": header.decode("ascii")}
             # One-click unsubscribe: each recipient's copy starts with its own two
             # List-Unsubscribe headers (deliver adds them), signed over with them.
             per = {}
-            for rcpt, link in unsubscribe_links(msg.meta).items():
+            for rcpt, link in (msg.unsubscribe or {}).items():
                 h, _ = await signer.sign(with_unsubscribe_headers(body, link))
                 if h:
                     per[rcpt] = h.decode("ascii")
-            if per:
-                meta["dkim_rcpt"] = per
-            msg = msg.with_(meta=meta)
+            msg = msg.with_(dkim=header.decode("ascii"), dkim_rcpt=per or None)
         groups = group_by_domain(msg.recipients)
         local_sender = bool(msg.sender) and settings.is_local(msg.sender)
         by_ref = msg
         if msg.body is not None and (local_sender or len(groups) > 1):
             await put_body(settings.object_store_url, body_key(msg.id), msg.body)
             by_ref = msg.with_(body=None, body_ref=body_key(msg.id))
-        if local_sender and not msg.meta.get("bounce"):
-            copy = by_ref.with_(mailbox=msg.sender, folder="sent")
+        if local_sender and not msg.bounce:
+            copy = by_ref.to(LocalCopy, mailbox=msg.sender, folder="sent")
             out.send("local", msg.sender, copy.to_json())
         outgoing = msg if len(groups) == 1 else by_ref
         for domain, rcpts in groups.items():
-            rec = outgoing.with_(recipients=rcpts, meta={**msg.meta, "domain": domain})
+            rec = outgoing.to(Delivery, recipients=rcpts, domain=domain)
             out.send("delivery", domain, rec.to_json())
         out.event(msg.id, "sent_folder", msg.recipients, {"sent_copy": local_sender, "dkim": dkim})
         return out

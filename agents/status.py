@@ -91,10 +91,10 @@ def register(app: faust.App, settings: Settings) -> Stage:
     stage = Stage(app, settings, STAGE)
     table = app.Table("status", partitions=settings.partitions, schema=JSON_TABLE)
 
-    async def handle(events: list[faust.EventT]) -> Outputs:
+    async def handle(events: list[faust.EventT[Any]]) -> Outputs:
         """Apply a batch of events; each message's status is written once per batch."""
         out = stage.outputs()
-        changed: dict[str, tuple[dict[str, Any], faust.EventT]] = {}  # id -> (status, its event)
+        changed: dict[str, tuple[dict[str, Any], faust.EventT[Any]]] = {}  # id -> (status, its event)
         for event in events:
             try:
                 ev = parse_event(event.value)

@@ -28,7 +28,7 @@ from mailflow.ids import is_id
 from mailflow.objstore import get_body
 from mailflow.rules import mailbox as mb
 from mailflow.rules.mailrules import AddressError, mailbox_key
-from schemas.records import PoisonPill, parse_message
+from schemas.mail import parse_local
 from streams.runtime import JSON_TABLE, Outputs, Stage
 
 STAGE = "store"
@@ -40,14 +40,12 @@ def register(app: faust.App, settings: Settings) -> Stage:
     cache = mb.LRU()
 
     async def handle(raw: bytes | None) -> Outputs:
-        msg = parse_message(raw)
-        if not msg.mailbox or msg.folder not in mb.FOLDERS or not msg.body_ref:
-            raise PoisonPill("bad_field", "local records need mailbox, folder and body_ref")
+        msg = parse_local(raw)  # PoisonPill without a mailbox, a folder and a body_ref
         meta = {
             "id": msg.id, "folder": msg.folder, "sender": msg.sender,
             "recipients": msg.recipients,
             "received_at": msg.received_at, "stored_at": time.time(), "size": msg.size,
-            "body_ref": msg.body_ref, **(msg.meta.get("summary") or {}),
+            "body_ref": msg.body_ref, **(msg.summary or {}),
         }
         out = stage.outputs()
         # The runtime applies these writes to the table as soon as this returns, with
@@ -68,7 +66,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
 
     def find(address: str, msg_id: str) -> dict[str, Any] | None:
         for folder in mb.FOLDERS:
-            meta = table.get(mb.meta_key(address, folder, msg_id))
+            meta: dict[str, Any] | None = table.get(mb.meta_key(address, folder, msg_id))
             if meta is not None:
                 return meta
         return None

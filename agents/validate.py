@@ -23,7 +23,7 @@ from mailflow.rules.mailrules import (
     split_recipients,
     summarize,
 )
-from schemas.records import parse_message
+from schemas.mail import LocalCopy, Outgoing, parse_submission
 from streams.runtime import Outputs, Stage
 
 STAGE = "validate"
@@ -33,7 +33,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
     stage = Stage(app, settings, STAGE)
 
     async def handle(raw: bytes | None) -> Outputs:
-        msg = parse_message(raw)
+        msg = parse_submission(raw)
         out = stage.outputs()
         body = await stage.body(msg)
         headers = parse_headers(body)  # once, for the checks and the listing summary
@@ -48,7 +48,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
                       {"reason": first.code, "message": detail}, sender=msg.sender)
             return out
         local, remote = split_recipients(msg.recipients, settings.local_domains)
-        meta = {**msg.meta, "summary": summarize(body, headers)}
+        summary = summarize(body, headers)
         if local:
             ref = msg.body_ref
             if ref is None:
@@ -63,11 +63,11 @@ def register(app: faust.App, settings: Settings) -> Stage:
                 boxes[(mailbox_key(msg.sender), "sent")] = msg.recipients
             for (mailbox, folder), rcpts in boxes.items():
                 # An inbox copy names only its own recipients: Bcc recipients stay hidden.
-                rec = msg.with_(body=None, body_ref=ref, recipients=rcpts, mailbox=mailbox,
-                                folder=folder, meta=meta)
-                out.send("local", mailbox, rec.to_json())
+                copy = msg.to(LocalCopy, body=None, body_ref=ref, recipients=rcpts,
+                              mailbox=mailbox, folder=folder, summary=summary)
+                out.send("local", mailbox, copy.to_json())
         if remote:
-            rec = msg.with_(recipients=remote, meta=meta)
+            rec = msg.to(Outgoing, recipients=remote, summary=summary)
             out.send("outgoing", msg.id, rec.to_json())
             out.event(msg.id, "validated", remote, {"next": "scan"})
         return out

@@ -53,7 +53,7 @@ from mailflow.webhooks import (
 )
 from schemas.records import PoisonPill, parse_event
 from streams.runtime import Outputs, Stage
-from streams.topics import full_name
+from streams.topics import full_name, group_id
 
 STAGE = "webhooks"
 log = logging.getLogger("mailflow.webhooks")
@@ -130,12 +130,13 @@ def register(app: faust.App, settings: Settings) -> Stage:
         return dict(r.values[hooks_topic])
 
     def session() -> aiohttp.ClientSession:
-        if state["session"] is None:
-            state["session"] = aiohttp.ClientSession(
+        s: aiohttp.ClientSession | None = state["session"]
+        if s is None:
+            s = state["session"] = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(resolver=GuardedResolver(private_ok), limit=100,
                                                limit_per_host=8),
                 timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT))
-        return state["session"]
+        return s
 
     def secret_of(hook_id: str, hook: dict[str, Any]) -> str:
         k = (hook_id, str(hook.get("secret", "")))
@@ -168,6 +169,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
         """Try (unless the endpoint's circuit is open); park it a tier up on failure."""
         out = stage.outputs()
         now = time.time()
+        error: str | None
         if circuits.is_open(hook_id, now):
             error = "endpoint failing; not tried"
         else:
@@ -221,7 +223,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
     stage.handlers["webhooks.retry"] = handle_retry
 
     def retry_agent(tier: int) -> None:
-        async def run(stream: faust.StreamT) -> None:
+        async def run(stream: faust.StreamT[Any]) -> None:
             async for value in stream:
                 # A tier's records fall due in the order they were written: sleeping
                 # until the head is due holds back only records due later still.
@@ -233,7 +235,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
                 await stage.process(value, handle_retry)
 
         app.agent(stage.topic(f"webhooks.retry.{tier}"),
-                  name=f"{settings.topic_prefix}{STAGE}-retry-{tier}")(run)
+                  name=group_id(settings, STAGE, f"-retry-{tier}"))(run)
 
     for tier in range(1, len(schedule) + 1):
         retry_agent(tier)

@@ -181,7 +181,7 @@ def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
     return app
 
 
-def topic(app: faust.App, settings: Settings, short: str, **kw: object) -> faust.TopicT:
+def topic(app: faust.App, settings: Settings, short: str, **kw: Any) -> faust.TopicT:
     """A raw-bytes topic of the graph by its short name."""
     return app.topic(full_name(settings, short), schema=faust_compat.RawSchema(), **kw)
 

@@ -187,7 +187,7 @@ def hole_start(base: int | None, acked: list[int], in_flight: list[int]) -> int 
 async def refetch_holes(app: faust.App, seen: dict[Any, float], now: float) -> list[tuple[Any, int]]:
     """One check of every partition for records fetched and dropped (see HOLE_GRACE);
     seeks those whose hole lasted the grace period. Returns the (tp, offset) sought."""
-    consumer = app.consumer
+    consumer: Any = app.consumer  # Faust's Consumer: its private ack bookkeeping
     if app.rebalancing or not consumer.flow_active:
         seen.clear()
         return []

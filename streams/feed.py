@@ -58,7 +58,7 @@ from typing import Any
 
 import faust
 from faust.transport.consumer import ensure_TP
-from faust.types import TP, EventT, Message
+from faust.types import TP, AppT, EventT, Message
 
 # The feed of each iterated channel, read by `faust_compat`'s `_build_handler`; and
 # the channels of feeds that ended, which no callback delivers to any more (Faust
@@ -75,7 +75,7 @@ class Feed:
     docstring). Hashable by identity, as ``app.flow_control`` keeps its queues in a
     WeakSet."""
 
-    def __init__(self, app: faust.App, channel: Any, max_: int, within: float) -> None:
+    def __init__(self, app: AppT, channel: Any, max_: int, within: float) -> None:
         self.app = app
         self.channel = channel
         self.max_ = max_
@@ -89,7 +89,9 @@ class Feed:
         flow = app.flow_control
         self._flow_active = flow.is_active
         self._acquire_flow = flow.acquire
-        self._consumer = app.consumer
+        # Faust's Consumer, whose private ack bookkeeping (`_unacked_messages`) the
+        # feed keeps as Faust's own loop does: not on the ConsumerT interface.
+        self._consumer: Any = app.consumer
         flow.manage_queue(self)  # type: ignore[arg-type]  # cleared on revoke, as channels
 
     # --- the consumer's side ----------------------------------------------------------
@@ -172,7 +174,7 @@ class Feed:
         generation = app.consumer_generation_id
         flowing = self._flow_active()
         track = self._consumer._unacked_messages.add
-        event_cls: Callable[..., EventT] = app.conf.Event
+        event_cls: Callable[..., EventT] = app.conf.Event  # type: ignore[assignment]  # a class
         events: list[EventT] = []
         inbound: set[TP] = set()
         for _ in range(min(self.max_, len(buffer))):
@@ -232,12 +234,12 @@ async def batches(stream: faust.StreamT, max_: int, within: float
     A batch is acked when the caller asks for the next one; a caller that raises
     (or is cancelled) leaves its batch unacked and uncommitted."""
     if not supported(stream):
-        async for events in stream.take_events(max_, within):
+        async for events in stream.take_events(max_, within):  # type: ignore[attr-defined]  # Stream's, not StreamT's
             yield list(events)
         return
     app = stream.app
     # The iterator topic (Topic.__aiter__, as take_events gets it) subscribes with the conductor.
-    channel = stream.channel.__aiter__()
+    channel: Any = stream.channel.__aiter__()  # the iterator topic (a TopicT, typed as an iterator)
     feed = Feed(app, channel, max_, within)
     FEEDS[channel] = feed
     conductor = app.topics

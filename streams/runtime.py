@@ -58,11 +58,12 @@ from mailflow import metrics
 from mailflow.config import Settings
 from mailflow.kafka_io import AsyncProducer, BrokerUnavailable
 from mailflow.objstore import get_body
+from schemas.mail import MailRecord
 from schemas.records import ErrorRecord, Event, Message, PoisonPill
 from streams import feed
 from streams.app import topic
 from streams.faust_compat import run_eagerly
-from streams.topics import full_name
+from streams.topics import full_name, group_id
 
 log = logging.getLogger("mailflow.stage")
 
@@ -73,7 +74,7 @@ BATCH_WITHIN = 0.02
 
 # Tables: string keys, JSON values. (Faust encodes these keys as JSON strings; which
 # partition a write goes to is the input record's, see `Stage.table_write`.)
-JSON_TABLE = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+JSON_TABLE: faust.Schema = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
 
 
 class RetryLater(Exception):
@@ -343,10 +344,10 @@ class Stage:
         ``each`` (`process`, one record at a time per actor; `concurrency` actors),
         ``whole`` (`run_whole_batches`: a batch is one handler call, for a stage that
         folds several records into one table write). The agent's name is
-        ``<prefix><stage>`` unless `name` says otherwise: the consumer group's
-        agent.
+        the stage's group name (`streams.topics.group_id`) unless `name` says
+        otherwise: the consumer group's agent.
         """
-        agent_name = name or f"{self.settings.topic_prefix}{self.name}"
+        agent_name = name or group_id(self.settings, self.name)
 
         async def run(stream: faust.StreamT) -> None:
             if mode == "batches":
@@ -365,8 +366,8 @@ class Stage:
 
     # --- reading -----------------------------------------------------------------
 
-    async def body(self, msg: Message) -> bytes:
-        """The message's body, inline or from the object store."""
+    async def body(self, msg: MailRecord | Message) -> bytes:
+        """The message's body, inline or from the object store (any mail record)."""
         if msg.body is not None:
             return msg.body
         assert msg.body_ref is not None
@@ -380,8 +381,8 @@ class Stage:
         # acks=all guarantee at a fraction of the CPU per record. Faust keeps the
         # consumer, the tables and their changelogs.
         if self._producer is None:
-            self._producer = AsyncProducer(self.settings.kafka_bootstrap, timeout_ms=30000,
-                                           **{"linger.ms": self.linger_ms})
+            extra: dict[str, Any] = {"linger.ms": self.linger_ms}  # not an identifier: by dict
+            self._producer = AsyncProducer(self.settings.kafka_bootstrap, timeout_ms=30000, **extra)
         return self._producer
 
     def perform(self, out: Outputs, event: EventT | None = None) -> list[Awaitable[Any]]:

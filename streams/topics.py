@@ -66,11 +66,14 @@ def full_name(settings: Settings, short: str) -> str:
     return f"{settings.topic_prefix}{short}"
 
 
-def group_id(settings: Settings, stage: str) -> str:
+def group_id(settings: Settings, stage: str, suffix: str = "") -> str:
     """The consumer group of `stage` (``mailflow.<stage>`` by default): its committed
     offsets are the stage's progress, and its lag the stage's queue (`mailflow lag`).
-    Also the name of the stage's Faust app, which Faust uses as its group."""
-    return f"{settings.topic_prefix}{stage}"
+    Also the name of the stage's Faust app, which Faust uses as its group.
+
+    `suffix` names a stage's other agent or reader (``-retry-2`` for the webhooks
+    stage's tiers, ``-scan-<pid>`` for the retry stage's one-off scan), appended."""
+    return f"{settings.topic_prefix}{stage}{suffix}"
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0,

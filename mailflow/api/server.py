@@ -67,7 +67,7 @@ from mailflow.objstore import body_key, delete_body, get_body, put_body
 from mailflow.rules import mime
 from mailflow.rules.mailrules import AddressError, check_message, mailbox_key, parse_headers
 from mailflow.rules.unsubscribe import links_for
-from schemas.records import Message
+from schemas.mail import Submission
 from streams.topics import full_name
 
 log = logging.getLogger("mailflow.api")
@@ -370,10 +370,11 @@ class Ingress:
         # Checked and within its sender's rate: now wait, briefly, if the pipeline
         # is behind (in-flow control; never a refusal).
         await self.inflow.admit()
-        rec = Message(id=msg_id, sender=c.sender, recipients=c.recipients,
-                      received_at=time.time(), size=len(c.raw))
-        if c.extra.get("unsubscribe"):  # RFC 8058 links per recipient (mailflow/rules/unsubscribe.py)
-            rec.meta["unsubscribe"] = links_for(s, c.sender, c.recipients)
+        rec = Submission(id=msg_id, sender=c.sender, recipients=c.recipients,
+                         received_at=time.time(), size=len(c.raw),
+                         # RFC 8058 links per recipient (mailflow/rules/unsubscribe.py)
+                         unsubscribe=(links_for(s, c.sender, c.recipients)
+                                      if c.extra.get("unsubscribe") else None))
         ref = None
         if len(c.raw) > s.inline_max_bytes:
             ref = body_key(msg_id)

@@ -139,18 +139,12 @@ def hold_of(c: Controls, domain: str, msg_id: str) -> dict[str, Any] | None:
     return c.holds.get(f"id|{msg_id}") or c.holds.get(f"domain|{domain.lower()}")
 
 
-def _replayed_at(state: RetryState | dict[str, Any]) -> float:
-    if isinstance(state, RetryState):
-        return state.replayed_at or 0.0
-    return float(state.get("replayed_at", 0) or 0)  # a record's raw meta (agents/deliver.py)
-
-
-def bounce_requested(c: Controls, msg_id: str, state: RetryState | dict[str, Any]) -> float | None:
+def bounce_requested(c: Controls, msg_id: str, state: RetryState) -> float | None:
     """When an operator asked to bounce this message, if that request applies to this
-    record (its `RetryState`, or its raw ``meta``): not to a copy put back by
-    `mailflow replay` after the request."""
+    record (its `RetryState`): not to a copy put back by `mailflow replay` after the
+    request."""
     ts = c.bounces.get(msg_id)
-    if ts is None or _replayed_at(state) > ts:
+    if ts is None or (state.replayed_at or 0.0) > ts:
         return None
     return ts
 

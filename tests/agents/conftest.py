@@ -16,7 +16,7 @@ import pytest
 
 from mailflow.config import Settings
 from mailflow.ids import new_id
-from schemas.records import Message
+from schemas.mail import MailRecord, Submission
 
 
 @dataclass
@@ -69,14 +69,16 @@ def one_partition() -> Callable[[Any], None]:
 
 def message(sender: str = "alice@shop.test", recipients: list[str] | None = None,
             body: bytes | None = b"From: alice@shop.test\r\nTo: bob@x.test\r\nSubject: hi\r\n\r\nhello\r\n",
-            **kw: Any) -> Message:
-    return Message(id=new_id(), sender=sender, recipients=recipients or ["bob@x.test"],
-                   received_at=time.time(), size=len(body or b"x" * 100), body=body, **kw)
+            kind: type[MailRecord] = Submission, **kw: Any) -> Any:
+    return kind(id=new_id(), sender=sender, recipients=recipients or ["bob@x.test"],
+                received_at=time.time(), size=len(body or b"x" * 100), body=body, **kw)
 
 
 @pytest.fixture
-def make_message() -> Callable[..., Message]:
-    """`message(sender=..., recipients=..., body=..., **fields)`: a record to hand a stage."""
+def make_message() -> Callable[..., Any]:
+    """`message(sender=..., recipients=..., body=..., kind=Submission, **fields)`: a
+    record of the input topic's type (`schemas.mail`: `Submission`, `Outgoing`,
+    `LocalCopy`, `Delivery`) to hand a stage; `fields` are that type's."""
     return message
 
 

@@ -18,7 +18,7 @@ from mailflow.config import parse_routes
 from mailflow.ops.queue import HOLD, Controls
 from mailflow.rules.delivery import DELIVERED, PERMANENT, Outcome
 from mailflow.suppression import TOPIC as SUPPRESSIONS
-from schemas.records import parse_message
+from schemas.mail import Delivery, RetryState, parse_delivery, parse_submission
 
 
 class FakeControl:
@@ -81,15 +81,17 @@ def stage(app, settings, monkeypatch, producer, one_partition):
     return s
 
 
-def record(make_message, **meta: Any) -> bytes:
-    msg = make_message(recipients=["bob@x.test"])
-    return msg.with_(meta={"domain": "x.test", **meta}).to_json()
+def record(make_message, **retry: Any) -> bytes:
+    """A ``delivery`` record for bob@x.test, with `retry` (`RetryState` fields)."""
+    msg = make_message(kind=Delivery, recipients=["bob@x.test"], domain="x.test",
+                       retry=RetryState(**retry))
+    return msg.to_json()
 
 
 async def test_a_recipient_the_ledger_says_delivered_gets_its_event_and_no_second_send(
         stage, app, make_message):
     raw = record(make_message)
-    msg_id = parse_message(raw).id
+    msg_id = parse_delivery(raw).id
     app.tables["ledger"].data[f"{msg_id}|bob@x.test"] = {"kind": DELIVERED, "reply": "250 ok", "ts": 1.0}
     out = await stage.handlers["delivery"](raw)
     assert FakePool.sent == [] and out.writes == []
@@ -102,7 +104,7 @@ async def test_a_delivery_writes_the_ledger_entry_first_and_a_second_copy_finds_
     raw = record(make_message)
     out = await stage.handlers["delivery"](raw)
     assert FakePool.sent == [["bob@x.test"]]
-    assert [(k, v["kind"]) for _, k, v, _ in out.writes] == [(f"{parse_message(raw).id}|bob@x.test", DELIVERED)]
+    assert [(k, v["kind"]) for _, k, v, _ in out.writes] == [(f"{parse_delivery(raw).id}|bob@x.test", DELIVERED)]
     assert out.states() == [("delivered", ["bob@x.test"])]
     await asyncio.gather(*stage.perform(out))  # as the runtime: the entry applied and acknowledged
     again = await stage.handlers["delivery"](raw)  # a copy of the record
@@ -123,7 +125,9 @@ async def test_a_held_domain_goes_to_the_hold_topic_untried(stage, make_message)
     assert FakePool.sent == []
     assert [t for t, _, _, _ in out.records] == ["events", HOLD]
     assert out.states() == [("held", ["bob@x.test"])]
-    assert parse_message(out.sent(HOLD)[0][1]).meta["held_at"] > 0
+    held = parse_delivery(out.sent(HOLD)[0][1])
+    assert held.retry.held_at and held.retry.held_at > 0 and held.domain == "x.test"
+    assert held.retry.with_(held_at=None) == RetryState()  # no attempt spent
 
 
 async def test_expired_mail_bounces_untried_with_a_report_to_the_sender(stage, make_message):
@@ -132,8 +136,14 @@ async def test_expired_mail_bounces_untried_with_a_report_to_the_sender(stage, m
     assert [v["kind"] for _, _, v, _ in out.writes] == [PERMANENT]
     assert [s for s, _ in out.states()] == ["bounced", "accepted"]  # and the DSN's own acceptance
     assert [t for t, _, _, _ in out.records] == ["events", "dead", "events", "delivery"]
-    dsn = parse_message(out.sent("delivery")[0][1])
+    dsn = parse_delivery(out.sent("delivery")[0][1])
     assert dsn.sender == "" and dsn.recipients == ["alice@shop.test"] and out.sent("delivery")[0][0] == b"shop.test"
+    assert (dsn.bounce, dsn.bounce_of, dsn.domain, dsn.source) == (True, parse_delivery(out.sent("dead")[0][1]).id,
+                                                                    "shop.test", "bounce")
+    dead = parse_delivery(out.sent("dead")[0][1])
+    assert dead.retry.dead is not None and dead.retry.dead.reason == "expired"
+    assert [f["recipient"] for f in dead.retry.dead.failed] == ["bob@x.test"]
+    assert dead.retry.history and "failed" in dead.retry.history[-1]
 
 
 async def test_a_hard_bounce_suppresses_the_recipient_once_the_broker_took_it(stage, make_message):
@@ -153,4 +163,46 @@ async def test_a_hard_bounce_suppresses_the_recipient_once_the_broker_took_it(st
 
 def test_copies_of_one_message_and_domain_share_a_serial_key(make_message):
     raw = record(make_message)
-    assert deliver.serial_key(raw) == f"{parse_message(raw).id}|x.test"
+    assert deliver.serial_key(raw) == f"{parse_delivery(raw).id}|x.test"
+
+
+async def test_a_temporary_failure_goes_to_the_first_tier_with_its_retry_state(stage, make_message):
+    FakePool.reply = ("temporary", 451, "451 4.3.0 try later")
+    try:
+        first = time.time() - 60
+        raw = record(make_message, attempt=1, first_attempt=first,
+                     history=[{"ts": first, "attempt": 1, "error": "451 earlier"}])
+        out = await stage.handlers["delivery"](raw)
+    finally:
+        FakePool.reply = (DELIVERED, 250, "250 2.0.0 queued")
+    assert out.writes == [] and out.states() == [("deferred", ["bob@x.test"])]
+    (topic, key, value, _), = [r for r in out.records if r[0] != "events"]
+    rec = parse_delivery(value)
+    assert (topic, key) == ("retry.2", b"x.test")  # the second attempt failed: the second tier
+    r = rec.retry
+    assert (r.attempt, r.first_attempt, r.last_error, r.tier) == (2, first, "451 4.3.0 try later", 2)
+    assert r.due is not None and r.due > time.time()
+    assert [h["error"] for h in r.history or []] == ["451 earlier", "451 4.3.0 try later"]
+    assert rec.with_(retry=RetryState()) == parse_delivery(raw).with_(retry=RetryState())  # the rest as it came
+
+
+async def test_a_local_senders_bounce_goes_to_admitted_as_a_submission(stage, make_message):
+    FakePool.reply = (PERMANENT, 550, "550 5.1.1 no such user")
+    try:
+        msg = make_message(kind=Delivery, sender="alice@mailflow.local", recipients=["bob@x.test"],
+                           domain="x.test")
+        out = await stage.handlers["delivery"](msg.to_json())
+    finally:
+        FakePool.reply = (DELIVERED, 250, "250 2.0.0 queued")
+    assert [t for t, _, _, _ in out.records if t != "events"] == [SUPPRESSIONS, "dead", "admitted"]
+    (key, value), = out.sent("admitted")
+    dsn = parse_submission(value)
+    assert key == b"" and (dsn.sender, dsn.recipients, dsn.bounce, dsn.bounce_of) == (
+        "", ["alice@mailflow.local"], True, msg.id)
+    dead = parse_delivery(out.sent("dead")[0][1])
+    assert dead.retry.dead is not None and dead.retry.dead.reason == "permanent"
+
+
+def test_a_record_the_serial_key_cannot_read_takes_no_lock():
+    assert deliver.serial_key(b"not json") is None and deliver.serial_key(b'{"id": "A"}') is None
+    assert deliver.serial_key(b'{"id": "A", "recipients": ["b@X.Test"]}') == "A|x.test"

@@ -10,7 +10,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from agents.retry import RetryStage, due_at
 from mailflow.ops.queue import parse_controls
-from schemas.records import Message
+from schemas.mail import Delivery, RetryState
 
 
 class _Record:
@@ -111,12 +111,13 @@ def _queue_stage(values: dict[str, Any]) -> tuple[RetryStage, _Recorder, list[tu
     return stage, stage.consumer, sent  # type: ignore[return-value]
 
 
-def _record(topic: str, offset: int, domain: str, msg_id: str, meta: dict[str, Any], written: float) -> _Msg:
-    """A record as the deliver stage writes it to a retry tier or ``retry.hold``."""
-    msg = Message(id=msg_id, sender="a@mailflow.test", recipients=[f"x@{domain}"], received_at=written,
-                  size=5, body=b"hello", meta={"domain": domain, "attempt": 1, "first_attempt": written,
-                                               "history": [{"ts": written, "attempt": 1, "error": "451"}],
-                                               **meta})
+def _record(topic: str, offset: int, domain: str, msg_id: str, retry: dict[str, Any], written: float) -> _Msg:
+    """A record as the deliver stage writes it to a retry tier or ``retry.hold``;
+    `retry`: `RetryState` fields (unchecked: a test may write a bad one)."""
+    state = RetryState(attempt=1, first_attempt=written,
+                       history=[{"ts": written, "attempt": 1, "error": "451"}]).with_(**retry)
+    msg = Delivery(id=msg_id, sender="a@mailflow.test", recipients=[f"x@{domain}"], received_at=written,
+                   size=5, body=b"hello", domain=domain, retry=state)
     return _Msg(topic, 0, offset, domain.encode(), msg.to_json(), written)
 
 

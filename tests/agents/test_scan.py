@@ -10,7 +10,7 @@ import pytest
 
 from agents import scan
 from mailflow.mta.scanners import ScannerUnavailable
-from schemas.records import parse_message
+from schemas.mail import Outgoing, ScanVerdict, parse_outgoing
 
 
 class FakeClamd:
@@ -37,16 +37,17 @@ def scan_stage(app, settings, monkeypatch):
 
 async def test_clean_mail_goes_to_clean_with_its_verdict(scan_stage, make_message):
     handle = scan_stage(("OK", None)).handlers["outgoing"]
-    msg = make_message()
+    msg = make_message(kind=Outgoing)
     out = await handle(msg.to_json())
     assert [t for t, _, _, _ in out.records] == ["clean", "events"]
-    assert parse_message(out.sent("clean")[0][1]).meta["scan"]["scanned"] is True
+    clean = parse_outgoing(out.sent("clean")[0][1])
+    assert clean.scan == ScanVerdict(True) and clean.with_(scan=None) == msg
     assert out.states() == [("scanned", ["bob@x.test"])] and out.retry is None
 
 
 async def test_a_virus_is_parked_and_quarantined(scan_stage, make_message):
     handle = scan_stage(("FOUND", "Eicar-Test-Signature")).handlers["outgoing"]
-    out = await handle(make_message().to_json())
+    out = await handle(make_message(kind=Outgoing).to_json())
     assert [t for t, _, _, _ in out.records] == ["errors", "events"]
     parked = orjson.loads(out.sent("errors")[0][1])
     assert (parked["reason"], parked["state"]) == ("virus", "quarantined")
@@ -55,7 +56,7 @@ async def test_a_virus_is_parked_and_quarantined(scan_stage, make_message):
 
 async def test_a_scanner_down_says_so_once_then_retries_later(scan_stage, make_message):
     handle = scan_stage(ScannerUnavailable("clamd", "connection refused")).handlers["outgoing"]
-    raw = make_message().to_json()
+    raw = make_message(kind=Outgoing).to_json()
     first = await handle(raw)
     assert first.states() == [("validated", ["bob@x.test"])] and first.retry
     assert orjson.loads(first.sent("events")[0][1])["detail"]["waiting"] == "clamd unavailable: connection refused"
@@ -65,6 +66,8 @@ async def test_a_scanner_down_says_so_once_then_retries_later(scan_stage, make_m
 
 async def test_fail_open_passes_mail_on_marked_not_scanned(scan_stage, make_message):
     handle = scan_stage(ScannerUnavailable("clamd", "down"), scan_failure="open").handlers["outgoing"]
-    out = await handle(make_message().to_json())
-    assert parse_message(out.sent("clean")[0][1]).meta["scan"] == {"scanned": False, "reason": "clamd unavailable: down"}
+    out = await handle(make_message(kind=Outgoing).to_json())
+    clean = parse_outgoing(out.sent("clean")[0][1])
+    assert clean.scan == ScanVerdict(False, "clamd unavailable: down")
+    assert clean.meta["scan"] == {"scanned": False, "reason": "clamd unavailable: down"}  # the wire
     assert out.retry is None

@@ -36,13 +36,13 @@ def test_dead_goes_back_to_delivery_per_domain_with_attempts_reset():
 def test_ledger_lets_a_replay_retry_permanent_failures_but_never_resend_delivered():
     from agents.deliver import may_send
 
-    assert may_send(None, {})
-    assert not may_send({"kind": "delivered", "ts": 5.0}, {"replayed_at": 10.0})
-    assert not may_send({"kind": "permanent", "ts": 5.0}, {})
-    assert may_send({"kind": "permanent", "ts": 5.0}, {"replayed_at": 10.0})
+    assert may_send(None, None)
+    assert not may_send({"kind": "delivered", "ts": 5.0}, 10.0)
+    assert not may_send({"kind": "permanent", "ts": 5.0}, None)
+    assert may_send({"kind": "permanent", "ts": 5.0}, 10.0)
     # the replayed attempt failed again (entry rewritten at 12): the same replay record
     # arriving twice does not try a second time
-    assert not may_send({"kind": "permanent", "ts": 12.0}, {"replayed_at": 10.0})
+    assert not may_send({"kind": "permanent", "ts": 12.0}, 10.0)
 
 
 def _old_plan_dead_meta(meta: dict, domain: str, now: float) -> dict:
