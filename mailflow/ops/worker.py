@@ -28,7 +28,7 @@ from streams.app import (
     mark_clean_shutdown,
     reset_tables_after_crash,
 )
-from streams.topics import ensure_topics, group_id, init_group_offsets
+from streams.topics import ensure_topics, full_name, group_id, init_group_offsets
 
 log = logging.getLogger("mailflow.worker")
 
@@ -58,7 +58,7 @@ def build_app(stage: str, settings: Settings) -> faust.App:
     app = make_app(stage, settings, replica)
     importlib.import_module(f"agents.{stage}").register(app, settings)
     register_metrics_page(app)
-    registry = app.topic(f"{settings.topic_prefix}registry", key_serializer="raw",
+    registry = app.topic(full_name(settings, "registry"), key_serializer="raw",
                          value_serializer="raw", key_type=bytes, value_type=bytes)
     url = str(app.conf.canonical_url)
 
