@@ -418,6 +418,79 @@ class Stack:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
 
+    # ---- "no second copy": a marker sent behind the message under test ----
+    def send_marker(self, sender: str, domain: str, direct: bool = False) -> str:
+        """Send a marker message from `sender` to ``marker@<domain>``; its Message-ID.
+
+        Sent once the message under test is final, it goes the same way: through the
+        API by default (``submissions`` and ``admitted`` are keyed by sender, so it
+        follows the same partitions there; ``outgoing`` and ``clean`` are keyed by
+        message id, which gives no order), or with `direct` straight onto ``delivery``
+        for a test whose messages were produced there. On ``delivery`` (key: the
+        recipient domain) it lands on the same partition as every copy of the message
+        under test that was written before it, which is what `wait_markers` relies on.
+        """
+        mid = f"<marker.{time.time_ns()}@t.test>"
+        rcpt = f"marker@{domain}"
+        raw = raw_mail(sender, rcpt, "marker", mid)
+        if not direct:
+            submit_raw(self, raw)
+            return mid
+        from mailflow.ids import new_id
+        from schemas.records import Message
+
+        msg = Message(id=new_id(), sender=sender, recipients=[rcpt], received_at=time.time(),
+                      size=len(raw), body=raw, meta={"domain": domain})
+        p = producer(self)
+        p.produce(f"{self.prefix}delivery", key=domain.encode(), value=msg.to_json())
+        assert p.flush(30) == 0
+        return mid
+
+    def wait_markers(self, marks: list[tuple[ScriptedPeer, str]], timeout: float = 120) -> None:
+        """Until each marker (peer, Message-ID) of `send_marker` has reached its peer
+        and the deliver stage has finished every record ahead of it.
+
+        The deliver stage runs 32 records at once, so a copy of the message under test
+        just ahead of a marker may still be in its SMTP transaction when the marker
+        arrives: the wait ends only once the stage's group has committed past every
+        record on ``delivery`` as of the markers' arrival (`caught_up`), and it
+        commits an offset only after every record before it is done. After this, a
+        copy written to ``delivery`` before the marker has reached its peer or never
+        will. A copy that waits on a retry tier is not ahead of the marker on
+        ``delivery``: a test with one in play waits for ``caught_up("retry")`` before
+        it sends the marker.
+        """
+        for peer, mid in marks:
+            wait_for(lambda p=peer, m=mid: p.with_id(m), timeout, interval=0.2, what=f"marker {mid}")
+        self.caught_up("deliver", timeout=timeout)
+
+    def wait_marker(self, peer: ScriptedPeer, mid: str, timeout: float = 120) -> None:
+        """`wait_markers` for one marker."""
+        self.wait_markers([(peer, mid)], timeout)
+
+    def caught_up(self, stage: str, topics: tuple[str, ...] | None = None, timeout: float = 60) -> None:
+        """Until `stage`'s consumer group has committed past every record now on its
+        input topics (only those of `topics`, short names, if given), by the lag rule of
+        `mailflow lag`: each partition's committed offset reaches the end offset read
+        here, or the partition has no lag. Later records need not be done."""
+        from mailflow.ops.lag import measure
+
+        settings = self.settings()
+        wanted = {f"{self.prefix}{t}" for t in topics} if topics else None
+
+        def parts() -> list[Any]:
+            (lag,) = measure(settings, [stage])
+            return [p for p in lag.partitions if wanted is None or p.topic in wanted]
+
+        ends = {(p.topic, p.partition): p.end for p in parts()}
+        assert ends, f"no input partitions of {stage}"
+
+        def done() -> bool:
+            return not [p for p in parts() if p.lag and (
+                p.committed is None or p.committed < ends.get((p.topic, p.partition), 0))]
+
+        wait_for(done, timeout, interval=0.5, what=f"{stage} to commit past {sum(ends.values())} records")
+
     # ---- API helpers ----
     def submit(self, doc: Any, **kw: Any) -> tuple[int, Any, dict[str, str]]:
         return http("POST", f"{self.api}/v1/messages", doc, **kw)

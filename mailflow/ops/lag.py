@@ -96,31 +96,51 @@ def _committed(settings: Settings, group: str, tps: list[TopicPartition],
 
 
 def _oldest_ages(settings: Settings, lags: list[StageLag], timeout: float) -> None:
-    """Read the first uncommitted record of each lagging partition for its timestamp."""
+    """Read the first uncommitted record of each lagging partition for its timestamp.
+
+    A topic can be the input of more than one stage (``events``: status and webhooks),
+    each stage at its own committed offset, and a consumer takes a partition once per
+    assignment: the reads go in rounds, one offset per partition in each.
+    """
     from confluent_kafka import Consumer
 
-    wanted = {(p.topic, p.partition, p.committed if p.committed is not None else max(0, p.end - p.lag)): s
-              for s in lags for p in s.partitions if p.lag > 0}
-    if not wanted:
+    heads: dict[tuple[str, int], dict[int, list[StageLag]]] = {}
+    for s in lags:
+        for p in s.partitions:
+            if p.lag > 0:
+                offset = p.committed if p.committed is not None else max(0, p.end - p.lag)
+                heads.setdefault((p.topic, p.partition), {}).setdefault(offset, []).append(s)
+    if not heads:
         return
     c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "mailflow-lag-reader",
                   "enable.auto.commit": False, "enable.partition.eof": False})
     try:
-        c.assign([TopicPartition(t, p, o) for t, p, o in wanted])
-        pending = {(t, p): s for (t, p, _), s in wanted.items()}
         deadline = time.monotonic() + timeout
         now = time.time()
-        while pending and time.monotonic() < deadline:
-            m = c.poll(0.2)
-            if m is None or m.error():
-                continue
-            topic, partition, _offset = coordinates(m)
-            stage = pending.pop((topic, partition), None)
-            if stage is None:
-                continue
-            c.pause([TopicPartition(topic, partition)])
-            age = max(0.0, now - m.timestamp()[1] / 1000.0)
-            stage.oldest_age = max(stage.oldest_age or 0.0, age)
+        while heads and time.monotonic() < deadline:
+            round_ = {tp: min(offsets) for tp, offsets in heads.items()}
+            c.assign([TopicPartition(t, p, o) for (t, p), o in round_.items()])
+            pending = dict(round_)
+            paused = []
+            while pending and time.monotonic() < deadline:
+                m = c.poll(0.2)
+                if m is None or m.error():
+                    continue
+                topic, partition, _offset = coordinates(m)
+                if (topic, partition) not in pending:
+                    continue
+                offset = pending.pop((topic, partition))
+                paused.append(TopicPartition(topic, partition))
+                c.pause(paused[-1:])
+                age = max(0.0, now - m.timestamp()[1] / 1000.0)
+                for stage in heads[(topic, partition)][offset]:
+                    stage.oldest_age = max(stage.oldest_age or 0.0, age)
+            if paused:
+                c.resume(paused)
+            for tp, offset in round_.items():
+                del heads[tp][offset]
+                if not heads[tp]:
+                    del heads[tp]
     finally:
         c.close()
 

@@ -151,11 +151,16 @@ def test_deferred_k_times_then_delivered_once_on_schedule(dstack: Stack, peers):
     wait_for(lambda: settled(s, [msg_id]), 90, what="delivery after retries")
     st = s.status(msg_id)
     assert st["recipients"]["rcpt@retry.test"]["state"] == "delivered", st
-    time.sleep(1.5)  # a second copy would arrive now
+    # A second copy could still wait on a retry tier (retry.N, key: domain): once the
+    # retry stage has committed past every tier record, any such copy is on
+    # `delivery` ahead of the marker, on the marker's partition.
+    s.caught_up("retry")
+    s.wait_marker(peer, s.send_marker("rita@mailflow.test", "retry.test"))
     assert len(peer.with_id(mid)) == 1
-    # three 451s then the 250: exactly k + 1 = 4 transactions, k = 3 retries
+    # three 451s then the 250: exactly k + 1 = 4 transactions, k = 3 retries (then the marker's)
     times = list(peer.attempt_times)
-    assert len(times) == 4, times
+    assert len(times) == 5, times
+    times = times[:4]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     for gap, delay in zip(gaps, SCHEDULE, strict=True):
         # never early; late only by the retry stage's and the pipeline's latency
@@ -225,12 +230,13 @@ def test_replaying_dead_twice_delivers_once(dstack: Stack, peers):
     assert replay(s, "dead", "--id", msg_id)["replayed"] == 1  # an impatient second run
     wait_for(lambda: s.status(msg_id)["recipients"]["fix1@fixable.test"]["state"] == "delivered", 60,
              what="delivery after the replay")
-    time.sleep(2)  # the second replay's record has been through the deliver stage by now
+    # Both replays' records are on `delivery` (key: domain) before the marker.
+    s.wait_marker(peer, s.send_marker("fred@mailflow.test", "fixable.test"))
     assert len(peer.with_id(mid)) == 1
     # once more after the delivery: closed again from the ledger, still one copy
     assert replay(s, "dead", "--id", msg_id)["replayed"] == 1
     wait_for(lambda: settled(s, [msg_id]), 60, what="the third replay closed")
-    time.sleep(2)
+    s.wait_marker(peer, s.send_marker("fred@mailflow.test", "fixable.test"))
     assert len(peer.with_id(mid)) == 1
     st = s.status(msg_id)
     assert st["recipients"]["fix1@fixable.test"]["state"] == "delivered"
@@ -291,7 +297,9 @@ def test_unreachable_until_max_queue_age_bounces_expired(dstack: Stack, peers):
     dsn_id = dsn_dead[0]["id"]
     wait_for(lambda: settled(s, [dsn_id]), 30, what="the refused DSN's status")
     assert s.status(dsn_id)["recipients"]["rejectfrank@remote-sender.test"]["state"] == "bounced"
-    time.sleep(2)  # a bounce about the bounce would be on its way now
+    # A bounce about the bounce would be among the outputs of the deliver stage's
+    # handling of the DSN, all acked before it commits past the DSN's record.
+    s.caught_up("deliver")
     bounces = [r for r in topic_json(s, "delivery") if r.get("meta", {}).get("bounce")]
     assert Counter(r["meta"]["bounce_of"] for r in bounces) == Counter({remote_id: 1, loop_id: 1})
     assert not [r for r in topic_json(s, "admitted") + topic_json(s, "delivery")
@@ -413,7 +421,7 @@ def test_slow_domain_does_not_hold_up_its_partition(lstack: Stack, peers):
     # domain must not wait for them
     assert mixed <= max(3 * baseline, baseline + 3.0), (baseline, mixed)
     time_to_arrive(slow, slow_mids, started, 180)
-    time.sleep(1)
+    s.wait_marker(slow, s.send_marker("load@slow.sender.test", SLOW, direct=True))
     counts = Counter(slow.message_ids())
     assert all(counts[m] == 1 for m in slow_mids), [m for m in slow_mids if counts[m] != 1][:5]
 
@@ -451,7 +459,10 @@ def test_kill_one_of_two_delivery_workers_mid_batch_each_message_once(lstack: St
     print(f"killed deliver pid {victim.pid} with {at_kill}/2000 delivered")
     assert at_kill < 2000, "the batch finished before the kill: nothing was tested"
     wait_for(lambda: arrived() == 2000, 300, interval=1, what="2000 deliveries")
-    time.sleep(3)  # a late duplicate would show up now
+    # The killed replica's partitions are replayed by the survivor from their committed
+    # offsets: a marker per domain, behind every record of it on `delivery`.
+    s.wait_markers([(bulk, s.send_marker("bulk0@senders.test", f"b{d}.bulk.test", direct=True))
+                    for d in range(20)], timeout=300)
     arrivals: dict[str, list[float]] = {}
     for data_mid, (_, _, _, t) in zip(bulk.message_ids(), list(bulk.messages), strict=False):
         arrivals.setdefault(data_mid, []).append(t)

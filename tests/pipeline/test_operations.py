@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-from harness import ScriptedPeer, Stack, free_port, http, wait_for
+from harness import ROOT, ScriptedPeer, Stack, free_port, http, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailflow.kafka_io import producer_config
@@ -45,12 +45,26 @@ def metrics_of(url: str) -> dict[str, list]:
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
+def lag_cmd(stack: Stack, *args: str) -> str:
+    """`mailflow lag ARGS` on `stack`: its output. Run from the checkout under test, as
+    the stages are (`python -m` takes the package from the working directory first)."""
+    out = subprocess.run([sys.executable, "-m", "mailflow.ops.cli", "lag", *args], env=stack.env,
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, f"mailflow lag {' '.join(args)} exited {out.returncode}: {out.stderr}"
+    return out.stdout
+
+
 def lag_json(stack: Stack) -> dict:
-    out = subprocess.run([sys.executable, "-m", "mailflow.ops.cli", "lag", "--json"], env=stack.env,
-                         capture_output=True, text=True, timeout=60, check=True)
     import orjson
 
-    return orjson.loads(out.stdout.strip().splitlines()[-1])
+    return orjson.loads(lag_cmd(stack, "--json").strip().splitlines()[-1])
+
+
+def deliver_running(stack: Stack) -> None:
+    """The deliver stage started (the lag test starts it late) and registered."""
+    if "deliver" not in stack.procs:
+        stack.start_stage("deliver")
+    stack.wait_stage("deliver")
 
 
 def test_lag_shows_waiting_delivery_and_drains(ops_stack: Stack, peer: ScriptedPeer):
@@ -72,8 +86,7 @@ def test_lag_shows_waiting_delivery_and_drains(ops_stack: Stack, peer: ScriptedP
     doc = lag_json(s)["stages"]
     assert doc["deliver"]["consumers"] == 0 and doc["deliver"]["oldest_age"] > 0
     assert doc["sentfolder"]["total"] == 0 and doc["scan"]["total"] == 0
-    table = subprocess.run([sys.executable, "-m", "mailflow.ops.cli", "lag"], env=s.env,
-                           capture_output=True, text=True, timeout=60, check=True).stdout
+    table = lag_cmd(s)
     assert any(line.startswith("deliver") and line.split()[-3] == "500" for line in table.splitlines()), table
 
     def exported() -> float:
@@ -89,6 +102,9 @@ def test_lag_shows_waiting_delivery_and_drains(ops_stack: Stack, peer: ScriptedP
 
 def test_metrics_parse_and_hold_the_families(ops_stack: Stack):
     s = ops_stack
+    # The registry, read below, has a replica once it has sent a heartbeat (every 5 s)
+    # while holding partitions: the 500 of the lag test can be done before that.
+    deliver_running(s)
     # Some traffic through the API so every process has counted something.
     code, doc, _ = s.submit({"from": "m@mailflow.test", "to": "x@metrics.test", "text": "hi"})
     assert code == 202
@@ -109,3 +125,32 @@ def test_metrics_parse_and_hold_the_families(ops_stack: Stack):
                 "mailflow_scanner_up", "mailflow_stage_lag", "mailflow_stage_oldest_waiting_seconds",
                 "mailflow_stage_consumers", "mailflow_api_requests"}
     assert families <= set(deliver) and families <= set(api)
+
+
+def test_lag_of_two_stages_on_one_topic_each_from_its_own_offset(kafka: str, work_dir: Path):
+    """``events`` is the input of status and webhooks: each stage's oldest waiting record
+    is read from its own committed offset (one assignment could not hold both, and
+    `mailflow lag` exited 1 whenever both lagged on a partition at different offsets)."""
+    from confluent_kafka import TopicPartition
+
+    from mailflow.ops.lag import measure
+    from streams.topics import ensure_topics, group_client, group_id
+
+    s = Stack(work_dir, kafka)  # topics only: no stage runs
+    settings = s.settings()
+    ensure_topics(settings)
+    events = f"{s.prefix}events"
+    p = Producer(producer_config(kafka))
+    now_ms = int(time.time() * 1000)
+    for age in (60, 10, 10):  # seconds: the first record is older than the other two
+        p.produce(events, key=b"k", value=b"{}", partition=0, timestamp=now_ms - age * 1000)
+    assert p.flush(30) == 0
+    c = group_client(settings, group_id(settings, "status"))
+    try:
+        c.commit(offsets=[TopicPartition(events, 0, 1)], asynchronous=False)  # status read the first
+    finally:
+        c.close()
+    lags = {x.stage: x for x in measure(settings, ["status", "webhooks"])}
+    assert lags["status"].total == 2 and lags["webhooks"].total == 3
+    assert lags["status"].oldest_age == pytest.approx(10, abs=5), lags["status"]
+    assert lags["webhooks"].oldest_age == pytest.approx(60, abs=5), lags["webhooks"]
