@@ -108,7 +108,8 @@ def register(app: faust.App, settings: Settings) -> Stage:
     schedule = retry_schedule()
     private_ok = allow_private()
     hooks_topic = full_name(settings, TOPIC)
-    state: dict[str, Any] = {"reader": None, "session": None, "synced": False}
+    state: dict[str, Any] = {"reader": None, "session": None, "synced": False, "synced_at": 0.0,
+                             "inflight": None}
     secrets_cache: dict[tuple[str, str], str] = {}
     circuits = Circuits()
 
@@ -119,14 +120,45 @@ def register(app: faust.App, settings: Settings) -> Stage:
             state["reader"] = SyncReader(settings.kafka_bootstrap, [hooks_topic])
         return state["reader"]
 
-    async def hooks() -> dict[str, dict[str, Any]]:
-        """The registered webhooks, read up to about now (never a stale first view:
-        an event must not miss a webhook only because the stage just started)."""
+    async def hooks(since: float | None = None) -> dict[str, dict[str, Any]]:
+        """The registered webhooks, as read by a sync of the webhooks topic that
+        started after `since` (an event's time: a webhook registered before the
+        event happened is known; by default now). Never a stale first view: an event
+        must not miss a webhook only because the stage just started.
+
+        One sync answers every event that happened before it started, so a stage
+        that is behind reads the topic's end once per batch, not once per event (a
+        thread hand-off and an offsets request each: as much CPU as the sent-folder
+        stage, docs/BENCHMARKS.md). Concurrent callers share the sync in flight."""
+        # Never later than now: an event stamped ahead by another host's clock is
+        # answered by the next sync, not by syncing until that time comes.
+        since = time.time() if since is None else min(since, time.time())
         r = reader()
-        ok = await asyncio.get_running_loop().run_in_executor(None, r.sync, hooks_topic, 5.0, 0.5)
-        if not ok and not state["synced"]:
+        while state["synced_at"] <= since:
+            inflight = state["inflight"]
+            if inflight is not None:  # another event's sync: it may start late enough
+                await asyncio.shield(inflight[1])
+                if inflight[0] > since and state["synced_at"] < inflight[0]:
+                    return _after_failure(r)  # late enough, but it failed
+                continue
+            started = time.time()
+            fut = asyncio.get_running_loop().run_in_executor(None, r.sync, hooks_topic, 5.0, 0.5)
+            state["inflight"] = (started, fut)
+            try:
+                ok = await fut
+            finally:
+                state["inflight"] = None
+            if not ok:
+                return _after_failure(r)
+            state["synced"] = True
+            state["synced_at"] = max(state["synced_at"], started)
+        return dict(r.values[hooks_topic])
+
+    def _after_failure(r: Any) -> dict[str, dict[str, Any]]:
+        # The topic could not be read to its end: what was read before will do,
+        # unless nothing ever was.
+        if not state["synced"]:
             raise TimeoutError("the webhooks topic could not be read")
-        state["synced"] = state["synced"] or ok
         return dict(r.values[hooks_topic])
 
     def session() -> aiohttp.ClientSession:
@@ -195,7 +227,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
         sender = ev.sender
         if not sender:
             return out  # a bounce's own events (null sender), or one not ours to tell
-        registered = await hooks()
+        registered = await hooks(ev.ts)
         wanted = [(hid, h) for hid, h in registered.items() if h and matches(h, ev.state, sender, ev.ts)]
         if not wanted:
             return out

@@ -20,11 +20,13 @@ HOOK = {"url": "http://127.0.0.1:1/hook", "events": ["delivered"], "created_at":
 
 class FakeReader:
     hooks: dict[str, Any] = {}
+    syncs: list[float] = []  # when each sync of the webhooks topic was made
 
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
         self.values = {t: FakeReader.hooks for t in topics}
 
     def sync(self, topic: str, *args: object) -> bool:
+        FakeReader.syncs.append(time.time())
         return True
 
 
@@ -34,12 +36,15 @@ def stage(app, settings, monkeypatch):
 
     monkeypatch.setattr(mailflow.api.auth, "SyncReader", FakeReader)
     monkeypatch.setattr(FakeReader, "hooks", {"h1": HOOK})
+    monkeypatch.setattr(FakeReader, "syncs", [])
     return webhooks.register(app, settings)
 
 
-def event(state: str = "delivered", sender: str | None = "alice@shop.test") -> bytes:
-    return Event(id="01m8rvnz585drabdqrcz86dqkt", state=state, stage="deliver", ts=time.time(),
-                 recipients=["bob@x.test"], sender=sender).to_json()
+def event(state: str = "delivered", sender: str | None = "alice@shop.test",
+          ts: float | None = None) -> bytes:
+    return Event(id="01m8rvnz585drabdqrcz86dqkt", state=state, stage="deliver",
+                 ts=time.time() if ts is None else ts, recipients=["bob@x.test"],
+                 sender=sender).to_json()
 
 
 async def test_a_failed_post_goes_to_the_first_retry_tier_and_opens_the_circuit(stage):
@@ -72,3 +77,15 @@ async def test_a_retry_for_a_deleted_webhook_is_dropped_and_a_bad_job_is_poison(
     with pytest.raises(PoisonPill):
         await stage.handlers["webhooks.retry"](b"{}")
 
+
+
+async def test_one_sync_of_the_webhooks_topic_answers_every_event_that_happened_before_it(stage):
+    # A stage that is behind: these events happened before the first sync started.
+    past = time.time() - 5
+    for _ in range(5):
+        await stage.handlers["events"](event(state="scanned", ts=past))
+    assert len(FakeReader.syncs) == 1
+    # An event that happened after that sync started needs a sync of its own: a
+    # webhook registered just before it must be known.
+    await stage.handlers["events"](event(state="scanned", ts=time.time() + 0.01))
+    assert len(FakeReader.syncs) == 2
