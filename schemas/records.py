@@ -16,7 +16,6 @@ table of topics, types and schema files). `Event` and `ErrorRecord` are the
 from __future__ import annotations
 
 import base64
-import binascii
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,40 +91,18 @@ class Message:
 
 
 def parse_message(raw: bytes | str | None) -> Message:
+    """Any mail record as a `Message`, checked as the typed records of `schemas.mail`
+    check their envelope (one set of rules: `schemas.mail._envelope`)."""
+    from schemas.mail import _envelope  # schemas.mail builds on this module
+
     obj = _loads(raw)
-    version = obj.get("version")
-    if version != SUBMISSION_VERSION:
-        raise PoisonPill("unsupported_version", f"version {version!r}, expected {SUBMISSION_VERSION}")
-    msg_id = _str(obj, "id")
-    sender = obj.get("sender")
-    if not isinstance(sender, str):
-        raise PoisonPill("bad_field", "sender must be a string")
-    rcpts = obj.get("recipients")
-    if not isinstance(rcpts, list) or not rcpts or not all(isinstance(r, str) and r for r in rcpts):
-        raise PoisonPill("bad_field", "recipients must be a non-empty list of strings")
-    received_at = obj.get("received_at", time.time())
-    size = obj.get("size")
-    if not isinstance(received_at, int | float) or not isinstance(size, int) or size < 0:
-        raise PoisonPill("bad_field", "received_at must be a number and size an integer")
-    body_b64, body_ref = obj.get("body"), obj.get("body_ref")
-    body = None
-    if body_b64 is not None:
-        if not isinstance(body_b64, str):
-            raise PoisonPill("bad_field", "body must be base64 text")
-        try:
-            body = base64.b64decode(body_b64, validate=True)
-        except binascii.Error:
-            raise PoisonPill("bad_field", "body is not valid base64") from None
-    elif not isinstance(body_ref, str) or not body_ref:
-        raise PoisonPill("bad_field", "one of body or body_ref is required")
-    meta = obj.get("meta", {})
-    if not isinstance(meta, dict):
-        raise PoisonPill("bad_field", "meta must be an object")
+    mailbox, folder = obj.get("mailbox"), obj.get("folder")
+    env, _, meta = _envelope(obj)
     return Message(
-        id=msg_id or "", sender=sender, recipients=list(rcpts), received_at=float(received_at),
-        size=size, body=body, body_ref=body_ref if body is None else None,
-        source=str(obj.get("source", "kafka")), mailbox=obj.get("mailbox"),
-        folder=obj.get("folder"), meta=meta,
+        id=env["id"], sender=env["sender"], recipients=env["recipients"],
+        received_at=env["received_at"], size=env["size"], body=env["body"],
+        body_ref=env["body_ref"], source=env["source"], mailbox=mailbox, folder=folder,
+        meta=meta,
     )
 
 
