@@ -92,20 +92,16 @@ class Follower(threading.Thread):
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         super().__init__(daemon=True)
-        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+        from confluent_kafka import Consumer
+
+        from devtools.bench import assign_at_end
 
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"idle-{uuid.uuid4().hex[:8]}",
                                   "enable.auto.commit": False, "fetch.wait.max.ms": 10})
-        md = self.consumer.list_topics(topic, timeout=10)
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in md.topics[topic].partitions])
         self.times: dict[str, dict[str, float]] = {}
         self.lock = threading.Lock()
         self.running = True
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            self.consumer.poll(0.1)
-            if all(tp.offset >= 0 for tp in self.consumer.position(self.consumer.assignment())):
-                break
+        assign_at_end(self.consumer, topic)
 
     def run(self) -> None:
         while self.running:

@@ -123,31 +123,38 @@ def json_message(n: int, sender: str, rcpt: str, size: int) -> bytes:
     return orjson.dumps({"from": sender, "to": [rcpt], "subject": f"bench {n}", "text": text})
 
 
+def assign_at_end(consumer: Any, topic: str) -> None:
+    """Assign every partition of `topic` to `consumer` from its current end, and wait
+    (up to 10 s) until those positions are known: an assignment at OFFSET_END
+    resolves lazily, and a record produced before it resolved would be missed."""
+    from confluent_kafka import OFFSET_END, TopicPartition
+
+    md = consumer.list_topics(topic, timeout=10)
+    consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in md.topics[topic].partitions])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        consumer.poll(0.1)
+        if all(tp.offset >= 0 for tp in consumer.position(consumer.assignment())):
+            break
+
+
 class EventFollower(threading.Thread):
     """Reads ``events`` from the current end: accepted and final times per recipient."""
 
     def __init__(self, settings: Settings, until: str) -> None:
         super().__init__(daemon=True)
-        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+        from confluent_kafka import Consumer
 
         self.until = until
         self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
                                   "group.id": f"bench-{uuid.uuid4().hex[:8]}",
                                   "enable.auto.commit": False, "fetch.wait.max.ms": 50})
-        topic = full_name(settings, "events")
-        md = self.consumer.list_topics(topic, timeout=10)
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in md.topics[topic].partitions])
+        assign_at_end(self.consumer, full_name(settings, "events"))
         self.accepted: dict[str, float] = {}
         self.done: dict[tuple[str, str], tuple[str, float]] = {}
         self.by_stage: dict[str, list[float]] = {}
         self.running = True
         self.lock = threading.Lock()
-        # assignment at OFFSET_END resolves lazily: poll until positions are known
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            self.consumer.poll(0.1)
-            if all(tp.offset >= 0 for tp in self.consumer.position(self.consumer.assignment())):
-                break
 
     def run(self) -> None:
         while self.running:
