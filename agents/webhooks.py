@@ -136,23 +136,26 @@ def register(app: faust.App, settings: Settings) -> Stage:
         r = reader()
         while state["synced_at"] <= since:
             inflight = state["inflight"]
-            if inflight is not None:  # another event's sync: it may start late enough
-                await asyncio.shield(inflight[1])
-                if inflight[0] > since and state["synced_at"] < inflight[0]:
-                    return _after_failure(r)  # late enough, but it failed
-                continue
-            started = time.time()
-            fut = asyncio.get_running_loop().run_in_executor(None, r.sync, hooks_topic, 5.0, 0.5)
-            state["inflight"] = (started, fut)
-            try:
-                ok = await fut
-            finally:
-                state["inflight"] = None
-            if not ok:
-                return _after_failure(r)
-            state["synced"] = True
-            state["synced_at"] = max(state["synced_at"], started)
+            if inflight is None:  # else another caller's sync: it may start late enough
+                started = time.time()
+                inflight = state["inflight"] = (started, asyncio.ensure_future(sync(r, started)))
+            started, task = inflight
+            # The sync task records its outcome and clears `inflight` before it ends, so
+            # a caller that finds it done never loops on it without yielding (that
+            # starved the event loop once: every stage of the process stopped).
+            if not await asyncio.shield(task) and started > since:
+                return _after_failure(r)  # late enough, but it failed
         return dict(r.values[hooks_topic])
+
+    async def sync(r: Any, started: float) -> bool:
+        try:
+            ok = bool(await asyncio.get_running_loop().run_in_executor(None, r.sync, hooks_topic, 5.0))
+            if ok:
+                state["synced"] = True
+                state["synced_at"] = max(state["synced_at"], started)
+            return ok
+        finally:
+            state["inflight"] = None
 
     def _after_failure(r: Any) -> dict[str, dict[str, Any]]:
         # The topic could not be read to its end: what was read before will do,

@@ -89,3 +89,33 @@ async def test_one_sync_of_the_webhooks_topic_answers_every_event_that_happened_
     # webhook registered just before it must be known.
     await stage.handlers["events"](event(state="scanned", ts=time.time() + 0.01))
     assert len(FakeReader.syncs) == 2
+
+
+@pytest.mark.timeout(30)  # the bug this guards against spun the event loop for ever
+async def test_a_caller_arriving_as_a_sync_ends_waits_for_a_sync_of_its_own(stage, monkeypatch):
+    # A retry record handled in the instant between a sync's end and its caller's
+    # resumption once found the finished sync still "in flight" and looped on it
+    # without yielding: the process's event loop stopped, and every stage in it.
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    late: list[asyncio.Task[Any]] = []
+
+    def run_in_executor(executor: object, fn: Any, *args: Any) -> asyncio.Future[Any]:
+        # The sync "in a thread", ended from the loop: the late caller's first step is
+        # scheduled just before the sync's result wakes its caller.
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def end() -> None:
+            if not late:
+                late.append(loop.create_task(stage.handlers["webhooks.retry"](orjson.dumps(
+                    {"hook": "gone", "body": {}, "attempt": 1, "first": time.time(), "due": 0.0}))))
+            fut.set_result(fn(*args))
+
+        loop.call_later(0.01, end)
+        return fut
+
+    monkeypatch.setattr(loop, "run_in_executor", run_in_executor)
+    await stage.handlers["events"](event(state="scanned", ts=time.time() - 5))
+    assert (await asyncio.wait_for(late[0], 10)).records == []  # its hook is gone: nothing to do
+    assert len(FakeReader.syncs) == 2  # it did not take the earlier sync for its own
