@@ -72,7 +72,7 @@ from streams.topics import full_name
 
 log = logging.getLogger("mailflow.api")
 
-REGISTRY_FRESH_SECONDS = 20.0
+REGISTRY_KEEP_SECONDS = 300.0
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 _IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 WEB_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
@@ -179,7 +179,7 @@ class Ingress:
                                  [full_name(s, "throttle"), full_name(s, "registry"),
                                   full_name(s, "auth"), self.idem_topic])
         self.auth = Authenticator(s, self.reader)
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15, sock_connect=2))
         self.inflow.start()
 
     async def on_cleanup(self, _app: web.Application) -> None:
@@ -402,23 +402,29 @@ class Ingress:
 
     # ---- reads, routed to the owning stage -------------------------------
     def stage_urls(self, stage: str) -> list[str]:
+        """The web addresses of `stage`'s replicas heard from within
+        REGISTRY_KEEP_SECONDS, the latest heard from first. Older ones are kept after
+        them: a replica started in place of a killed one answers at the same address,
+        and a dead one refuses the connection at once."""
         assert self.reader is not None
         now = time.time()
         entries = [v for v in self.reader.values[full_name(self.settings, "registry")].values()
-                   if v.get("stage") == stage and now - float(v.get("ts", 0)) < REGISTRY_FRESH_SECONDS]
+                   if v.get("stage") == stage and now - float(v.get("ts", 0)) < REGISTRY_KEEP_SECONDS]
         entries.sort(key=lambda v: -float(v.get("ts", 0)))
-        return [v["url"] for v in entries]
+        return list(dict.fromkeys(v["url"] for v in entries))
 
     async def routed(self, stage: str, path: str, query: dict[str, str]) -> tuple[int, Any]:
         """GET `path` (made by `worker_path`, already encoded) from a live `stage` worker."""
         assert self.http is not None
+        failed = []
         for url in self.stage_urls(stage):
             try:
                 # encoded=True: sent exactly as built, never re-quoted or dot-normalised.
                 async with self.http.get(URL(url.rstrip("/") + path, encoded=True), params=query) as resp:
                     return resp.status, await resp.read()
-            except (aiohttp.ClientError, TimeoutError):
-                continue
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failed.append(f"{url}: {exc!r}")
+        log.warning("no %s worker answered (%s)", stage, "; ".join(failed) or "none registered")
         raise web.HTTPServiceUnavailable(
             body=orjson.dumps({"error": {"code": "stage_unavailable",
                                          "message": f"no live {stage} worker to answer"}}),

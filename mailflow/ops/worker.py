@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import faust
 import orjson
@@ -34,7 +35,11 @@ log = logging.getLogger("mailflow.worker")
 
 # How often a consuming replica puts its web address on the ``registry`` topic; the
 # ingress routes mailbox and status reads to the replicas it has heard from lately.
+# A replica that has just got its partitions says so within HEARTBEAT_CHECK seconds,
+# not a whole period later: a replica started in place of a killed one is otherwise
+# absent from the registry for up to a period after the killed one's entry went stale.
 HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_CHECK = 1.0
 
 
 def parse_stages(text: str) -> list[str]:
@@ -52,26 +57,34 @@ def available(stage: str) -> bool:
 
 
 def build_app(stage: str, settings: Settings) -> faust.App:
+    from streams.debug import register_debug_page
     from streams.runtime import register_metrics_page
 
     replica = claim_replica(settings, stage)
     app = make_app(stage, settings, replica)
     importlib.import_module(f"agents.{stage}").register(app, settings)
     register_metrics_page(app)
+    register_debug_page(app)
     registry = app.topic(full_name(settings, "registry"), key_serializer="raw",
                          value_serializer="raw", key_type=bytes, value_type=bytes)
     url = str(app.conf.canonical_url)
 
-    @app.timer(HEARTBEAT_SECONDS)
+    last: dict[str, Any] = {"at": 0.0, "generation": None}
+
+    @app.timer(HEARTBEAT_CHECK)
     async def heartbeat() -> None:
         # The ingress routes mailbox and status reads to a live replica it finds here;
         # only once it holds partitions and is not rebalancing, so "registered" also
         # means "consuming" (tests and `mailflow up` wait on it).
         if app.rebalancing or not app.consumer.assignment():
             return
+        now, generation = time.monotonic(), app.consumer_generation_id
+        if now - last["at"] < HEARTBEAT_SECONDS and generation == last["generation"]:
+            return
         await registry.send(key=f"{stage}|{url}".encode(), value=orjson.dumps(
             {"stage": stage, "url": url, "pid": os.getpid(), "replica": replica.index,
              "ts": time.time()}))
+        last.update(at=now, generation=generation)
 
     return app
 
