@@ -69,3 +69,17 @@ def scanners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     finally:
         if group is not None:
             group.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that ran a stack gets the tail of each of its processes' logs in
+    its report: CI keeps no temporary directories, and a stall is read from them."""
+    report = yield
+    if report.failed and call.when == "call":
+        funcargs = getattr(item, "funcargs", {})
+        for stack in {id(v): v for v in funcargs.values() if isinstance(v, Stack)}.values():
+            for log in sorted((stack.data_dir / "logs").glob("*.log")):
+                lines = log.read_text(errors="replace").splitlines()[-60:]
+                report.sections.append((f"{stack.prefix} {log.name} (last 60 lines)", "\n".join(lines)))
+    return report
