@@ -287,7 +287,7 @@ def supervise_cluster(sup: Any, me: list[str], bootstrap: str, nodes: int) -> No
         last = n is todo[-1]
         sup.add(f"kafka node {n.node_id}", [*me, "broker", "--nodes", str(nodes), "--node", str(n.node_id),
                                             "--port", port], restart=True,
-                ready=(lambda: cluster_ready(bootstrap, nodes)) if last else None)
+                ready=(lambda: cluster_ready(bootstrap, nodes)) if last else None, stops_last=True)
 
 
 def cluster_ready(bootstrap: str, nodes: int, timeout: float = 2.0) -> bool:

@@ -225,7 +225,7 @@ def build(settings: Settings, scanners: bool = True,
         _host, _, kafka_port = settings.kafka_bootstrap.rpartition(":")
         sup.add("kafka broker", [*me, "broker", "--port", kafka_port,
                                  "--controller-port", str(int(kafka_port) + 1)],
-                ready=lambda: broker.is_ready(settings.kafka_bootstrap))
+                ready=lambda: broker.is_ready(settings.kafka_bootstrap), stops_last=True)
     if scanners and available("scan"):
         def scanners_ready() -> bool:
             return _port_open("127.0.0.1", 3310) and _port_open("127.0.0.1", 11333)
@@ -233,7 +233,7 @@ def build(settings: Settings, scanners: bool = True,
         if not scanners_ready():
             sup.add("clamd, rspamd, dns", [sys.executable, "-m", "devtools.services", "up",
                                            "--dir", str(settings.data_dir / "services")],
-                    ready=scanners_ready)
+                    ready=scanners_ready, stops_last=True)
     # The stages below are crash-safe by design (at-least-once, idempotent): if this
     # process dies they are killed outright, not left to a clean stop that could wait
     # on a broker that is stopping at the same moment.
@@ -242,7 +242,8 @@ def build(settings: Settings, scanners: bool = True,
     for host, port in sorted(set(sink_routes)):
         if not _port_open(host, port):
             sup.add(f"smtp sink :{port}", [*me, "sink", "--host", host, "--port", str(port)],
-                    restart=True, ready=functools.partial(_port_open, host, port), death_signal=kill)
+                    restart=True, ready=functools.partial(_port_open, host, port), death_signal=kill,
+                    stops_last=True)
     first = True
     for stage in STAGES:
         if available(stage):

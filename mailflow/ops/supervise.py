@@ -64,6 +64,10 @@ class Child:
     # to survive a crash (the stages), which must not wait on a broker going too.
     death_signal: int = signal.SIGTERM
     before: Callable[[], object] | None = None  # run once, just before the first start
+    # Stopped only once every other child has stopped (the broker, the scanners, a
+    # local SMTP sink): a stage stopping cleanly flushes and commits to the broker and
+    # finishes its SMTP sessions, which a broker stopping at the same moment refuses.
+    stops_last: bool = False
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -81,8 +85,10 @@ class Supervisor:
 
     def add(self, name: str, argv: list[str], *, restart: bool = False,
             ready: Callable[[], bool] | None = None, env: dict[str, str] | None = None,
-            death_signal: int = signal.SIGTERM, before: Callable[[], object] | None = None) -> None:
-        self.children.append(Child(name, argv, restart, ready, env, death_signal, before))
+            death_signal: int = signal.SIGTERM, before: Callable[[], object] | None = None,
+            stops_last: bool = False) -> None:
+        self.children.append(Child(name, argv, restart, ready, env, death_signal, before,
+                                   stops_last))
 
     def _spawn(self, c: Child) -> None:
         env = {**os.environ, **(c.env or {})}
@@ -155,12 +161,20 @@ class Supervisor:
             c.next_start = now + delay
 
     def stop(self) -> None:
+        """SIGTERM to every child, then SIGKILL to those still running after `grace`
+        seconds; the children that stop last (`stops_last`) only once the others
+        have stopped, with a grace of their own."""
         self.stopping = True
-        for c in reversed(self.children):
+        for wave in ([c for c in self.children if not c.stops_last],
+                     [c for c in self.children if c.stops_last]):
+            self._stop_all(wave)
+
+    def _stop_all(self, children: list[Child]) -> None:
+        for c in reversed(children):
             if c.proc and c.proc.poll() is None:
                 _signal_group(c.proc, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
-        for c in reversed(self.children):
+        for c in reversed(children):
             if not c.proc:
                 continue
             try:

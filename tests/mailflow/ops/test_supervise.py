@@ -120,3 +120,37 @@ def test_stack_lock_is_released_when_its_holder_dies(tmp_path: Path) -> None:
     finally:
         mine.release()
     assert stack.running(settings) is None
+
+
+def test_the_broker_stops_only_once_the_stages_have_stopped(tmp_path: Path) -> None:
+    """A child marked `stops_last` (the broker) gets its SIGTERM only after the
+    others have exited: a stage's clean stop still has a broker to flush to."""
+    def child(name: str, linger: float) -> str:
+        return (f"import signal, sys, time, pathlib\n"
+                f"def bye(*_):\n"
+                f"    p = pathlib.Path({str(tmp_path)!r})\n"
+                f"    (p / '{name}.term').write_text(repr(time.time()))\n"
+                f"    time.sleep({linger})\n"
+                f"    (p / '{name}.exit').write_text(repr(time.time()))\n"
+                f"    sys.exit(0)\n"
+                f"signal.signal(signal.SIGTERM, bye)\n"
+                f"time.sleep(300)\n")
+    parent = _parent(tmp_path, f"""
+        import sys
+        from mailflow.ops.supervise import Supervisor
+        sup = Supervisor(grace=10)
+        sup.add("broker", [sys.executable, "-c", {child("broker", 0)!r}], stops_last=True)
+        sup.add("stage", [sys.executable, "-c", {child("stage", 1.0)!r}])
+        sup.install_signals()
+        sup.start()
+        print("started", flush=True)
+        sys.exit(sup.run_forever())
+    """)
+    assert parent.stdout is not None
+    assert parent.stdout.readline().strip() == "started"
+    time.sleep(0.5)  # the children's handlers installed
+    os.kill(parent.pid, signal.SIGINT)
+    assert parent.wait(30) == 0
+    stage_exit = float((tmp_path / "stage.exit").read_text())
+    broker_term = float((tmp_path / "broker.term").read_text())
+    assert broker_term >= stage_exit
