@@ -87,9 +87,12 @@ class Recorder:
 
     def __init__(self) -> None:
         self.added: list[tuple[str, list[str], bool, bool]] = []
+        self.stops_last: list[bool] = []
 
-    def add(self, name: str, argv: list[str], *, restart: bool = False, ready=None, env=None) -> None:
+    def add(self, name: str, argv: list[str], *, restart: bool = False, ready=None, env=None,
+            stops_last: bool = False) -> None:
         self.added.append((name, argv, restart, ready is not None))
+        self.stops_last.append(stops_last)
 
 
 def test_up_supervises_each_node_and_waits_for_the_whole_cluster():
@@ -101,3 +104,4 @@ def test_up_supervises_each_node_and_waits_for_the_whole_cluster():
     assert all(restart for _, _, restart, _ in sup.added)
     # Only the last waits (for all three): a lone node is never ready without a quorum.
     assert [ready for *_, ready in sup.added] == [False, False, True]
+    assert all(sup.stops_last)  # after the stages, which flush and commit to them

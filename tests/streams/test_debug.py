@@ -10,7 +10,10 @@ def test_a_stage_reports_its_partitions_feeds_and_tasks(submission_stack: Stack)
     code, doc, _ = s.submit({"from": "dbg@remote.test", "to": ["debug@mailflow.test"],
                              "subject": "debug", "text": "hello"})
     assert code == 202, doc
-    url = next(v["url"] for v in s.registry().values() if v.get("stage") == "store")
+    # The latest store replica heard from: the session's stack may have had others
+    # (a test kills the store and starts another).
+    url = max((v for v in s.registry().values() if v.get("stage") == "store"),
+              key=lambda v: float(v["ts"]))["url"]
 
     def state() -> dict | None:
         code, body, _ = http("GET", url.rstrip("/") + "/debug/consumer")
