@@ -411,7 +411,7 @@ class Ingress:
         entries = [v for v in self.reader.values[full_name(self.settings, "registry")].values()
                    if v.get("stage") == stage and now - float(v.get("ts", 0)) < REGISTRY_KEEP_SECONDS]
         entries.sort(key=lambda v: -float(v.get("ts", 0)))
-        return list(dict.fromkeys(v["url"] for v in entries))
+        return [v["url"] for v in entries]
 
     async def routed(self, stage: str, path: str, query: dict[str, str]) -> tuple[int, Any]:
         """GET `path` (made by `worker_path`, already encoded) from a live `stage` worker."""
