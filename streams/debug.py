@@ -35,6 +35,7 @@ def _where(task: asyncio.Task[Any]) -> str:
 
 
 async def consumer_state(app: faust.App) -> dict[str, Any]:
+    from streams.faust_compat import in_flight_offsets
     from streams.feed import FEEDS
 
     consumer: Any = app.consumer
@@ -45,10 +46,7 @@ async def consumer_state(app: faust.App) -> dict[str, Any]:
     inner = getattr(thread, "_consumer", None)
     if inner is not None:
         paused = set(inner.paused())
-    in_flight: dict[Any, list[int]] = {}
-    for m in list(consumer._unacked_messages):
-        if not m.acked:
-            in_flight.setdefault(m.tp, []).append(m.offset)
+    in_flight = in_flight_offsets(consumer)
     partitions = []
     for tp in assigned:
         try:

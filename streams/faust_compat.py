@@ -173,6 +173,16 @@ async def _commit_or_exit(self: Any, offsets: Any) -> Any:
 HOLE_GRACE = 5.0
 
 
+def in_flight_offsets(consumer: Any) -> dict[Any, list[int]]:
+    """Per partition, the offsets of the records a stage has taken and not yet acked
+    (Faust's ``Consumer._unacked_messages``)."""
+    in_flight: dict[Any, list[int]] = {}
+    for m in list(consumer._unacked_messages):
+        if not m.acked:
+            in_flight.setdefault(m.tp, []).append(m.offset)
+    return in_flight
+
+
 def hole_start(base: int | None, acked: list[int], in_flight: list[int]) -> int | None:
     """Where a partition must be read again from, or None: its lowest acked offset is
     past `base` and no record in between is in flight (fetched, not yet acked)."""
@@ -191,10 +201,7 @@ async def refetch_holes(app: faust.App, seen: dict[Any, float], now: float) -> l
     if app.rebalancing or not consumer.flow_active:
         seen.clear()
         return []
-    in_flight: dict[Any, list[int]] = {}
-    for m in list(consumer._unacked_messages):
-        if not m.acked:
-            in_flight.setdefault(m.tp, []).append(m.offset)
+    in_flight = in_flight_offsets(consumer)
     sought = []
     for tp, acked in list(consumer._acked.items()):
         start = hole_start(commit_base(consumer, tp), list(acked), in_flight.get(tp, []))
