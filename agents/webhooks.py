@@ -108,8 +108,8 @@ def register(app: faust.App, settings: Settings) -> Stage:
     schedule = retry_schedule()
     private_ok = allow_private()
     hooks_topic = full_name(settings, TOPIC)
-    state: dict[str, Any] = {"reader": None, "session": None, "synced": False, "synced_at": 0.0,
-                             "inflight": None}
+    # synced_at: when the latest sync that read the topic to its end started (0: none yet)
+    state: dict[str, Any] = {"reader": None, "session": None, "synced_at": 0.0, "inflight": None}
     secrets_cache: dict[tuple[str, str], str] = {}
     circuits = Circuits()
 
@@ -151,7 +151,6 @@ def register(app: faust.App, settings: Settings) -> Stage:
         try:
             ok = bool(await asyncio.get_running_loop().run_in_executor(None, r.sync, hooks_topic, 5.0))
             if ok:
-                state["synced"] = True
                 state["synced_at"] = max(state["synced_at"], started)
             return ok
         finally:
@@ -160,7 +159,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
     def _after_failure(r: Any) -> dict[str, dict[str, Any]]:
         # The topic could not be read to its end: what was read before will do,
         # unless nothing ever was.
-        if not state["synced"]:
+        if not state["synced_at"]:
             raise TimeoutError("the webhooks topic could not be read")
         return dict(r.values[hooks_topic])
 
