@@ -386,15 +386,19 @@ def _build_handler_feeding(self: Any, tp: Any, channels: Any) -> Any:
 
 # --- AIOKafkaConsumerThread._create_worker_consumer: the fetch long poll --------------
 
-# aiokafka sends one fetch at a time to a broker and leaves out of it every partition
-# whose last fetched records the stream has not taken yet; Faust makes that fetch
-# wait up to 1.5 s (a hard-coded fetch_max_wait_ms) for data. Right after a record
-# arrives, the next fetch is sent without its partition, so the partition's next
-# record waits for that fetch to run out: a hop of up to about a second at idle or
-# just after a start, while under load fetches return full at once and the wait
-# never matters. A shorter wait bounds that delay; an idle
-# stage pays one empty fetch per FETCH_MAX_WAIT_MS.
-FETCH_MAX_WAIT_MS = 50
+# Faust hard-codes the fetch's long poll at fetch_max_wait_ms=1500. aiokafka sends one
+# fetch at a time to a broker, and holds back a node's next fetch while any of its
+# partitions still has fetched records the stream has not taken; the broker answers a
+# fetch as soon as any of its partitions has data. Session 7 set this to 50 ms on the
+# theory that a record's partition could be missing from the fetch in flight, so it
+# waited for that fetch to run out; bench/idle.py later found the slow hops were the
+# idempotent producer's first record (see `streams.runtime.Stage`), and with the feed
+# taking records at once the partition is in the next fetch. 50 ms cost an idle stack a
+# third of a core (20 empty fetches a second per stage, and the broker answering
+# them): 500 ms (aiokafka's own default) halves that, with the same idle latencies
+# (docs/BENCHMARKS.md, session 10). The bound stays below Faust's 1.5 s for a fetch
+# that did leave a partition out (one paused by flow control).
+FETCH_MAX_WAIT_MS = 500
 _faust_worker_consumer = AIOKafkaConsumerThread._create_worker_consumer
 
 
