@@ -87,7 +87,7 @@ from mailflow.suppression import SuppressionList
 from mailflow.suppression import entry as suppression_entry
 from mailflow.suppression import key as suppression_key
 from schemas.mail import DeadLetter, Delivery, Submission, parse_delivery
-from streams.runtime import JSON_TABLE, Outputs, Stage
+from streams.runtime import JSON_TABLE, Outputs, Stage, table_get
 
 STAGE = "deliver"
 log = logging.getLogger("mailflow.deliver")
@@ -193,7 +193,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
         msg = parse_delivery(raw)
         domain = msg.route_domain()
         out = stage.outputs()
-        entries = {r: ledger.get(f"{msg.id}|{r}") for r in msg.recipients}
+        entries = {r: table_get(ledger, f"{msg.id}|{r}") for r in msg.recipients}
         todo = [r for r in msg.recipients if may_send(entries[r], msg.retry.replayed_at)]
         # Recipients the ledger says are finished get their final state again, never a
         # second send: after a replay (which reopened them in the status), and after a

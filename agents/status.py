@@ -19,7 +19,7 @@ from mailflow import metrics
 from mailflow.config import Settings
 from schemas.records import Event, PoisonPill, parse_event
 from schemas.states import FINAL
-from streams.runtime import JSON_TABLE, Outputs, Stage
+from streams.runtime import JSON_TABLE, Outputs, Stage, table_get
 
 STAGE = "status"
 
@@ -101,7 +101,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
             except PoisonPill as pill:  # one bad event must not hold the batch
                 out.park(pill.reason, "poison", event.value, detail=pill.detail)
                 continue
-            before = changed[ev.id][0] if ev.id in changed else table.get(ev.id)
+            before = changed[ev.id][0] if ev.id in changed else table_get(table, ev.id, event)
             st, finalized = apply_event(before, ev)
             changed[ev.id] = (st, event)
             if finalized and "accepted_at" in st:

@@ -51,6 +51,7 @@ import orjson
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from faust.exceptions import PartitionsMismatch
 from faust.serializers import codecs
+from faust.stores.base import SerializedStore
 from faust.streams import _current_event, current_event
 from faust.types import TP, EventT
 
@@ -173,6 +174,27 @@ class Outputs:
 Handler = Callable[..., Awaitable[Outputs]]
 
 
+def table_get(table: Any, key: str, event: EventT | None = None) -> Any:
+    """``table.get(key)`` for a handler (a table made with `JSON_TABLE`): the local
+    store's value in the partition of `event` (by default the current event's), None
+    if absent.
+
+    Read as `Stage.table_write` wrote it: the store's bytes decoded with orjson.
+    Faust's ``table.get`` reads the store twice (a membership test, then the value),
+    searches every partition's store when no event is current (a whole batch), and
+    decodes through its serializer registry: a fifth of the status stage's CPU
+    (docs/BENCHMARKS.md). Web views, outside any record, keep ``table.get``.
+    """
+    if event is None:
+        event = current_event()
+    store = table.data
+    with _acting_for(event):
+        if not isinstance(store, SerializedStore):  # the in-memory store of unit tests
+            return store.get(key)
+        raw = store._get(codecs.dumps(table.key_serializer, key))
+    return None if raw is None else orjson.loads(raw)
+
+
 class TableWrites(MutableMapping[str, Any]):
     """`Outputs.writing`: a table as a mapping whose writes are an `Outputs`'s."""
 
@@ -182,14 +204,16 @@ class TableWrites(MutableMapping[str, Any]):
         self._own: dict[str, Any] = {}
 
     def __getitem__(self, key: str) -> Any:
-        if key in self._own:
-            return self._own[key]
-        return self.table[key]
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
 
     def get(self, key: str, default: Any = None) -> Any:
         if key in self._own:
             return self._own[key]
-        return self.table.get(key, default)
+        value = table_get(self.table, key)
+        return default if value is None else value
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._own[key] = value
@@ -427,8 +451,11 @@ class Stage:
         The changelog record goes out through the stage's librdkafka producer, with
         the key encoded by the table's own codec and a JSON value, not through
         Faust's pure-Python one, which costs a third of the status stage's
-        CPU. As Faust's own write does, the local store then records the offset it
-        holds data up to, so a clean restart replays only the changelog's tail.
+        CPU. The local store (RocksDB) gets the same bytes as the changelog, encoded
+        once with orjson, not again through Faust's serializer registry (`table_get`
+        reads them back the same way). As Faust's own write does, the local store
+        then records the offset it holds data up to, so a clean restart replays only
+        the changelog's tail.
 
         The write belongs to the input record's partition (Faust's rule: a replica
         that owns an input partition owns that table partition, changelog and local
@@ -436,18 +463,23 @@ class Stage:
         """
         if event is None:
             event = current_event()
+        store = table.data
+        key_bytes = codecs.dumps(table.key_serializer, key)
+        value_bytes = orjson.dumps(value)
         with _acting_for(event):
             partition = table.partition_for_key(key)
-            table.data[key] = value  # the local store
-        return self._send_changelog(table, key, value, partition, event)
+            if isinstance(store, SerializedStore):
+                store._set(key_bytes, value_bytes)  # what Faust's store[key] = value ends in
+            else:  # the in-memory store of unit tests keeps objects
+                store[key] = value
+        return self._send_changelog(table, key, key_bytes, value_bytes, partition, event)
 
-    def _send_changelog(self, table: Any, key: str, value: Any, partition: int,
-                        event: EventT | None) -> asyncio.Future[tuple[int, int]]:
-        name = table.changelog_topic.get_topic_name()
+    def _send_changelog(self, table: Any, key: str, key_bytes: bytes, value_bytes: bytes,
+                        partition: int, event: EventT | None) -> asyncio.Future[tuple[int, int]]:
         # The key exactly as Faust encodes it (its codec, JSON for these tables): a
         # changelog is compacted and restored by key bytes. The value is any JSON.
-        fut = self.producer.produce(name, codecs.dumps(table.key_serializer, key),
-                                    orjson.dumps(value), partition=partition)
+        name = table.changelog_topic.get_topic_name()
+        fut = self.producer.produce(name, key_bytes, value_bytes, partition=partition)
         store = table.data
 
         def settled(f: asyncio.Future[tuple[int, int]]) -> None:
@@ -479,11 +511,11 @@ class Stage:
             self._unsynced.clear()
             sends = []
             for table, key, partition, event in entries:
-                with _acting_for(event):  # the local store reads the event's partition
-                    value = table.data.get(key)
+                value = table_get(table, key, event)  # the event's partition
                 if value is None:  # the partition's store is no longer here: not ours
                     continue
-                sends.append(self._send_changelog(table, key, value, partition, event))
+                sends.append(self._send_changelog(table, key, codecs.dumps(table.key_serializer, key),
+                                                  orjson.dumps(value), partition, event))
             await all_settled(sends)
 
     # --- the loops ---------------------------------------------------------------
