@@ -58,6 +58,11 @@ from streams.topics import full_name, group_id
 STAGE = "webhooks"
 log = logging.getLogger("mailflow.webhooks")
 POST_TIMEOUT = 5.0
+# A sync of the webhooks topic starts at most every SYNC_GAP seconds: under a steady
+# stream every batch of events is newer than the last sync, so each asked for one of
+# its own (an offsets request to the broker and a thread hand-off each). Events wait
+# up to SYNC_GAP for the next sync, which answers all of them.
+SYNC_GAP = 0.05
 CIRCUIT_FIRST, CIRCUIT_MAX = 1.0, 60.0
 
 
@@ -109,7 +114,9 @@ def register(app: faust.App, settings: Settings) -> Stage:
     private_ok = allow_private()
     hooks_topic = full_name(settings, TOPIC)
     # synced_at: when the latest sync that read the topic to its end started (0: none yet)
-    state: dict[str, Any] = {"reader": None, "session": None, "synced_at": 0.0, "inflight": None}
+    # last_start: when the latest sync started (for SYNC_GAP)
+    state: dict[str, Any] = {"reader": None, "session": None, "synced_at": 0.0, "inflight": None,
+                             "last_start": 0.0}
     secrets_cache: dict[tuple[str, str], str] = {}
     circuits = Circuits()
 
@@ -129,7 +136,8 @@ def register(app: faust.App, settings: Settings) -> Stage:
         One sync answers every event that happened before it started, so a stage
         that is behind reads the topic's end once per batch, not once per event (a
         thread hand-off and an offsets request each: as much CPU as the sent-folder
-        stage, docs/BENCHMARKS.md). Concurrent callers share the sync in flight."""
+        stage, docs/BENCHMARKS.md), and syncs start at most every SYNC_GAP. Concurrent
+        callers share the sync in flight."""
         # Never later than now: an event stamped ahead by another host's clock is
         # answered by the next sync, not by syncing until that time comes.
         since = time.time() if since is None else min(since, time.time())
@@ -137,7 +145,11 @@ def register(app: faust.App, settings: Settings) -> Stage:
         while state["synced_at"] <= since:
             inflight = state["inflight"]
             if inflight is None:  # else another caller's sync: it may start late enough
-                started = time.time()
+                gap = state["last_start"] + SYNC_GAP - time.time()
+                if gap > 0:  # callers arriving meanwhile share the sync started after it
+                    await asyncio.sleep(gap)
+                    continue
+                started = state["last_start"] = time.time()
                 inflight = state["inflight"] = (started, asyncio.ensure_future(sync(r, started)))
             started, task = inflight
             # The sync task records its outcome and clears `inflight` before it ends, so

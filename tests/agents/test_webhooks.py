@@ -119,3 +119,16 @@ async def test_a_caller_arriving_as_a_sync_ends_waits_for_a_sync_of_its_own(stag
     await stage.handlers["events"](event(state="scanned", ts=time.time() - 5))
     assert (await asyncio.wait_for(late[0], 10)).records == []  # its hook is gone: nothing to do
     assert len(FakeReader.syncs) == 2  # it did not take the earlier sync for its own
+
+
+async def test_syncs_start_at_most_every_sync_gap_and_concurrent_events_share_one(stage):
+    # A steady stream: each batch's events are newer than the last sync. Batches
+    # one after another each wait for a sync of their own, at most one per SYNC_GAP;
+    # a batch's events, handled concurrently, share it.
+    import asyncio
+
+    for _ in range(3):
+        await asyncio.gather(*(stage.handlers["events"](event(state="scanned")) for _ in range(10)))
+    gaps = [b - a for a, b in zip(FakeReader.syncs, FakeReader.syncs[1:], strict=False)]
+    assert len(FakeReader.syncs) == 3
+    assert min(gaps) >= webhooks.SYNC_GAP * 0.9  # time.time()'s resolution, not a shorter gap
