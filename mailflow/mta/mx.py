@@ -13,6 +13,7 @@ negative TTL (RFC 2308), so a burst of mail to one domain costs one query.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import re
@@ -104,10 +105,13 @@ def is_null_mx(records: Sequence[tuple[int, str]]) -> bool:
     return any(host.strip() in (".", "") for _, host in records)
 
 
+@functools.lru_cache(maxsize=16384)
 def to_ascii(domain: str) -> str:
     """The domain in lower-case A-labels without the trailing dot (IDNA 2008, UTS 46).
 
-    Raises PermanentDnsError for names that cannot exist in DNS."""
+    Raises PermanentDnsError for names that cannot exist in DNS. Cached: every stage
+    asks it of the same few domains for every message (dnspython's IDNA is a tenth
+    of the sent-folder stage's CPU, docs/BENCHMARKS.md); a refusal is not cached."""
     text = domain.strip().rstrip(".")
     try:
         name = dns.name.from_text(text).to_text(omit_final_dot=True).lower() if text else ""

@@ -26,17 +26,27 @@ certificate verified and, where not, why (see ``tls_summary``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiosmtplib
+import aiosmtplib.email
+import aiosmtplib.smtp
 
 from mailflow.rules.delivery import PERMANENT, TEMPORARY, Outcome, classify_code
 
 TLS_POLICIES = ("off", "opportunistic", "required")
 UNVERIFIED_MEMORY = 3600.0  # seconds a host whose certificate failed is not tried verified again
+
+# aiosmtplib quotes every MAIL FROM and RCPT TO address through
+# email.utils.parseaddr: a tenth of the deliver stage's CPU under load (py-spy,
+# docs/BENCHMARKS.md, session 10). It is a pure function of the address, and the
+# same addresses recur (a sender's every message, a recipient's retries), so its
+# module-level name is given a cached copy of itself.
+aiosmtplib.smtp.quote_address = functools.lru_cache(maxsize=16384)(aiosmtplib.email.quote_address)
 
 # OpenSSL's X509_V_ERR_* codes a postmaster recognises, in words.
 _VERIFY_WORDS = {

@@ -12,7 +12,15 @@ import pytest
 
 from mailflow.config import Settings
 from mailflow.kafka_io import BrokerUnavailable
-from streams.runtime import JSON_TABLE, Outputs, Stage, _acked_writes, _AckedTable, _acting_for, windowed_table
+from streams.runtime import (
+    JSON_TABLE,
+    Outputs,
+    Stage,
+    _acked_writes,
+    _AckedTable,
+    _acting_for,
+    windowed_table,
+)
 
 
 @pytest.fixture
