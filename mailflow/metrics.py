@@ -50,3 +50,22 @@ CONSUMERS = Gauge("mailflow_stage_consumers", "Members of the stage's consumer g
 
 def render() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def observe_many(hist: Histogram, amount: float, n: int) -> None:
+    """`n` observations of `amount` (a batch's records share the batch's time): one
+    bucket and one sum update, where `hist.observe` n times takes two locks each, a
+    tenth of a light stage's CPU under load. Written against prometheus_client's
+    Histogram (its ``_sum``, ``_upper_bounds`` ending in +Inf, ``_buckets``); one
+    without them is observed n times."""
+    total, bounds, buckets = (getattr(hist, a, None) for a in ("_sum", "_upper_bounds", "_buckets"))
+    if total is None or bounds is None or buckets is None:
+        for _ in range(n):
+            hist.observe(amount)
+        return
+    total.inc(amount * n)
+    for i, bound in enumerate(bounds):
+        if amount <= bound:
+            buckets[i].inc(n)
+            return
+
