@@ -332,6 +332,9 @@ class Stage:
         # partition, the event that wrote it); sent again by `resync` before any
         # record's next attempt.
         self._unsynced: dict[tuple[int, str], tuple[Any, str, int, EventT | None]] = {}
+        self._changelogs: dict[int, str] = {}  # id(table) -> its changelog topic
+        # (id(store), changelog partition) -> (store, tp, offset) to mark (`_persist`)
+        self._persisting: dict[tuple[int, TP], tuple[Any, TP, int]] = {}
         # serial key -> [lock, how many records hold or wait for it]
         self._serial: dict[str, list[Any]] = {}
         # input topic (short name) -> its handler, as `agent` registered it (tests
@@ -478,7 +481,9 @@ class Stage:
                         partition: int, event: EventT | None) -> asyncio.Future[tuple[int, int]]:
         # The key exactly as Faust encodes it (its codec, JSON for these tables): a
         # changelog is compacted and restored by key bytes. The value is any JSON.
-        name = table.changelog_topic.get_topic_name()
+        name = self._changelogs.get(id(table))
+        if name is None:
+            name = self._changelogs[id(table)] = table.changelog_topic.get_topic_name()
         fut = self.producer.produce(name, key_bytes, value_bytes, partition=partition)
         store = table.data
 
@@ -489,10 +494,27 @@ class Stage:
                 # store and finds the work done), so `resync` sends it first.
                 self._unsynced[(id(table), key)] = (table, key, partition, event)
             else:
-                store.set_persisted_offset(TP(name, partition), f.result()[1])
+                self._persist(store, TP(name, partition), f.result()[1])
 
         fut.add_done_callback(settled)
         return fut
+
+    def _persist(self, store: Any, tp: TP, offset: int) -> None:
+        # The local store's "data up to this changelog offset" mark, one store write
+        # per partition for all the acks that arrive together (a RocksDB put each
+        # was a twentieth of the status stage's CPU). Written a moment later it only
+        # means a restart replays a little more of the changelog.
+        k = (id(store), tp)
+        prev = self._persisting.get(k)
+        if prev is None or offset > prev[2]:
+            self._persisting[k] = (store, tp, offset)
+        if len(self._persisting) == 1 and prev is None:
+            asyncio.get_running_loop().call_soon(self._write_persisted)
+
+    def _write_persisted(self) -> None:
+        pending, self._persisting = self._persisting, {}
+        for store, tp, offset in pending.values():
+            store.set_persisted_offset(tp, offset)
 
     async def resync(self) -> None:
         """Send again, with the key's current local value, every table write whose

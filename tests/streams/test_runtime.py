@@ -345,3 +345,24 @@ async def test_table_writes_and_reads_in_rocksdb_are_faust_s_own_bytes(tmp_path)
     other = _Ev(b"")
     other.message = _Msg(0)  # type: ignore[attr-defined]
     assert table_get(table, "m1", other) is None  # type: ignore[arg-type]  # another partition's store
+
+
+async def test_changelog_acks_mark_the_store_once_per_partition_with_the_highest_offset(stage):
+    from faust.types import TP
+
+    io, _, _ = stage
+    marks: list[tuple[TP, int]] = []
+
+    class Store:
+        def set_persisted_offset(self, tp: TP, offset: int) -> None:
+            marks.append((tp, offset))
+
+    store, a, b = Store(), TP("status-changelog", 0), TP("status-changelog", 1)
+    for tp, offset in ((a, 3), (a, 5), (b, 1), (a, 4)):  # acks of one delivery-report poll
+        io._persist(store, tp, offset)
+    assert marks == []  # not one store write per ack
+    await asyncio.sleep(0)
+    assert sorted(marks) == [(a, 5), (b, 1)]
+    io._persist(store, a, 6)  # the next poll's acks are marked again
+    await asyncio.sleep(0)
+    assert marks[-1] == (a, 6)
