@@ -5,7 +5,7 @@ Usage (a broker must be running, e.g. ``mailflow broker``)::
     python bench/hop.py                               # 50,000 records, 3 runs, every mode
     python bench/hop.py --count 20000 --runs 5 --modes librdkafka,stage
 
-The same hop three ways, each in its own process so that its CPU is its own:
+The same hop several ways, each in its own process so that its CPU is its own:
 
 ``librdkafka``
     confluent-kafka alone: ``Consumer.consume(500)``, ``Producer.produce`` for each
@@ -17,6 +17,12 @@ The same hop three ways, each in its own process so that its CPU is its own:
     a stage on mailflow's runtime: a Faust app made by `streams.app.make_app`, its
     agent running `streams.runtime.Stage.run_batches` with a handler that returns
     the record as its one output (`Outputs.send`), offsets committed by Faust.
+``stage-each``
+    the same stage in the runtime's ``each`` mode, 32 actors over Faust's own
+    stream, as the deliver and scan stages ran until session 10.
+``stage-pool``
+    the same stage in the runtime's ``pool`` mode (`streams.feed.pool`), up to 32
+    records in flight straight from the feed, as deliver and scan run now.
 
 ``--count`` records of ``--size`` bytes are written once to an input topic; each
 run reads all of them with a fresh consumer group and writes each to an output
@@ -44,7 +50,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-MODES = ("librdkafka", "aiokafka", "stage")
+MODES = ("librdkafka", "aiokafka", "stage", "stage-each", "stage-pool")
+# The runtime's agent mode of each stage mode (`streams.runtime.Stage.agent`): batches
+# (most stages), each with 32 actors (deliver and scan up to session 10), pool (them since).
+STAGE_MODES = {"stage": ("batches", 1), "stage-each": ("each", 32), "stage-pool": ("pool", 32)}
 BATCH = 500  # records per consume/getmany in the bare loops
 RESULT_TAG = "HOP-RESULT "  # a child's line with its figures
 BASELINE = "stage@baseline"
@@ -213,7 +222,8 @@ def hop_stage(args: argparse.Namespace, src_short: str, dst_short: str, prefix: 
             out.send(dst_short, None, raw or b"")
             return out
 
-        runtime.agent(src_short, forward, name=args.group)
+        agent_mode, concurrency = STAGE_MODES[args.child]
+        runtime.agent(src_short, forward, name=args.group, mode=agent_mode, concurrency=concurrency)
 
     @app.timer(0.05)
     async def done() -> None:
@@ -244,7 +254,7 @@ def child(args: argparse.Namespace) -> None:
         result = hop_librdkafka(args, src, dst)
     elif args.child == "aiokafka":
         result = asyncio.run(hop_aiokafka(args, src, dst))
-    else:
+    else:  # a stage mode
         sys.argv = [sys.argv[0], "worker"]  # Faust's Worker reads its own command line
         hop_stage(args, "in", "out", args.prefix)
         return

@@ -207,3 +207,65 @@ async def test_a_channel_whose_feed_ended_gets_no_callback_of_faust() -> None:
     finally:
         faust_compat._faust_build_handler = original
     assert built == [{other}]
+
+
+def _pooled(monkeypatch: pytest.MonkeyPatch, run: Any, concurrency: int) -> tuple[Any, Any, Any]:
+    """`feed.pool` over a fake app, as a task: (app, channel, task)."""
+    app = _app()
+    app.topics = SimpleNamespace(_update_callback_map=lambda: None, discard=lambda c: None)
+    channel = _Channel()
+    monkeypatch.setattr(feed_mod, "supported", lambda s: True)
+    task = asyncio.ensure_future(feed_mod.pool(SimpleNamespace(app=app, channel=channel), run,
+                                               concurrency, 0.01))
+    return app, channel, task
+
+
+async def test_a_pool_runs_at_most_concurrency_records_and_acks_each_as_its_run_ends(monkeypatch) -> None:
+    loop = asyncio.get_running_loop()
+    gates: dict[int, asyncio.Future[None]] = {}
+    started: list[int] = []
+
+    async def run(event: Any) -> None:
+        started.append(event.message.offset)
+        await gates.setdefault(event.message.offset, loop.create_future())
+
+    app, channel, task = _pooled(monkeypatch, run, concurrency=2)
+    await asyncio.sleep(0)
+    f = feed_mod.FEEDS[channel]
+    for i in range(4):
+        f.offer(_msg(i))
+    f.fetched()
+    await asyncio.sleep(0.05)
+    assert started == [0, 1] and len(f.buffer) == 2  # the rest wait in the feed, untracked
+    gates[1].set_result(None)  # a later record ends first: acked on its own, at once
+    await asyncio.sleep(0.05)
+    assert app.consumer.acked == [1] and started == [0, 1, 2]
+    for i in (0, 2):
+        gates[i].set_result(None)
+    await asyncio.sleep(0.05)
+    assert sorted(app.consumer.acked) == [0, 1, 2] and started == [0, 1, 2, 3]
+    task.cancel()  # a stop: the record still running is not acked
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert 3 not in app.consumer.acked and not app.consumer._unacked_messages
+    assert channel not in feed_mod.FEEDS and channel in feed_mod.ENDED
+
+
+async def test_a_pool_run_that_raises_is_never_acked_and_ends_the_pool(monkeypatch) -> None:
+    async def run(event: Any) -> None:
+        if event.message.offset == 0:
+            raise RuntimeError("handler bug")
+        await asyncio.sleep(10)
+
+    app, channel, task = _pooled(monkeypatch, run, concurrency=4)
+    await asyncio.sleep(0)
+    f = feed_mod.FEEDS[channel]
+    f.offer(_msg(0))
+    f.offer(_msg(1))
+    f.fetched()
+    await asyncio.sleep(0.02)
+    f.offer(_msg(2))  # the pool wakes, finds the failure, and stops
+    f.fetched()
+    with pytest.raises(RuntimeError, match="handler bug"):
+        await asyncio.wait_for(task, 1)
+    assert app.consumer.acked == [] and not app.consumer._unacked_messages
