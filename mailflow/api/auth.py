@@ -35,7 +35,6 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from aiokafka.partitioner import murmur2
 from mailflow.config import Settings
 from mailflow.kafka_io import CompactedReader, coordinates
 from mailflow.kafka_ready import BrokerNotReady, is_transient, wait_for_partitions
-from mailflow.rules.mailrules import AddressError, mailbox_key, normalize_address
+from mailflow.rules.mailrules import AddressError, addresses, mailbox_key, normalize_address
 from streams.topics import full_name
 
 KEY_PREFIX = "mf"
@@ -157,7 +156,7 @@ def header_from_addresses(raw_headers: Any) -> list[str]:
     values = [str(v) for n in ("From", "Sender", "Resent-From", "Resent-Sender")
               for v in (raw_headers.get_all(n) or [])]
     out = []
-    for _, addr in getaddresses(values):
+    for _, addr in addresses(values):
         try:
             out.append(normalize_address(addr))
         except AddressError:

@@ -13,13 +13,14 @@ import re
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime, getaddresses, parseaddr
+from email.utils import format_datetime, parseaddr
 from typing import Any
 
 from mailflow.rules import mime
 from mailflow.rules.mailrules import (
     AddressError,
     Field,
+    addresses,
     bad_header_name,
     bad_header_value,
     header_block,
@@ -79,7 +80,7 @@ def _addresses(value: Any, name: str, errors: dict[str, str]) -> list[tuple[str,
         if why:
             errors[name] = f"{why}"
             return []
-        for display, addr in getaddresses([item]):
+        for display, addr in addresses([item]):
             try:
                 out.append((display, normalize_address(addr)))
             except AddressError as exc:
@@ -234,8 +235,8 @@ def prepare_raw(raw: bytes, *, message_id: str, date: Any, env_from: str | None,
     except AddressError as exc:
         errors["from"] = f"no valid sender (From header or ?from=): {exc}"
     if env_to is None:
-        env_to = [a for _, a in getaddresses([str(v) for n in ("To", "Cc", "Bcc")
-                                               for v in headers.get_all(n) or []]) if a]
+        env_to = [a for _, a in addresses([str(v) for n in ("To", "Cc", "Bcc")
+                                            for v in headers.get_all(n) or []]) if a]
     recipients: list[str] = []
     for r in env_to:
         try:

@@ -7,6 +7,7 @@ validator stage (which trusts nothing it reads from Kafka).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email import policy
 from email.errors import HeaderParseError
@@ -58,6 +59,19 @@ def _validated(address: str) -> tuple[str, str]:
     # Unicode it would need SMTPUTF8, which a receiver may not offer.
     sent = v.ascii_email if address.isascii() and v.ascii_email else v.normalized
     return sent, v.normalized
+
+
+@lru_cache(maxsize=16384)
+def _getaddresses(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(getaddresses(list(values)))
+
+
+def addresses(values: Iterable[str]) -> list[tuple[str, str]]:
+    """``email.utils.getaddresses(values)``, cached: the API reads a submission's From
+    field four times (its header checks, the envelope, the sender identity check) and
+    a sender's every message has the same one; parsing them was a quarter of the
+    API's CPU under load (docs/BENCHMARKS.md, session 10)."""
+    return list(_getaddresses(tuple(values)))
 
 
 def normalize_address(address: str) -> str:
@@ -212,7 +226,7 @@ def header_fields(raw: bytes) -> tuple[list[Field], list[Problem]]:
             except UnicodeDecodeError:
                 problem(f"the {f.name} field is not valid UTF-8", _field_of(key))
                 continue
-            if any(_ENCODED_WORD.search(a) for _, a in getaddresses([value])):
+            if any(_ENCODED_WORD.search(a) for _, a in addresses([value])):
                 problem(f"the {f.name} field has an RFC 2047 encoded word inside an address",
                         _field_of(key))
     for key, count in seen.items():
@@ -279,7 +293,7 @@ def check_message(
     from_values = headers.get_all("From") or []
     if len(from_values) != 1:
         problems.append(Problem("bad_from_header", "exactly one From header is required", "from"))
-    elif not any(addr for _, addr in getaddresses(from_values)):
+    elif not any(addr for _, addr in addresses(from_values)):
         problems.append(Problem("bad_from_header", "From header has no address", "from"))
     if headers.defects:
         problems.append(Problem("bad_headers", f"malformed headers: {headers.defects[0]!r}", "headers"))
