@@ -249,15 +249,15 @@ def register(app: faust.App, settings: Settings) -> Stage:
                 out.park(pill.reason, "poison", event.value, detail=pill.detail)
                 continue
             if ev.sender:  # else a bounce's own events (null sender), or one not ours to tell
-                evs.append((ev, ev.sender))
+                evs.append(ev)
         if not evs:
             return out
-        registered = await hooks(max(ev.ts for ev, _ in evs))
+        registered = await hooks(max(ev.ts for ev in evs))
         now = time.time()
         results = await asyncio.gather(*(
-            deliver(hid, h, payload(ev, r, sender), 0, now)
-            for ev, sender in evs for hid, h in registered.items()
-            if h and matches(h, ev.state, sender, ev.ts) for r in (ev.recipients or [])))
+            deliver(hid, h, payload(ev, r, ev.sender), 0, now)
+            for ev in evs for hid, h in registered.items()
+            if h and matches(h, ev.state, ev.sender, ev.ts) for r in (ev.recipients or [])))
         for r in results:
             out.extend(r)
         return out
