@@ -235,29 +235,20 @@ def register(app: faust.App, settings: Settings) -> Stage:
         out.send(f"webhooks.retry.{tier}", hook_id, job(hook_id, body, attempt + 1, first, due, error))
         return out
 
-    async def handle(events: list[faust.EventT[Any]]) -> Outputs:
-        """A batch of events: one wait for a sync of the webhooks topic that started
-        after the latest of them, then every POST they call for, at once. (Per
-        event, each handler of a batch waited for that sync on its own: a task and a
-        wake-up per event, most of this stage's CPU when no webhook is registered.)"""
+    async def handle(raw: bytes | None) -> Outputs:
+        ev = parse_event(raw)
         out = stage.outputs()
-        evs = []
-        for event in events:
-            try:
-                ev = parse_event(event.value)
-            except PoisonPill as pill:  # one bad event must not hold the batch
-                out.park(pill.reason, "poison", event.value, detail=pill.detail)
-                continue
-            if ev.sender:  # else a bounce's own events (null sender), or one not ours to tell
-                evs.append(ev)
-        if not evs:
+        sender = ev.sender
+        if not sender:
+            return out  # a bounce's own events (null sender), or one not ours to tell
+        registered = await hooks(ev.ts)
+        wanted = [(hid, h) for hid, h in registered.items() if h and matches(h, ev.state, sender, ev.ts)]
+        if not wanted:
             return out
-        registered = await hooks(max(ev.ts for ev in evs))
         now = time.time()
         results = await asyncio.gather(*(
-            deliver(hid, h, payload(ev, r, ev.sender), 0, now)
-            for ev in evs for hid, h in registered.items()
-            if h and matches(h, ev.state, ev.sender, ev.ts) for r in (ev.recipients or [])))
+            deliver(hid, h, payload(ev, r, sender), 0, now)
+            for hid, h in wanted for r in (ev.recipients or [])))
         for r in results:
             out.extend(r)
         return out
@@ -274,10 +265,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
             return stage.outputs()  # deleted since: nobody to tell
         return await deliver(hook_id, hook, body, attempt, first)
 
-    # A batch at a time, one handler call (see `handle`); a batch that fails on its
-    # way to Kafka is done again whole: its POSTs are made again, with the same
-    # event ids (at least once, as after a kill).
-    stage.agent("events", handle, mode="whole")
+    stage.agent("events", handle)
     stage.handlers["webhooks.retry"] = handle_retry
 
     def retry_agent(tier: int) -> None:
