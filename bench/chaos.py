@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -401,11 +402,33 @@ def replication_problems(cluster: Any, settings: Any, replicas: int = 3, min_isr
     return out
 
 
+def restart_exited(stack: Any, faults: list[str], now: float) -> None:
+    """Like the supervisor (`mailflow up`) or an orchestrator: a replica that exited on
+    its own is started again, during the load and the drain alike. (A replica whose
+    offset commit never returned after the broker's restart exits after
+    `faust_compat.COMMIT_STUCK`, 120 s: in a CI run that was during the drain, and the
+    stage's mail waited, unrestarted, until the drain timed out.)"""
+    for name, procs in stack.procs.items():
+        for p in [p for p in procs if p.poll() is not None]:
+            procs.remove(p)
+            if name == "api":
+                stack.start_api()
+            else:
+                stack.start_stage(name)
+            faults.append(f"{now:.0f}s {name} exited with {p.returncode}; restarted")
+            say(faults[-1])
+
+
 def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
-          deliver_kills: list[float] | None = None) -> dict[str, Any]:
+          deliver_kills: list[float] | None = None,
+          supervise: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Wait (up to `timeout`) until every accepted recipient is final, calling
+    `supervise` at each look, then judge the run."""
     want = {(i, r) for i, rs in accepted.items() for r in rs}
 
     def drained() -> bool:
+        if supervise is not None:
+            supervise()
         states, _, _ = final_states(stack)
         done = sum(1 for k in want if states.get(k))
         say(f"{done}/{len(want)} recipients final")
@@ -554,17 +577,7 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
                     faults.append(f"{now:.0f}s kill -9 {name}")
                     say(faults[-1])
                 next_kill += kill_every
-            # Like the supervisor (`mailflow up`) or an orchestrator: a replica that exited
-            # on its own (e.g. while the broker was away) is started again.
-            for name, procs in stack.procs.items():
-                for p in [p for p in procs if p.poll() is not None]:
-                    procs.remove(p)
-                    if name == "api":
-                        stack.start_api()
-                    else:
-                        stack.start_stage(name)
-                    faults.append(f"{now:.0f}s {name} exited with {p.returncode}; restarted")
-                    say(faults[-1])
+            restart_exited(stack, faults, now)
             if broker is not None and "broker" in plan and now >= plan["broker"] * duration:
                 del plan["broker"]
                 say("broker: kill -9 and restart")
@@ -634,7 +647,8 @@ def run(duration: float, rate: float, kill_every: float, peer_down: float, clamd
             load.settle()
         say(f"load done: {len(load.accepted)} accepted ({load.settled} of them once the load was "
             f"over), retried {dict(load.retried)}, refused {dict(load.refused)}; draining")
-        report = check(stack, peer, load.accepted, drain_timeout, deliver_kills)
+        report = check(stack, peer, load.accepted, drain_timeout, deliver_kills,
+                       supervise=lambda: restart_exited(stack, faults, time.monotonic() - t0))
         if load.unanswered:  # their fate is unknown, so the run proves nothing about them
             report["problems"].append(f"{len(load.unanswered)} submissions never answered")
             report["ok"] = False
