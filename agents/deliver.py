@@ -19,8 +19,7 @@ The window that remains is between the remote server's 250 (or its receipt of
 the final dot, if the reply never reached us) and the broker's ack of the ledger
 entry: one broker round trip, ~30 ms on the loaded 2-core test machine. A worker
 killed -9 sends the mail that was inside that window again; at most one message
-per record in flight (``concurrency=32``, the runtime's ``pool`` mode). Measured by
-tests/pipeline/test_delivery.py
+per actor (``concurrency=32``). Measured by tests/pipeline/test_delivery.py
 (2,000 messages, one of two replicas killed -9 mid-batch): 2, 21, 8 and 0
 duplicates in four runs, every one delivered within 35 ms of the kill; before the
 ledger write was awaited (and copies serialised): 11 in one run, including two
@@ -142,7 +141,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
                if settings.mta_sts else None)
     shaper = Shaper(max_in_flight=settings.max_connections_per_host * 2, rate=settings.domain_rate)
     control = ControlView(settings)
-    # One thread waits for the control topic's first read, however many records wait on it.
+    # One thread waits for the control topic's first read, however many actors wait on it.
     reading: list[asyncio.Future[Any]] = []
 
     def control_read() -> asyncio.Future[Any]:
@@ -426,5 +425,5 @@ def register(app: faust.App, settings: Settings) -> Stage:
             rec = bounce_msg.to(Delivery, domain=domain_of(msg.sender))
             out.send("delivery", domain_of(msg.sender), rec.to_json())
 
-    stage.agent("delivery", handle, mode="pool", concurrency=32)
+    stage.agent("delivery", handle, mode="each", concurrency=32)
     return stage

@@ -6,10 +6,10 @@ verdict in ``meta.scan``; ``errors`` with state ``quarantined`` and the verdict
 (``scanned`` or ``quarantined``).
 
 clamd gets the whole RFC 5322 message over INSTREAM (it decodes MIME parts and
-archives), rspamd gets it over ``/checkv2`` with the envelope. Up to 32 scans run
-at once (the runtime's ``pool`` mode), each record acked when its own outputs are,
-and Faust commits a partition's offset only up to the first unfinished record, so
-a slow scan never lets a later offset commit past it. When a scanner does not answer: ``SCAN_FAILURE=closed`` (default) retries
+archives), rspamd gets it over ``/checkv2`` with the envelope. Scans run
+concurrently (several actors) and Faust commits a partition's offset only up to
+the first unfinished record, so a slow scan never lets a later offset commit past
+it. When a scanner does not answer: ``SCAN_FAILURE=closed`` (default) retries
 with backoff and the message waits (lag grows, status says why); ``open`` passes
 the message on marked as not scanned.
 """
@@ -80,5 +80,5 @@ def register(app: faust.App, settings: Settings) -> Stage:
     # 32 scans in flight: under load a scan waits tens of ms on the busy scanners, so
     # with 8 the stage was bound by that wait, not by CPU (16 % more delivered/s with
     # scanning on, docs/BENCHMARKS.md).
-    stage.agent("outgoing", handle, mode="pool", concurrency=32)
+    stage.agent("outgoing", handle, mode="each", concurrency=32)
     return stage

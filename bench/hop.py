@@ -3,7 +3,7 @@
 Usage (a broker must be running, e.g. ``mailflow broker``)::
 
     python bench/hop.py                               # 50,000 records, 3 runs, 3 modes
-    python bench/hop.py --modes stage,stage-each,stage-pool   # the runtime's agent modes
+    python bench/hop.py --modes stage,stage-each      # the runtime's two agent modes
     python bench/hop.py --count 20000 --runs 5 --modes librdkafka,stage
 
 The same hop several ways, each in its own process so that its CPU is its own:
@@ -18,12 +18,10 @@ The same hop several ways, each in its own process so that its CPU is its own:
     a stage on mailflow's runtime: a Faust app made by `streams.app.make_app`, its
     agent running `streams.runtime.Stage.run_batches` with a handler that returns
     the record as its one output (`Outputs.send`), offsets committed by Faust.
+
 ``stage-each``
     the same stage in the runtime's ``each`` mode, 32 actors over Faust's own
-    stream, as the deliver and scan stages ran until session 10.
-``stage-pool``
-    the same stage in the runtime's ``pool`` mode (`streams.feed.pool`), up to 32
-    records in flight straight from the feed, as deliver and scan run now.
+    stream, as the deliver and scan stages run.
 
 ``--count`` records of ``--size`` bytes are written once to an input topic; each
 run reads all of them with a fresh consumer group and writes each to an output
@@ -51,11 +49,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-MODES = ("librdkafka", "aiokafka", "stage", "stage-each", "stage-pool")
+MODES = ("librdkafka", "aiokafka", "stage", "stage-each")
 DEFAULT_MODES = ("librdkafka", "aiokafka", "stage")  # the hop, three ways
 # The runtime's agent mode of each stage mode (`streams.runtime.Stage.agent`): batches
-# (most stages), each with 32 actors (deliver and scan up to session 10), pool (them since).
-STAGE_MODES = {"stage": ("batches", 1), "stage-each": ("each", 32), "stage-pool": ("pool", 32)}
+# (most stages), each with 32 actors (deliver and scan).
+STAGE_MODES = {"stage": ("batches", 1), "stage-each": ("each", 32)}
 BATCH = 500  # records per consume/getmany in the bare loops
 RESULT_TAG = "HOP-RESULT "  # a child's line with its figures
 BASELINE = "stage@baseline"
@@ -256,7 +254,7 @@ def child(args: argparse.Namespace) -> None:
         result = hop_librdkafka(args, src, dst)
     elif args.child == "aiokafka":
         result = asyncio.run(hop_aiokafka(args, src, dst))
-    else:  # a stage mode
+    else:
         sys.argv = [sys.argv[0], "worker"]  # Faust's Worker reads its own command line
         hop_stage(args, "in", "out", args.prefix)
         return

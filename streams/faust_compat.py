@@ -109,7 +109,7 @@ def _init_without_read_offsets(self: Any, *args: Any, **kwargs: Any) -> None:
 # the record at C is still being handled, as soon as C+1 is done; and with no
 # committed offset (a fresh group, or one committed at 0, which Faust reads as none)
 # it does not check at all. A stage with records in flight out of order (deliver's
-# pool of 32) that is killed then never handles the record it committed past: mail
+# 32 actors) that is killed then never handles the record it committed past: mail
 # lost. A commit here starts exactly at the partition's committed offset.
 _faust_new_offset = Consumer._new_offset
 

@@ -50,12 +50,10 @@ decode does. On another schema, or with mailflow's Faust patches not installed,
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import faust
@@ -68,8 +66,6 @@ from faust.types import TP, AppT, EventT, Message
 # their offsets would never be acked).
 FEEDS: weakref.WeakKeyDictionary[Any, Feed] = weakref.WeakKeyDictionary()
 ENDED: weakref.WeakSet[Any] = weakref.WeakSet()
-
-log = logging.getLogger("mailflow.feed")
 
 PRESSURE_DROP_RATIO = 0.40  # as mode's FlowControlQueue: fetch again below 40 % full
 
@@ -170,9 +166,8 @@ class Feed:
             if deadline is not None and loop.time() >= deadline:
                 break
 
-    def take(self, limit: int | None = None) -> list[EventT]:
-        """Up to `max_` (or `limit`) buffered records as events, each tracked by the
-        consumer."""
+    def take(self) -> list[EventT]:
+        """Up to `max_` buffered records as events, each tracked by the consumer."""
         app = self.app
         buffer = self.buffer
         popleft = buffer.popleft
@@ -182,7 +177,7 @@ class Feed:
         event_cls: Callable[..., EventT] = app.conf.Event  # type: ignore[assignment]  # a class
         events: list[EventT] = []
         inbound: set[TP] = set()
-        for _ in range(min(self.max_ if limit is None else limit, len(buffer))):
+        for _ in range(min(self.max_, len(buffer))):
             message = popleft()
             if not flowing or message.generation_id != generation:
                 continue  # fetched before a rebalance: read again from the commit
@@ -231,25 +226,6 @@ def supported(stream: faust.StreamT) -> bool:
     return faust_compat.installed() and isinstance(schema, faust_compat.RawSchema)
 
 
-@contextlib.asynccontextmanager
-async def _feeding(stream: faust.StreamT, max_: int, within: float) -> AsyncIterator[Feed]:
-    """A `Feed` subscribed with the conductor for `stream`'s topic, for the block."""
-    app = stream.app
-    # The iterator topic (Topic.__aiter__, as take_events gets it) subscribes with the conductor.
-    channel: Any = stream.channel.__aiter__()  # the iterator topic (a TopicT, typed as an iterator)
-    feed = Feed(app, channel, max_, within)
-    FEEDS[channel] = feed
-    conductor = app.topics
-    conductor._update_callback_map()  # type: ignore[attr-defined]  # if assigned already
-    try:
-        yield feed
-    finally:
-        FEEDS.pop(channel, None)
-        ENDED.add(channel)
-        conductor.discard(channel)
-        conductor._update_callback_map()  # type: ignore[attr-defined]
-
-
 async def batches(stream: faust.StreamT, max_: int, within: float
                   ) -> AsyncIterator[list[EventT]]:
     """The records of `stream`'s topic, a batch at a time, in place of
@@ -261,12 +237,19 @@ async def batches(stream: faust.StreamT, max_: int, within: float
         async for events in stream.take_events(max_, within):  # type: ignore[attr-defined]  # Stream's, not StreamT's
             yield list(events)
         return
-    async with _feeding(stream, max_, within) as feed:
-        # Faust's conductor waits here per record: table writes queued in Faust's
-        # producer buffer past its bound hold the stage back until they drain.
-        ebb = stream.app.producer.buffer.wait_until_ebb
+    app = stream.app
+    # The iterator topic (Topic.__aiter__, as take_events gets it) subscribes with the conductor.
+    channel: Any = stream.channel.__aiter__()  # the iterator topic (a TopicT, typed as an iterator)
+    feed = Feed(app, channel, max_, within)
+    FEEDS[channel] = feed
+    conductor = app.topics
+    conductor._update_callback_map()  # type: ignore[attr-defined]  # if assigned already
+    ebb = app.producer.buffer.wait_until_ebb
+    try:
         while True:
             await feed.wait_batch()
+            # Faust's conductor waits here per record: table writes queued in Faust's
+            # producer buffer past its bound hold the stage back until they drain.
             await ebb()
             events = feed.take()
             if not events:
@@ -277,62 +260,8 @@ async def batches(stream: faust.StreamT, max_: int, within: float
                 feed.abandon(events)
                 raise
             feed.ack(events)
-
-
-async def pool(stream: faust.StreamT, run: Callable[[EventT], Awaitable[None]],
-               concurrency: int, within: float) -> None:
-    """Each record of `stream`'s topic handled by ``run(event)``, a task of its own,
-    at most `concurrency` at once, and acked as soon as its own run returns.
-
-    For stages whose records wait on the network each for its own time (SMTP, the
-    scanners): a slow one holds a slot, not a batch, and its partition's commit stops
-    at its offset (Faust commits a partition up to its lowest unacked offset) while
-    the records after it are handled. Records are taken from the feed only as slots
-    free up, so the rest stay in the feed's buffer, under its back-pressure. ``run``
-    handles its own retries, so one that raises is a bug: its record stays unacked,
-    the error is logged at once, and the pool ends with it when it next wakes, after
-    cancelling the others (whose records stay unacked too).
-
-    Without mailflow's feed (another schema, the patches not installed) the records
-    are handled one at a time, in order, by Faust's stream."""
-    if not supported(stream):
-        async for event in stream.events():
-            await run(event)
-        return
-    async with _feeding(stream, concurrency, within) as feed:
-        ebb = stream.app.producer.buffer.wait_until_ebb
-        running: dict[asyncio.Future[None], EventT] = {}
-        failures: list[BaseException] = []
-        freed = asyncio.Event()
-
-        def finished(task: asyncio.Future[None]) -> None:
-            event = running.pop(task)
-            exc = None if task.cancelled() else task.exception()
-            if task.cancelled() or exc is not None:
-                feed.abandon([event])
-                if exc is not None:
-                    log.error("a record of %s at offset %s failed outside its retries",
-                              event.message.tp, event.message.offset, exc_info=exc)
-                    failures.append(exc)
-            else:
-                feed.ack([event])
-            freed.set()
-
-        try:
-            while not failures:
-                if len(running) >= concurrency:
-                    freed.clear()
-                    await freed.wait()
-                    continue
-                await feed.wait_batch()
-                await ebb()
-                for event in feed.take(concurrency - len(running)):
-                    task = asyncio.ensure_future(run(event))
-                    running[task] = event
-                    task.add_done_callback(finished)
-            raise failures[0]
-        finally:
-            for pending in list(running):
-                pending.cancel()
-            if running:  # their `finished` callbacks run before this wait returns
-                await asyncio.wait(list(running))
+    finally:
+        FEEDS.pop(channel, None)
+        ENDED.add(channel)
+        conductor.discard(channel)
+        conductor._update_callback_map()  # type: ignore[attr-defined]

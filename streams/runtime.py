@@ -368,12 +368,9 @@ class Stage:
         """Register the stage's Faust agent on `input_short`, running `handler`.
 
         `mode`: ``batches`` (`run_batches`: a batch's records concurrently),
-        ``pool`` (`run_pool`: up to `concurrency` records at once, each acked on its
-        own, for records that wait on the network each for its own time),
-        ``each`` (`process`, one record at a time per actor; `concurrency` actors
-        over Faust's own stream), ``whole`` (`run_whole_batches`: a batch is one
-        handler call, for a stage that folds several records into one table write).
-        The agent's name is
+        ``each`` (`process`, one record at a time per actor; `concurrency` actors),
+        ``whole`` (`run_whole_batches`: a batch is one handler call, for a stage that
+        folds several records into one table write). The agent's name is
         the stage's group name (`streams.topics.group_id`) unless `name` says
         otherwise: the consumer group's agent.
         """
@@ -384,18 +381,15 @@ class Stage:
                 await self.run_batches(stream, handler, with_event=with_event)
             elif mode == "whole":
                 await self.run_whole_batches(stream, handler)
-            elif mode == "pool":
-                await self.run_pool(stream, handler, concurrency, with_event=with_event)
             else:
                 async for value in stream:
                     await self.process(value, handler)
 
-        if mode not in ("batches", "pool", "each", "whole"):
+        if mode not in ("batches", "each", "whole"):
             raise ValueError(f"unknown mode {mode!r}")
         self.handlers[input_short] = handler
         run.__name__ = run.__qualname__ = agent_name.replace(".", "_").replace("-", "_")
-        actors = concurrency if mode == "each" else 1  # a pool is one actor with its own tasks
-        return self.app.agent(self.topic(input_short), name=agent_name, concurrency=actors)(run)
+        return self.app.agent(self.topic(input_short), name=agent_name, concurrency=concurrency)(run)
 
     # --- reading -----------------------------------------------------------------
 
@@ -558,17 +552,6 @@ class Stage:
         must be told the event)."""
         async for events in feed.batches(stream, max_, within):
             await self.process_batch(events, handler, with_event)
-
-    async def run_pool(self, stream: faust.StreamT, handler: Handler, concurrency: int,
-                       within: float = BATCH_WITHIN, with_event: bool = False) -> None:
-        """Up to `concurrency` records at once straight from the feed (`streams.feed.pool`),
-        each through `process` (its retries, parking, poison pills, serial key) as a
-        task with Faust's current event set to its record, and each acked as soon as
-        its own outputs are acknowledged: Faust's per-record stream machinery (an
-        `Event` queue, the stream iterator, its acks, `concurrency` actors) is left
-        out, and a slow record holds one slot, not a batch."""
-        await feed.pool(stream, lambda ev: self._process_event(ev, handler, with_event),
-                        concurrency, within)
 
     async def run_whole_batches(self, stream: faust.StreamT, handler: Handler,
                                 max_: int = BATCH_MAX, within: float = BATCH_WITHIN) -> None:
