@@ -18,7 +18,6 @@ The same hop several ways, each in its own process so that its CPU is its own:
     a stage on mailflow's runtime: a Faust app made by `streams.app.make_app`, its
     agent running `streams.runtime.Stage.run_batches` with a handler that returns
     the record as its one output (`Outputs.send`), offsets committed by Faust.
-
 ``stage-each``
     the same stage in the runtime's ``each`` mode, 32 actors over Faust's own
     stream, as the deliver and scan stages run.
