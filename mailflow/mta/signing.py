@@ -76,7 +76,9 @@ def from_domain(message: bytes) -> str | None:
     m = _FROM.search(head)
     if m is None:
         return None
-    return _domain_of_from(re.sub(rb"\r?\n", b"", m.group(1)).decode("utf-8", "replace"))
+    value = re.sub(rb"\r?\n", b"", m.group(1)).decode("utf-8", "replace")
+    # Only short fields are cached: a long one must not grow the stage's memory.
+    return _domain_of_from(value) if len(value) <= 1024 else _domain_of_from.__wrapped__(value)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -61,6 +61,9 @@ def _validated(address: str) -> tuple[str, str]:
     return sent, v.normalized
 
 
+CACHED_FIELD_CHARS = 1024  # address fields up to this long are cached (`addresses`)
+
+
 @lru_cache(maxsize=16384)
 def _getaddresses(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(getaddresses(list(values)))
@@ -70,8 +73,12 @@ def addresses(values: Iterable[str]) -> list[tuple[str, str]]:
     """``email.utils.getaddresses(values)``, cached: the API reads a submission's From
     field four times (its header checks, the envelope, the sender identity check) and
     a sender's every message has the same one; parsing them was a quarter of the
-    API's CPU under load (docs/BENCHMARKS.md, session 10)."""
-    return list(_getaddresses(tuple(values)))
+    API's CPU under load (docs/BENCHMARKS.md, session 10). Only short fields are
+    cached: a client's long ones must not grow the API's memory."""
+    values = tuple(values)
+    if sum(len(v) for v in values) > CACHED_FIELD_CHARS:
+        return getaddresses(list(values))
+    return list(_getaddresses(values))
 
 
 def normalize_address(address: str) -> str:
