@@ -21,11 +21,9 @@ parked on ``errors`` with that reason, to replay once the domain has a key).
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import time
-from email.utils import getaddresses
 from typing import Any
 
 import dkim
@@ -33,6 +31,7 @@ import dkim
 from mailflow.config import Settings
 from mailflow.mta import domains as dom
 from mailflow.mta.keyring import SealError, operator_key
+from mailflow.rules.mailrules import addresses
 from mailflow.rules.unsubscribe import with_unsubscribe_headers
 
 log = logging.getLogger("mailflow.signing")
@@ -77,15 +76,9 @@ def from_domain(message: bytes) -> str | None:
     if m is None:
         return None
     value = re.sub(rb"\r?\n", b"", m.group(1)).decode("utf-8", "replace")
-    # Only short fields are cached: a long one must not grow the stage's memory.
-    return _domain_of_from(value) if len(value) <= 1024 else _domain_of_from.__wrapped__(value)
-
-
-@functools.lru_cache(maxsize=4096)
-def _domain_of_from(value: str) -> str | None:
-    # Cached: a sender's every message has the same From field, and parsing it with
-    # the email package was a tenth of the sent-folder stage's CPU.
-    addrs = [a for _, a in getaddresses([value]) if "@" in a]
+    # `addresses` caches the parse (short fields only): a sender's every message has
+    # the same From field, and parsing it was a tenth of the sent-folder stage's CPU.
+    addrs = [a for _, a in addresses([value]) if "@" in a]
     if not addrs:
         return None
     try:
