@@ -68,4 +68,3 @@ def observe_many(hist: Histogram, amount: float, n: int) -> None:
         if amount <= bound:
             buckets[i].inc(n)
             return
-

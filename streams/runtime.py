@@ -504,12 +504,12 @@ class Stage:
         # per partition for all the acks that arrive together (a RocksDB put each
         # was a twentieth of the status stage's CPU). Written a moment later it only
         # means a restart replays a little more of the changelog.
+        if not self._persisting:  # the first mark since the last write: schedule one
+            asyncio.get_running_loop().call_soon(self._write_persisted)
         k = (id(store), tp)
         prev = self._persisting.get(k)
         if prev is None or offset > prev[2]:
             self._persisting[k] = (store, tp, offset)
-        if len(self._persisting) == 1 and prev is None:
-            asyncio.get_running_loop().call_soon(self._write_persisted)
 
     def _write_persisted(self) -> None:
         pending, self._persisting = self._persisting, {}
