@@ -172,7 +172,7 @@ def make_app(stage: str, settings: Settings, replica: Replica) -> faust.App:
         logging_config=None,
         Monitor=faust_compat.StageMonitor,  # no per-record statistics nobody reads
     )
-    holes: dict[Any, float] = {}
+    holes: dict[Any, Any] = {}
 
     @app.timer(1.0)
     async def check_holes() -> None:

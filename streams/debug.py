@@ -3,7 +3,7 @@
 
 It answers with one JSON document: whether the app is rebalancing and its consumer
 generation; whether Faust's flow is active; every assigned partition with its fetch
-position, its committed offset, the offsets acknowledged and not yet committed, the
+position (asked of the consumer, and as `refetch_holes` reads it), its committed offset, the offsets acknowledged and not yet committed, the
 records in flight (taken by a stage, not yet acknowledged) and whether it is paused
 or active for Faust's fetcher; each batch feed's buffer (`streams.feed`); and the
 asyncio tasks of the process, each with where it waits. It reads Faust's private
@@ -35,7 +35,7 @@ def _where(task: asyncio.Task[Any]) -> str:
 
 
 async def consumer_state(app: faust.App) -> dict[str, Any]:
-    from streams.faust_compat import in_flight_offsets
+    from streams.faust_compat import fetch_position, in_flight_offsets
     from streams.feed import FEEDS
 
     consumer: Any = app.consumer
@@ -56,6 +56,8 @@ async def consumer_state(app: faust.App) -> dict[str, Any]:
         acked = sorted(consumer._acked.get(tp, ()))
         partitions.append({
             "topic": tp.topic, "partition": tp.partition, "position": position,
+            # as `refetch_holes` reads it, without a call into the consumer thread
+            "fetch_position": fetch_position(consumer, tp),
             "committed": consumer._committed_offset.get(tp),
             "acked": [acked[0], acked[-1], len(acked)] if acked else [],
             "in_flight": sorted(in_flight.get(tp, []))[:20],

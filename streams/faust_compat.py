@@ -194,9 +194,49 @@ def hole_start(base: int | None, acked: list[int], in_flight: list[int]) -> int 
     return base
 
 
-async def refetch_holes(app: faust.App, seen: dict[Any, float], now: float) -> list[tuple[Any, int]]:
+def fetch_position(consumer: Any, tp: Any) -> int | None:
+    """The offset `tp` is fetched from next (aiokafka's consumed position: every
+    record below it was handed to Faust), or None where not known. Read across
+    threads from the consumer thread's state: a plain attribute read."""
+    try:
+        sub = consumer._thread._consumer._subscription.subscription
+        state = sub.assignment.state_value(tp) if sub is not None and sub.assignment else None
+    except AttributeError:
+        return None
+    if state is None or not state.has_valid_position:
+        return None
+    return int(state.position)
+
+
+def dropped_start(base: int | None, position: int | None, acked: list[int],
+                  in_flight: list[int], buffered: bool) -> int | None:
+    """Where a partition must be read again from, or None: records from `base` up to
+    its fetch `position` were handed to Faust, and none of them is buffered for the
+    stage, in flight or acknowledged. `hole_start`'s other half: with no record acked
+    past the hole there is nothing for it to see, and a partition whose dropped
+    records were its last ones would never be read again."""
+    if base is None or position is None or position <= base or buffered or in_flight:
+        return None
+    if any(off >= base for off in acked):
+        return None
+    return base
+
+
+def _feed_partitions(app: Any) -> dict[Any, Feed]:
+    """The partitions whose only subscriber is a feed (`_build_handler_feeding`)."""
+    callbacks = getattr(getattr(app, "topics", None), "_tp_to_callback", None) or {}
+    return {tp: cb for tp, cb in list(callbacks.items()) if isinstance(cb, Feed)}
+
+
+async def refetch_holes(app: faust.App, seen: dict[Any, Any], now: float) -> list[tuple[Any, int]]:
     """One check of every partition for records fetched and dropped (see HOLE_GRACE);
-    seeks those whose hole lasted the grace period. Returns the (tp, offset) sought."""
+    seeks those whose hole lasted the grace period. Returns the (tp, offset) sought.
+
+    Two shapes of hole: acked offsets that start past the commit base
+    (`hole_start`), and, on a feed's partition, a fetch position past the base with
+    nothing of it buffered, in flight or acked (`dropped_start`). After a seek of the
+    second kind the same (base, position) is not sought again: offsets that hold no
+    record for a stage (a transaction's markers) read as such a hole for good."""
     consumer: Any = app.consumer  # Faust's Consumer: its private ack bookkeeping
     if app.rebalancing or not consumer.flow_active:
         seen.clear()
@@ -212,6 +252,22 @@ async def refetch_holes(app: faust.App, seen: dict[Any, float], now: float) -> l
                         "again", tp, start, min(acked) - 1, start)
             await consumer.seek(tp, start)
             seen.pop(tp, None)
+            sought.append((tp, start))
+    feeds = _feed_partitions(app)
+    buffered = {m.tp for fd in set(feeds.values()) for m in fd.buffer} if feeds else set()
+    for tp in feeds:
+        base, position = commit_base(consumer, tp), fetch_position(consumer, tp)
+        start = dropped_start(base, position, list(consumer._acked.get(tp) or ()),
+                              in_flight.get(tp, []), tp in buffered)
+        key = ("dropped", tp)
+        if start is None or seen.get(("sought", tp)) == (base, position):
+            seen.pop(key, None)
+        elif now - seen.setdefault(key, now) >= HOLE_GRACE:
+            log.warning("%s: records %d to %d were fetched but never handled; reading from %d "
+                        "again", tp, start, (position or 0) - 1, start)
+            await consumer.seek(tp, start)
+            seen.pop(key, None)
+            seen[("sought", tp)] = (base, position)
             sought.append((tp, start))
     return sought
 

@@ -27,6 +27,8 @@ def test_a_stage_reports_its_partitions_feeds_and_tasks(submission_stack: Stack)
     local = [p for p in body["partitions"] if p["topic"] == f"{s.prefix}local"]
     assert len(local) == 4 and all(p["active"] and not p["paused"] for p in local)
     assert all(isinstance(p["position"], int) for p in local)
+    # refetch_holes' own read of aiokafka's state agrees with the consumer's answer.
+    assert [p["fetch_position"] for p in local] == [p["position"] for p in local]
     assert len(body["feeds"]) == 1 and body["feeds"][0]["buffered"] == 0
     assert body["feeds"][0]["waiting"] is True  # for its next batch
     assert any("Fetcher._fetcher > _drain_messages_eagerly" in t for t in body["tasks"]), body["tasks"]

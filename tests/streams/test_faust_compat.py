@@ -218,6 +218,67 @@ async def test_a_hole_is_sought_back_after_the_grace_period_only():
     assert await refetch_holes(app, seen, now=60.0) == []
 
 
+def test_records_fetched_and_dropped_past_every_ack_are_found() -> None:
+    from streams.faust_compat import dropped_start
+
+    # Fetched up to 225, committed at 122, nothing of it buffered, in flight or acked:
+    # the chaos run's stuck partition (session 10), which hole_start cannot see.
+    assert dropped_start(122, 225, acked=[121], in_flight=[], buffered=False) == 122
+    assert dropped_start(122, 122, acked=[121], in_flight=[], buffered=False) is None  # all read
+    assert dropped_start(122, 225, acked=[121], in_flight=[130], buffered=False) is None
+    assert dropped_start(122, 225, acked=[121], in_flight=[], buffered=True) is None
+    assert dropped_start(122, 225, acked=[150], in_flight=[], buffered=False) is None  # hole_start's
+    assert dropped_start(None, 225, acked=[], in_flight=[], buffered=False) is None
+    assert dropped_start(122, None, acked=[], in_flight=[], buffered=False) is None
+
+
+async def test_a_feed_partition_read_past_its_commit_with_nothing_left_is_read_again() -> None:
+    from collections import deque
+    from types import SimpleNamespace
+
+    from streams.faust_compat import HOLE_GRACE, fetch_position, refetch_holes
+    from streams.feed import Feed
+
+    sought: list[tuple[str, int]] = []
+    positions = {"tp": 225}
+
+    async def seek(tp, offset):
+        sought.append((tp, offset))
+
+    def state_value(tp):
+        return SimpleNamespace(has_valid_position=True, position=positions[tp])
+
+    consumer = _Offsets(122, [121])
+    consumer.flow_active = True
+    consumer._unacked_messages = set()
+    consumer.seek = seek
+    assignment = SimpleNamespace(state_value=state_value)
+    consumer._thread = SimpleNamespace(_consumer=SimpleNamespace(
+        _subscription=SimpleNamespace(subscription=SimpleNamespace(assignment=assignment))))
+    feed = Feed.__new__(Feed)
+    feed.buffer = deque()
+    app = SimpleNamespace(consumer=consumer, rebalancing=False,
+                          topics=SimpleNamespace(_tp_to_callback={"tp": feed}))
+    assert fetch_position(consumer, "tp") == 225
+    seen: dict = {}
+    assert await refetch_holes(app, seen, now=100.0) == []  # first seen: wait
+    feed.buffer.append(SimpleNamespace(tp="tp"))  # the stage has records of it to take
+    assert await refetch_holes(app, seen, now=100.0 + HOLE_GRACE) == []
+    feed.buffer.clear()
+    assert await refetch_holes(app, seen, now=200.0) == []  # seen anew
+    assert await refetch_holes(app, seen, now=200.0 + HOLE_GRACE) == [("tp", 122)]
+    assert sought == [("tp", 122)]
+    # The same state again after the seek (offsets without records, as a transaction's
+    # markers): not sought again and again.
+    assert await refetch_holes(app, seen, now=300.0) == []
+    assert await refetch_holes(app, seen, now=300.0 + HOLE_GRACE) == []
+    # Once the commit moves, a new hole is judged anew.
+    consumer._committed_offset["tp"] = 230
+    positions["tp"] = 240
+    assert await refetch_holes(app, seen, now=400.0) == []
+    assert await refetch_holes(app, seen, now=400.0 + HOLE_GRACE) == [("tp", 230)]
+
+
 async def test_run_eagerly_finishes_what_never_waits_without_a_task() -> None:
     import asyncio
 
