@@ -60,6 +60,7 @@ from mailflow.api.domains import register as register_domains
 from mailflow.api.inflow import InFlow
 from mailflow.api.sanitize import sanitize_html
 from mailflow.config import Settings
+from mailflow.heap import freeze_startup
 from mailflow.ids import encode as encode_id
 from mailflow.ids import is_id, new_id
 from mailflow.kafka_io import AsyncProducer, BrokerUnavailable
@@ -717,6 +718,7 @@ async def serve(settings: Settings, host: str, port: int, reuse_port: bool = Fal
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        freeze_startup()
         print(f"mailflow api: serving on http://{host}:{port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

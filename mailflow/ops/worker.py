@@ -20,6 +20,7 @@ import faust
 import orjson
 
 from mailflow.config import Settings
+from mailflow.heap import freeze_startup
 from streams.app import (
     STAGES,
     claim_replica,
@@ -84,6 +85,8 @@ def build_app(stage: str, settings: Settings) -> faust.App:
         await registry.send(key=f"{stage}|{url}".encode(), value=orjson.dumps(
             {"stage": stage, "url": url, "pid": os.getpid(), "replica": replica.index,
              "ts": time.time()}))
+        if last["generation"] is None:  # started and consuming: what exists now stays
+            freeze_startup()
         last.update(at=now, generation=generation)
 
     return app
