@@ -106,3 +106,19 @@ def test_addresses_and_header_values_refuse_every_line_separator(sep):
     assert bad_header_value(f"a{sep}b")
     with pytest.raises(AddressError):
         normalize_address(f"a{sep}@x.test")
+
+
+def test_the_domain_check_is_cached_and_still_refuses_every_time():
+    import sys
+
+    domain_check = sys.modules["email_validator.validate_email"].validate_email_domain_name
+    domain_check.cache_clear()
+    assert normalize_address("one@Cached-Domain.test") == "one@cached-domain.test"
+    assert normalize_address("two@cached-domain.test") == "two@cached-domain.test"
+    info = domain_check.cache_info()
+    assert info.misses == 2 and info.hits == 0  # the domain as written is the key
+    assert normalize_address("three@cached-domain.test") == "three@cached-domain.test"
+    assert domain_check.cache_info().hits == 1
+    for local in ("a", "b"):  # a refusal is never remembered as an answer
+        with pytest.raises(AddressError):
+            normalize_address(f"{local}@-bad-.test")
