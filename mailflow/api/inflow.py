@@ -32,6 +32,9 @@ log = logging.getLogger("mailflow.inflow")
 
 # The stages between acceptance and a final state.
 PIPELINE = ("ratelimit", "validate", "store", "scan", "sentfolder", "deliver")
+# How often the sampler asks again how many partitions the pipeline's topics have
+# (seconds): they change only when an operator adds some.
+PARTITIONS_EVERY = 30.0
 
 
 def must_wait(backlog: int, limit: int, waited: float, max_delay: float) -> bool:
@@ -55,6 +58,8 @@ class BacklogReader:
                                          enable_auto_commit=False)
         self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
         self._started = False
+        self._partitions: dict[str, list[int]] = {}
+        self._partitions_at = -PARTITIONS_EVERY
 
     async def read(self) -> int:
         if not self._started:
@@ -62,23 +67,32 @@ class BacklogReader:
             await self.admin.start()
             self._started = True
         wanted = {s: input_topics(self.settings, s) for s in PIPELINE}
-        partitions = {
-            d["topic"]: sorted(p["partition"] for p in d["partitions"])
-            for d in await self.admin.describe_topics([t for ts in wanted.values() for t in ts])
-            if d.get("error_code", 0) == 0
-        }
+        now = time.monotonic()
+        if now - self._partitions_at >= PARTITIONS_EVERY or not self._partitions:
+            self._partitions = {
+                d["topic"]: sorted(p["partition"] for p in d["partitions"])
+                for d in await self.admin.describe_topics(sorted({t for ts in wanted.values() for t in ts}))
+                if d.get("error_code", 0) == 0
+            }
+            self._partitions_at = now
+        by_stage = {stage: [TopicPartition(t, p) for t in topics for p in self._partitions.get(t, [])]
+                    for stage, topics in wanted.items()}
+        every = sorted({tp for tps in by_stage.values() for tp in tps})
+        if not every:
+            return 0
+        # One offsets request each for the ends and the starts of every partition (the
+        # stages share topics: store and sentfolder both read `local`), not two per stage.
+        ends = await self.consumer.end_offsets(every)
+        starts = await self.consumer.beginning_offsets(every)
         total = 0
-        for stage, topics in wanted.items():
-            tps = [TopicPartition(t, p) for t in topics for p in partitions.get(t, [])]
+        for stage, tps in by_stage.items():
             if not tps:
                 continue
-            ends = await self.consumer.end_offsets(tps)
             try:
                 committed = await self.admin.list_consumer_group_offsets(
                     group_id(self.settings, stage), partitions=tps)
             except GroupCoordinatorNotAvailableError:
                 continue  # a broker whose offsets topic is not made yet: nothing committed
-            starts = await self.consumer.beginning_offsets(tps)
             total += sum(partition_lag(ends[tp], meta.offset, starts[tp])
                          for tp, meta in committed.items() if tp in ends)
         return total
