@@ -126,7 +126,7 @@ def http(method: str, url: str, body: Any = None, ctype: str = "application/json
     return status, raw, hdrs
 
 
-def raw_http(base: str, head: bytes, body: bytes = b"", timeout: float = 10,
+def raw_http(base: str, head: bytes, body: bytes = b"", timeout: float = 30,
              pause: float = 0.0) -> tuple[int, dict[str, str], bytes]:
     """Send `head` (request line and headers, CRLF-terminated, without the blank
     line) and `body` to `base` over a plain socket, exactly as given: no client
