@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiokafka
+import aiokafka.consumer.subscription_state
 import faust
 from aiokafka import errors as KafkaErrors
 from aiokafka.consumer.fetcher import Fetcher
@@ -651,6 +652,18 @@ PATCHES: tuple[Patch, ...] = (
           "faust-streaming #88", params=("self", "partition", "offset")),
     Patch(Consumer, "flow_active", None, "refetch_holes judges nothing while flow is paused",
           "faust-streaming #88"),
+    Patch(aiokafka.consumer.subscription_state.Assignment, "state_value", None,
+          "fetch_position reads the consumed position refetch_holes judges by", "none",
+          params=("self", "tp"), source_has=("return self._tp_state.get(tp)",)),
+    # What streams.runtime._AckedTable's window writes do as Faust's own would.
+    Patch(faust.Table, "on_key_set", None,
+          "_AckedTable.on_key_set sends the changelog record itself, then does the rest as this",
+          "none", params=("self", "key", "value"),
+          source_has=("self._maybe_set_key_ttl(key, partition)", "self._sensor_on_set(self, key, value)")),
+    Patch(faust.Topic, "prepare_key", None, "a window write's changelog key, encoded as Faust's",
+          "none", params=("self", "key", "key_serializer", "schema", "headers")),
+    Patch(faust.Topic, "prepare_value", None, "a window write's changelog value, encoded as Faust's",
+          "none", params=("self", "value", "value_serializer", "schema", "headers")),
 )
 READS = tuple(p for p in PATCHES if p.replacement is None)
 

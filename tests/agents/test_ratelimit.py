@@ -58,7 +58,41 @@ async def test_the_third_message_in_a_window_of_two_is_rate_limited(app, setting
     assert [t for t, _, _, _ in third.records] == ["events", "throttle", "errors", "events"]
     assert [s for s, _ in third.states()] == ["accepted", "rate_limited"]
     assert orjson.loads(third.sent("errors")[0][1])["state"] == "rate_limited"
-    assert len(changelog) == 3  # each count's changelog record sent, and awaited with the outputs
+    # Each count's changelog record sent through the stage's producer (not Faust's),
+    # encoded as Faust's changelog topic encodes it, and awaited with the outputs.
+    assert changelog == []
+    sent = [(k, v, p) for t, k, v, p in producer.acked if t.endswith("sender_counts-changelog")]
+    assert [orjson.loads(v) for _, v, _ in sent] == [1, 2, 3]
+    key = orjson.loads(sent[0][0])
+    assert key[0] == "s@shop.test" and key[1][1] - key[1][0] == pytest.approx(60.0, abs=0.2)  # Faust ends a window 0.1 s early
+    assert {p for _, _, p in sent} == {0}  # the input record's partition
+
+
+async def test_a_message_read_again_keeps_its_first_decision_and_counts_once(
+        app, settings, make_message, producer, changelog, make_event):
+    stage = ratelimit.register(app, dataclasses.replace(settings, rate_limit=(1, 60.0)))
+    stage._producer = producer  # type: ignore[assignment]
+    handle = stage.handlers["submissions"]
+    raw = make_message(sender="s@shop.test").to_json()
+    decisions = []
+    for _ in range(2):  # the same record twice, as after a table recovery
+        ev = make_event(raw)
+        out = await handle(raw, event=ev)
+        await asyncio.gather(*stage.perform(out, ev))
+        decisions.append((bool(out.sent("admitted")), bool(out.sent("errors")), len(out.windows)))
+    assert decisions == [(True, False, 1), (True, False, 0)]  # admitted both times, counted once
+    other = make_message(sender="s@shop.test").to_json()  # a second message is over the limit
+    ev = make_event(other)
+    out = await handle(other, event=ev)
+    assert out.sent("errors") and not out.sent("admitted")
+
+
+def test_decisions_keep_the_latest_ones_only():
+    d = ratelimit.Decisions(kept=2)
+    d.add("a", (False, False))
+    d.add("b", (True, True))
+    d.add("c", (False, True))
+    assert d.get("a") is None and d.get("b") == (True, True) and d.get("c") == (False, True)
 
 
 async def test_senders_are_counted_apart(app, settings, make_message, producer, changelog, make_event):
