@@ -19,7 +19,9 @@ def test_what_survives_start_up_is_frozen_and_garbage_is_not() -> None:
     del garbage
     try:
         frozen = freeze_startup()
-        assert frozen == gc.get_freeze_count() and frozen >= 100
+        # (Not equal to a later gc.get_freeze_count(): a frozen object may die by
+        # reference count meanwhile, in another test's thread.)
+        assert frozen >= 100
         # A full collection no longer walks what was frozen ...
         assert not any(o is kept[0] for o in gc.get_objects())
         # ... and the cycle that was garbage before the freeze was collected, not frozen.
