@@ -19,8 +19,10 @@ peer and the mailboxes: every accepted recipient in exactly one final state, eve
 delivered message at the peer exactly once (by Message-ID), nothing there that was
 not accepted, each local mailbox holding exactly its messages. The one duplicate
 SMTP itself allows is counted apart, not excused silently: a copy that reached the
-peer before a deliver replica was killed -9 and whose outcome never reached the
-delivery ledger (see `unrecorded_before_kill` and agents/deliver.py). It prints the counts
+peer before a deliver replica was killed -9 and whose outcome, for each recipient
+it was sent to again, never reached the delivery ledger (see `unrecorded_before_kill`
+and agents/deliver.py). A drain that finishes nothing for a minute leaves every
+replica's ``/debug/consumer`` next to its log (`dump_consumers`). It prints the counts
 and the longest delay any message saw, ends with one JSON line, and exits 1 if a
 check failed. It also reports what the clients saw of the faults: submissions
 refused (503) or delayed (answered more than `DELAYED` seconds after they were first
@@ -80,37 +82,43 @@ LOCAL_BOXES = [f"box{i}@mailflow.test" for i in range(10)]
 PEER_LAG = 2.0
 
 
-def unrecorded_before_kill(arrivals: list[float], deliver_kills: list[float],
-                           ledger_ts: list[float], peer_lag: float = PEER_LAG) -> bool:
+def unrecorded_before_kill(copies: list[tuple[float, list[str]]], deliver_kills: list[float],
+                           ledger: list[tuple[str, float]], peer_lag: float = PEER_LAG) -> bool:
     """Whether every copy but the last is the one duplicate SMTP's at-least-once
     leaves: a deliver replica was killed -9 around the copy (at most `peer_lag`
-    before the peer noted it, or after) and before the next copy, and the copy's
-    outcome never reached the delivery ledger's changelog (no entry for the message
-    written between the two copies), so the record was rightly handled again. A copy
-    whose ledger entry did reach the broker, or with no deliver kill around it, is a
-    fault.
+    before the peer noted it, or after) and before the next copy, and the outcome of
+    each recipient the next copy went to again never reached the delivery ledger's
+    changelog (no entry for that recipient written between the two copies), so the
+    record was rightly handled again for them. A copy to a recipient whose ledger
+    entry did reach the broker, or with no deliver kill around it, is a fault.
 
+    `copies` are (when the peer noted it, its envelope recipients); `ledger` the
+    message's entries as (recipient, ts). The ledger is per recipient: of two
+    recipients of one transaction, one entry can reach the broker before the kill
+    and the other not (each is its own record, and may be its own produce request).
     The ledger's `ts` is taken after the peer's 250 and the peer notes a copy
     before it answers, so an entry written for a copy is never older than it.
     """
-    copies = sorted(arrivals)
-    for t, nxt in zip(copies, copies[1:], strict=False):
+    ordered = sorted(copies)
+    for (t, _), (nxt, again) in zip(ordered, ordered[1:], strict=False):
         if not any(t - peer_lag <= k <= nxt for k in deliver_kills):
             return False
-        if any(t <= ts < nxt for ts in ledger_ts):
+        resent = {r.lower() for r in again}
+        if any(t <= ts < nxt and r.lower() in resent for r, ts in ledger):
             return False
     return True
 
 
-def ledger_times(stack: Any) -> dict[str, list[float]]:
-    """Message id -> when each delivery ledger entry for it was written, from the
-    deliver stage's changelog topic (a compacted topic; its active segment, all a
-    run writes, is never compacted)."""
-    out: dict[str, list[float]] = defaultdict(list)
+def ledger_entries(stack: Any) -> dict[str, list[tuple[str, float]]]:
+    """Message id -> (recipient, when it was written) of each delivery ledger entry
+    for it, from the deliver stage's changelog topic (a compacted topic; its active
+    segment, all a run writes, is never compacted)."""
+    out: dict[str, list[tuple[str, float]]] = defaultdict(list)
     for key, value in stack.read_topic("deliver-ledger-changelog", timeout=5):
         if key is None or value is None:
             continue
-        out[orjson.loads(key).split("|", 1)[0]].append(float(orjson.loads(value)["ts"]))
+        mid, _, rcpt = orjson.loads(key).partition("|")
+        out[mid].append((rcpt, float(orjson.loads(value)["ts"])))
     return out
 
 
@@ -419,12 +427,37 @@ def restart_exited(stack: Any, faults: list[str], now: float) -> None:
             say(faults[-1])
 
 
+# A drain that finishes nothing for this long leaves each live replica's
+# `/debug/consumer` (its partitions, feeds and waiting tasks) next to its log, twice at
+# most: what tells a stuck handler from a partition nothing fetches, after the fact.
+STALL_DUMP = 60.0
+
+
+def dump_consumers(stack: Any, label: str) -> None:
+    """Every registered replica's ``/debug/consumer`` into the stack's logs folder."""
+    logs = stack.data_dir / "logs"
+    for _, entry in sorted(stack.registry().items()):
+        url = entry.get("url")
+        if not url:
+            continue
+        name = f"debug-{label}-{entry.get('stage')}-r{entry.get('replica')}-{entry.get('pid')}.json"
+        try:
+            status, body, _ = harness.http("GET", f"{url.rstrip('/')}/debug/consumer", timeout=10)
+            text = (body.decode("utf-8", "replace") if isinstance(body, bytes)
+                    else orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+            (logs / name).write_text(f"{status}\n{text}\n")
+        except OSError as exc:  # a replica gone since it registered
+            (logs / name).write_text(f"no answer: {exc!r}\n")
+    say(f"no recipient finished for {STALL_DUMP:.0f}s: consumers' state in {logs}/debug-{label}-*")
+
+
 def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
           deliver_kills: list[float] | None = None,
           supervise: Callable[[], None] | None = None) -> dict[str, Any]:
     """Wait (up to `timeout`) until every accepted recipient is final, calling
     `supervise` at each look, then judge the run."""
     want = {(i, r) for i, rs in accepted.items() for r in rs}
+    progress = {"done": -1, "since": time.monotonic(), "dumps": 0}
 
     def drained() -> bool:
         if supervise is not None:
@@ -432,6 +465,12 @@ def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
         states, _, _ = final_states(stack)
         done = sum(1 for k in want if states.get(k))
         say(f"{done}/{len(want)} recipients final")
+        now = time.monotonic()
+        if done != progress["done"]:
+            progress.update(done=done, since=now)
+        elif now - progress["since"] >= STALL_DUMP * (progress["dumps"] + 1) and progress["dumps"] < 2:
+            progress["dumps"] += 1
+            dump_consumers(stack, f"stalled-{progress['dumps']}")
         return done >= len(want)
 
     try:
@@ -453,17 +492,17 @@ def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
     ehlo = stack.settings().ehlo_name
     # One snapshot of what arrived (the peer keeps receiving while this runs).
     ids = peer.message_ids()
-    arrival_times = [m[3] for m in peer.messages[:len(ids)]]
+    arrivals = [(m[3], m[1]) for m in peer.messages[:len(ids)]]  # (when, envelope recipients)
     arrived = Counter(ids)
     id_of = {f"<{i}@{ehlo}>": i for (i, r), v in states.items() if (i, r) in want and v == {"delivered"}}
     expected_ids = set(id_of)
     dup = {m: c for m, c in arrived.items() if m in expected_ids and c > 1}
-    times: dict[str, list[float]] = defaultdict(list)
-    for mid, ts in zip(ids, arrival_times, strict=True):
-        times[mid].append(ts)
-    ledger = ledger_times(stack)
+    copies: dict[str, list[tuple[float, list[str]]]] = defaultdict(list)
+    for mid, copy in zip(ids, arrivals, strict=True):
+        copies[mid].append(copy)
+    ledger = ledger_entries(stack)
     at_kill = {m: c for m, c in dup.items()
-               if unrecorded_before_kill(times[m], deliver_kills or [], ledger.get(id_of[m], []))}
+               if unrecorded_before_kill(copies[m], deliver_kills or [], ledger.get(id_of[m], []))}
     dup = {m: c for m, c in dup.items() if m not in at_kill}
     stray = [m for m in arrived if m not in expected_ids]
     lost = [m for m in expected_ids if m not in arrived]
@@ -473,9 +512,13 @@ def check(stack: Any, peer: Any, accepted: dict[str, list[str]], timeout: float,
         def clock(t: float) -> str:
             return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
 
-        seen = [f"{m} x{c} at {', '.join(clock(t) for t in sorted(times[m]))}, ledger entries at "
-                f"{', '.join(clock(t) for t in sorted(ledger.get(id_of[m], []))) or 'none'}"
-                for m, c in list(dup.items())[:3]]
+        def story(m: str, c: int) -> str:
+            sent = ", ".join(f"{clock(t)} to {' '.join(rs)}" for t, rs in sorted(copies[m]))
+            entries = sorted(ledger.get(id_of[m], []), key=lambda e: e[1])
+            written = ", ".join(f"{clock(t)} for {r}" for r, t in entries) or "none"
+            return f"{m} x{c} at {sent}, ledger entries at {written}"
+
+        seen = [story(m, c) for m, c in list(dup.items())[:3]]
         kills = ", ".join(clock(k) for k in sorted(deliver_kills or []))
         problems.append(f"{len(dup)} messages delivered more than once: {'; '.join(seen)} "
                         f"(deliver kills at {kills or 'none'})")
