@@ -229,13 +229,38 @@ def _feed_partitions(app: Any) -> dict[Any, Feed]:
     return {tp: cb for tp, cb in list(callbacks.items()) if isinstance(cb, Feed)}
 
 
+def _stream_partitions(app: Any) -> dict[Any, list[Any]]:
+    """The partitions read by a Faust stream (an agent of mode ``each``, a retry
+    tier), each with the channels the conductor puts its records in (their queues
+    hold what was fetched and not yet taken by the stream)."""
+    index = getattr(getattr(app, "topics", None), "_tp_index", None) or {}
+    return {tp: list(channels) for tp, channels in list(index.items()) if channels}
+
+
+def _waiting_partitions(feeds: dict[Any, Feed], streams: dict[Any, list[Any]]) -> set[Any]:
+    """Partitions with a fetched record waiting for a stage: in a feed's buffer or in
+    a stream channel's queue (read without making one: `Channel.queue` would)."""
+    waiting = {m.tp for fd in set(feeds.values()) for m in fd.buffer} if feeds else set()
+    queues = {id(q): q for chans in streams.values() for c in chans
+              if (q := getattr(c, "_queue", None)) is not None}
+    for q in queues.values():
+        for ev in list(getattr(q, "_queue", ())):
+            msg = getattr(ev, "message", None)
+            if msg is not None:
+                waiting.add(msg.tp)
+    return waiting
+
+
 async def refetch_holes(app: faust.App, seen: dict[Any, Any], now: float) -> list[tuple[Any, int]]:
     """One check of every partition for records fetched and dropped (see HOLE_GRACE);
     seeks those whose hole lasted the grace period. Returns the (tp, offset) sought.
 
     Two shapes of hole: acked offsets that start past the commit base
-    (`hole_start`), and, on a feed's partition, a fetch position past the base with
-    nothing of it buffered, in flight or acked (`dropped_start`). After a seek of the
+    (`hole_start`), and a fetch position past the base with nothing of it buffered
+    (a feed's buffer, a stream channel's queue), in flight or acked
+    (`dropped_start`), on any input partition: a cluster chaos run left the deliver
+    stage (a stream, not a feed) fetched 51 records past its commit after a
+    recovery, none of them handled, and the drain timed out. After a seek of the
     second kind the same (base, position) is not sought again: offsets that hold no
     record for a stage (a transaction's markers) read as such a hole for good."""
     consumer: Any = app.consumer  # Faust's Consumer: its private ack bookkeeping
@@ -255,8 +280,15 @@ async def refetch_holes(app: faust.App, seen: dict[Any, Any], now: float) -> lis
             seen.pop(tp, None)
             sought.append((tp, start))
     feeds = _feed_partitions(app)
-    buffered = {m.tp for fd in set(feeds.values()) for m in fd.buffer} if feeds else set()
-    for tp in feeds:
+    streams = {tp: chans for tp, chans in _stream_partitions(app).items() if tp not in feeds}
+    if getattr(consumer, "_handing_out", False):
+        # The fetch loop holds records it has not queued yet (waiting for room in a
+        # full stream queue, say): a position past the base proves nothing now.
+        for tp in [*feeds, *streams]:
+            seen.pop(("dropped", tp), None)
+        return sought
+    buffered = _waiting_partitions(feeds, streams)
+    for tp in [*feeds, *streams]:
         base, position = commit_base(consumer, tp), fetch_position(consumer, tp)
         start = dropped_start(base, position, list(consumer._acked.get(tp) or ()),
                               in_flight.get(tp, []), tp in buffered)
@@ -371,6 +403,9 @@ async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: n
             if not self.should_stop:
                 fed: set[Feed] = set()
                 async for tp, message in ait:
+                    # Records of this fetch are being handed out: a partition's position
+                    # is past records not yet queued for its stage (`refetch_holes` waits).
+                    self._handing_out = True
                     num_since_yield += 1
                     if num_since_yield > yield_every:
                         await sleep(0)
@@ -388,6 +423,7 @@ async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: n
                     done, rest = run_eagerly(callback(message))
                     if not done:
                         await self.wait_first(rest, suspend_flow.wait())
+                self._handing_out = False
                 for feed in fed:
                     feed.fetched()
                 unset_flag(CONSUMER_FETCHING)
@@ -405,6 +441,7 @@ async def _drain_messages_eagerly(self: Any, fetcher: Any) -> None:  # pragma: n
         self.log.exception("Drain messages raised: %r", exc)
         raise
     finally:
+        self._handing_out = False
         unset_flag(CONSUMER_FETCHING)
 
 
@@ -607,9 +644,14 @@ PATCHES: tuple[Patch, ...] = (
           "robinhood/faust #563; faust-streaming #229", params=("self", "tp", "channels"),
           source_has=("return self._compiler.build(self, tp, channels)",)),
     # What the feed's path reads or calls of Faust's, as the conductor's callback does.
-    Patch(Conductor, "__init__", None, "the fetch loop reads the conductor's callback map",
+    Patch(Conductor, "__init__", None,
+          "the fetch loop reads the conductor's callback map; refetch_holes its channels per partition",
           "none", params=("self", "app"),
-          source_has=("self._tp_to_callback = {}", "self._tp_to_callback_lock = asyncio.Lock()")),
+          source_has=("self._tp_to_callback = {}", "self._tp_to_callback_lock = asyncio.Lock()",
+                      "self._tp_index = defaultdict(set)")),
+    Patch(faust.Channel, "__init__", None,
+          "refetch_holes reads a stream channel's queue without making one", "none",
+          source_has=("self._queue = queue",)),
     Patch(Conductor, "_update_callback_map", None, "a feed rebuilds the callbacks as it starts",
           "none", params=("self",), source_has=("self._build_handler(tp",)),
     Patch(ConductorCompiler, "build", None,

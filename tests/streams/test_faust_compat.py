@@ -279,6 +279,47 @@ async def test_a_feed_partition_read_past_its_commit_with_nothing_left_is_read_a
     assert await refetch_holes(app, seen, now=400.0 + HOLE_GRACE) == [("tp", 230)]
 
 
+async def test_a_stream_partition_read_past_its_commit_with_nothing_left_is_read_again() -> None:
+    # The deliver stage's agents iterate Faust streams, not feeds: after a recovery in
+    # a cluster chaos run its partition stood fetched at 75, committed at 24, nothing
+    # queued, in flight or acked, until the drain timed out (/debug/consumer).
+    import asyncio
+    from types import SimpleNamespace
+
+    from streams.faust_compat import HOLE_GRACE, refetch_holes
+
+    sought: list[tuple[str, int]] = []
+
+    async def seek(tp, offset):
+        sought.append((tp, offset))
+
+    consumer = _Offsets(24, [])
+    consumer.flow_active = True
+    consumer._unacked_messages = set()
+    consumer.seek = seek
+    assignment = SimpleNamespace(state_value=lambda tp: SimpleNamespace(has_valid_position=True, position=75))
+    consumer._thread = SimpleNamespace(_consumer=SimpleNamespace(
+        _subscription=SimpleNamespace(subscription=SimpleNamespace(assignment=assignment))))
+    queue: asyncio.Queue = asyncio.Queue()
+    channel = SimpleNamespace(_queue=queue)
+    app = SimpleNamespace(consumer=consumer, rebalancing=False,
+                          topics=SimpleNamespace(_tp_to_callback={"tp": object()},
+                                                 _tp_index={"tp": [channel]}))
+    seen: dict = {}
+    assert await refetch_holes(app, seen, now=100.0) == []  # first seen: wait
+    queue.put_nowait(SimpleNamespace(message=SimpleNamespace(tp="tp")))  # queued for the stream
+    assert await refetch_holes(app, seen, now=100.0 + HOLE_GRACE) == []
+    queue.get_nowait()
+    assert await refetch_holes(app, seen, now=200.0) == []
+    # The fetch loop is handing out a fetch (blocked on a full queue, say): not judged.
+    consumer._handing_out = True
+    assert await refetch_holes(app, seen, now=200.0 + HOLE_GRACE) == []
+    consumer._handing_out = False
+    assert await refetch_holes(app, seen, now=300.0) == []
+    assert await refetch_holes(app, seen, now=300.0 + HOLE_GRACE) == [("tp", 24)]
+    assert sought == [("tp", 24)]
+
+
 async def test_run_eagerly_finishes_what_never_waits_without_a_task() -> None:
     import asyncio
 
