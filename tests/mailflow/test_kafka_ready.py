@@ -24,7 +24,8 @@ def test_transient_errors_are_told_from_the_others() -> None:
     from confluent_kafka import KafkaError, KafkaException
 
     for code in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-                 KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
+                 KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+                 KafkaError._DESTROY_BROKER):
         assert is_transient(KafkaException(KafkaError(code)))
     assert not is_transient(KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)))
     assert not is_transient(KafkaException(KafkaError(KafkaError.INVALID_REQUEST)))
