@@ -36,6 +36,7 @@ import aiosmtplib
 import aiosmtplib.email
 import aiosmtplib.smtp
 
+from mailflow.mta import pipelining
 from mailflow.rules.delivery import PERMANENT, TEMPORARY, Outcome, classify_code
 
 TLS_POLICIES = ("off", "opportunistic", "required")
@@ -243,6 +244,12 @@ class Pool:
                 return [Outcome(r, PERMANENT, 553, f"553 5.6.7 {host} does not offer SMTPUTF8, "
                                 "which this message's addresses need", host) for r in rcpts]
             options.append("SMTPUTF8")
+        if smtp.supports_extension("pipelining"):
+            replies = await pipelining.transaction(smtp, sender, rcpts, body, options, self.timeout)
+            outcomes, reset = pipelined_outcomes(replies, rcpts, host)
+            if reset:
+                await _rset(smtp)
+            return outcomes
         try:
             errors, reply = await smtp.sendmail(sender, rcpts, body, mail_options=options)
         except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -292,6 +299,37 @@ class Pool:
             for smtp, _, _ in hp.idle:
                 smtp.close()
             hp.idle.clear()
+
+
+def pipelined_outcomes(replies: pipelining.Replies, rcpts: list[str], host: str
+                       ) -> tuple[list[Outcome], bool]:
+    """Each recipient's outcome from a pipelined transaction's replies (RFC 2920), as
+    the unpipelined path (`Pool._transaction` through aiosmtplib) decides them, and
+    whether the envelope needs an RSET. A 421 anywhere is the server closing:
+    aiosmtplib's SMTPServerDisconnected, as a dropped connection."""
+    said = [replies.mail, *replies.rcpts, *(r for r in (replies.data, replies.final) if r is not None)]
+    closing = next((r for r in said if r.code == pipelining.CLOSING), None)
+    if closing is not None:
+        raise aiosmtplib.SMTPServerDisconnected(f"{closing.code} {closing.message}")
+
+    def about_all(r: Any) -> list[Outcome]:
+        return [Outcome(rc, classify_code(r.code), r.code, f"{r.code} {r.message}", host) for rc in rcpts]
+
+    if replies.mail.code != 250:  # MAIL refused: the reply is about every recipient
+        return about_all(replies.mail), True
+    refused = {rc: r for rc, r in zip(rcpts, replies.rcpts, strict=True) if r.code not in (250, 251)}
+    if len(refused) == len(rcpts):
+        return [Outcome(rc, classify_code(r.code), r.code, f"{r.code} {r.message}", host)
+                for rc, r in refused.items()], True
+    data = replies.data
+    if data is None or data.code != 354:
+        return about_all(data or replies.mail), True
+    final = replies.final
+    if final is None or final.code != 250:
+        return about_all(final or data), True
+    return [Outcome(rc, classify_code(refused[rc].code), refused[rc].code,
+                    f"{refused[rc].code} {refused[rc].message}", host) if rc in refused
+            else Outcome(rc, "delivered", 250, final.message, host) for rc in rcpts], False
 
 
 async def _rset(smtp: aiosmtplib.SMTP) -> None:
