@@ -520,12 +520,17 @@ class ScriptedPeer:
 
     Recipients whose local part starts with ``reject`` get 550, ``defer`` get 451;
     `fail_first` answers 451 to the first k transactions; `delay` slows DATA.
-    Every accepted message is kept with its envelope.
+    Every accepted message is kept with its envelope. It offers PIPELINING (RFC
+    2920), as Postfix does, so the pipeline tests send pipelined transactions
+    (mailflow.mta.pipelining); `pipelining=False` (and the TLS peers, tests/testca.py)
+    keep the one-command-at-a-time path.
     """
 
-    def __init__(self, fail_first: int = 0, delay: float = 0.0, code: int = 451) -> None:
+    def __init__(self, fail_first: int = 0, delay: float = 0.0, code: int = 451,
+                 pipelining: bool = True) -> None:
         self.port = free_port()
         self.fail_first, self.delay, self.code = fail_first, delay, code
+        self.pipelining = pipelining
         self.transactions = 0
         self.messages: list[tuple[str, list[str], bytes, float]] = []
         self.attempt_times: list[float] = []
@@ -537,6 +542,12 @@ class ScriptedPeer:
 
         return Controller(self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True,
                           decode_data=False)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: ANN001
+        session.host_name = hostname
+        if not self.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001
         local = address.split("@")[0]

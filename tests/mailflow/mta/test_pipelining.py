@@ -20,7 +20,7 @@ MSG = b"From: a@mailflow.test\r\nTo: b@peer.test\r\nSubject: t\r\n\r\nhello\r\n.
 
 
 class PipeliningPeer(ScriptedPeer):
-    """The scripted peer, offering PIPELINING in its EHLO reply."""
+    """The scripted peer (which offers PIPELINING), counting EHLOs."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -28,8 +28,7 @@ class PipeliningPeer(ScriptedPeer):
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: ANN001
         self.ehlos += 1
-        session.host_name = hostname
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return await super().handle_EHLO(server, session, envelope, hostname, responses)
 
 
 @pytest.fixture
