@@ -19,10 +19,11 @@ The window that remains is between the remote server's 250 (or its receipt of
 the final dot, if the reply never reached us) and the broker's ack of the ledger
 entry: one broker round trip, ~30 ms on the loaded 2-core test machine, longer
 while a cluster loses a node. A worker killed -9 sends the mail that was inside
-that window again; at most one message per actor (``concurrency=32``). Entries are
-per recipient, each its own record: of two recipients of one transaction, one
-entry can reach the broker before the kill and the other not (a cluster chaos run:
-killed 390 ms after the 250), and only the second is sent again. Measured by tests/pipeline/test_delivery.py
+that window again; at most one message per actor (``concurrency=32``). Entries
+are per recipient, each its own record: of two recipients of one transaction,
+one entry can reach the broker before the kill and the other not (a cluster
+chaos run: killed 390 ms after the 250), and only the second is sent again.
+Measured by tests/pipeline/test_delivery.py
 (2,000 messages, one of two replicas killed -9 mid-batch): 2, 21, 8 and 0
 duplicates in four runs, every one delivered within 35 ms of the kill; before the
 ledger write was awaited (and copies serialised): 11 in one run, including two
