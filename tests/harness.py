@@ -522,8 +522,8 @@ class ScriptedPeer:
     `fail_first` answers 451 to the first k transactions; `delay` slows DATA.
     Every accepted message is kept with its envelope. It offers PIPELINING (RFC
     2920), as Postfix does, so the pipeline tests send pipelined transactions
-    (mailflow.mta.pipelining); `pipelining=False` (and the TLS peers, tests/testca.py)
-    keep the one-command-at-a-time path.
+    (mailflow.mta.pipelining); `pipelining=False` (the TLS peers' default,
+    tests/testca.py) keeps the one-command-at-a-time path.
     """
 
     def __init__(self, fail_first: int = 0, delay: float = 0.0, code: int = 451,

@@ -97,7 +97,8 @@ class TestCA:
 
 class TlsPeer(ScriptedPeer):
     """A ScriptedPeer offering STARTTLS with ``tls_context``; ``tls_flags`` says, per
-    accepted message, whether it came over TLS."""
+    accepted message, whether it came over TLS. Without PIPELINING unless asked
+    (``pipelining=True``), so the TLS tests keep aiosmtplib's one-command path."""
 
     def __init__(self, tls_context: ssl.SSLContext | None, host: str = "127.0.0.1", port: int = 0,
                  **kw: Any) -> None:
@@ -105,6 +106,7 @@ class TlsPeer(ScriptedPeer):
         self.tls_flags: list[bool] = []
         self.connections = 0  # EHLOs seen: a host never contacted has none
         self._fixed_port = port
+        kw.setdefault("pipelining", False)
         super().__init__(**kw)
         if port:
             self.port = port
@@ -119,8 +121,7 @@ class TlsPeer(ScriptedPeer):
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: ANN001
         self.connections += 1
-        session.host_name = hostname
-        return responses
+        return await super().handle_EHLO(server, session, envelope, hostname, responses)
 
     async def handle_DATA(self, server, session, envelope):  # noqa: ANN001
         reply = await super().handle_DATA(server, session, envelope)

@@ -106,7 +106,11 @@ class _Replies(asyncio.Protocol):
 def wire_body(body: bytes) -> bytes:
     """The message as DATA carries it: CRLF line ends, leading dots doubled, the end
     line (as aiosmtplib sends it)."""
-    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(body)) + b".\r\n"
+    return _stuffed(normalize_message_line_endings(body))
+
+
+def _stuffed(normalized: bytes) -> bytes:
+    return PERIOD_REGEX.sub(b"..", normalized) + b".\r\n"
 
 
 async def transaction(smtp: aiosmtplib.SMTP, sender: str, rcpts: list[str], body: bytes,
@@ -123,10 +127,11 @@ async def transaction(smtp: aiosmtplib.SMTP, sender: str, rcpts: list[str], body
     if transport is None or transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     enc = "utf-8" if any(o.upper() == "SMTPUTF8" for o in options) else "ascii"
-    wire = wire_body(body)
+    normalized = normalize_message_line_endings(body)
+    wire = _stuffed(normalized)
     if smtp.supports_extension("size"):
         # RFC 1870: the octets as DATA carries them, without the added dots and end line.
-        options = [f"SIZE={len(normalize_message_line_endings(body))}", *options]
+        options = [f"SIZE={len(normalized)}", *options]
     opts = b"".join(b" " + o.encode("ascii") for o in options)
     commands = [b"MAIL FROM:" + quote_address(sender).encode(enc) + opts + b"\r\n"]
     commands += [b"RCPT TO:" + quote_address(r).encode(enc) + b"\r\n" for r in rcpts]

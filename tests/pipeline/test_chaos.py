@@ -46,11 +46,11 @@ def test_only_a_copy_whose_outcome_died_with_a_deliver_replica_counts_as_the_smt
                                             [("a@x.test", 99.8), ("a@x.test", 130.1)])
     # Noted by the peer just after the kill: the final dot was already on its way.
     assert chaos.unrecorded_before_kill(sent(100.01, 130.0), kills, [("a@x.test", 130.1)])
-    assert not chaos.unrecorded_before_kill(sent(105.0, 130.0), kills, [])  # sent after the kill
-    assert not chaos.unrecorded_before_kill(sent(99.7, 130.0), [], [])  # no deliver kill at all
-    assert not chaos.unrecorded_before_kill(sent(99.7, 130.0), [140.0], [])  # killed too late
-    assert chaos.unrecorded_before_kill(sent(99.7, 120.0, 130.0), [100.0, 125.0], [])
-    assert not chaos.unrecorded_before_kill(sent(99.7, 120.0, 130.0), [100.0], [])  # 2nd copy: no kill
+    assert not chaos.unrecorded_before_kill(sent(105.0, 130.0), kills, [("a@x.test", 130.1)])  # sent after the kill
+    assert not chaos.unrecorded_before_kill(sent(99.7, 130.0), [], [("a@x.test", 130.1)])  # no deliver kill at all
+    assert not chaos.unrecorded_before_kill(sent(99.7, 130.0), [140.0], [("a@x.test", 130.1)])  # killed too late
+    assert chaos.unrecorded_before_kill(sent(99.7, 120.0, 130.0), [100.0, 125.0], [("a@x.test", 130.1)])
+    assert not chaos.unrecorded_before_kill(sent(99.7, 120.0, 130.0), [100.0], [("a@x.test", 130.1)])  # 2nd copy: no kill
 
 
 def test_the_smtp_window_is_judged_per_recipient_of_the_copy_sent_again():
