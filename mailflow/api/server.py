@@ -47,7 +47,7 @@ from aiohttp.http_exceptions import (
     InvalidURLError,
     LineTooLong,
 )
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from yarl import URL
 
@@ -644,6 +644,22 @@ class JsonErrorHandler(RequestHandler):
     offending request bytes. Client errors are logged at debug level: anyone can
     send them, and they must not flood the log.
     """
+
+    def data_received(self, data: bytes) -> None:
+        # aiohttp's C parser, failing on a body it is already streaming to a handler
+        # (a bad chunk size arriving after the headers did), drops that body's reader
+        # without ending it: the handler waited out its body timeout, and the 400
+        # queued behind it waited with it (a CI test's raw request timed out). The
+        # reader is failed instead, and the handler answers 400 at once.
+        request = self._current_request
+        queued = len(self._messages)
+        super().data_received(data)
+        if request is None or len(self._messages) <= queued:
+            return
+        info = self._messages[-1][0]
+        body = request.content
+        if isinstance(info, _ErrInfo) and not body.is_eof() and body.exception() is None:
+            body.set_exception(RequestPayloadError(_parser_problem(info.exc)))
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         # After an early answer aiohttp drains ("lingers on") the rest of the body,

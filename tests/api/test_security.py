@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import time
 import uuid
 from typing import Any
 
@@ -201,6 +202,20 @@ def test_the_http_parser_s_refusals_are_json_and_never_echo_the_request(s: Stack
         status, headers, answer = raw_http(s.api, head, body)
         assert _is_json_error(status, headers, answer, 400), (what, status, answer[:200])
         assert echo not in answer, what
+
+
+def test_a_bad_chunk_after_the_handler_started_reading_is_400_at_once(s: Stack) -> None:
+    """The headers first, then (once the handler waits for the body) a chunk size
+    that is not one: the handler's read fails, not waits out the body timeout."""
+    from harness import raw_http
+
+    head = (b"POST /v1/messages HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer " + s.key.encode() + b"\r\n")
+    started = time.monotonic()
+    status, headers, answer = raw_http(s.api, head, b"zz\r\n{}\r\n0\r\n\r\n", timeout=20, pause=0.5)
+    assert _is_json_error(status, headers, answer, 400), (status, answer[:200])
+    assert orjson.loads(answer)["error"]["code"] == "bad_body"
+    assert time.monotonic() - started < 10
 
 
 def test_405_names_the_allowed_methods(s: Stack) -> None:
