@@ -24,7 +24,6 @@ from mailflow.rules.mailrules import (
     bad_header_name,
     bad_header_value,
     header_block,
-    header_fields,
     normalize_address,
     parse_headers,
 )
@@ -221,12 +220,12 @@ def prepare_raw(raw: bytes, *, message_id: str, date: Any, env_from: str | None,
     head = header_block(raw)
     if not raw.strip() or head == raw and b":" not in raw:
         raise InputError({"body": "is not an RFC 5322 message"})
-    fields, problems = header_fields(raw)
-    if problems:  # the sender checks below could read it otherwise than a receiver
-        for p in problems:
+    headers = parse_headers(raw)
+    fields = headers.fields
+    if headers.problems:  # the sender checks below could read it otherwise than a receiver
+        for p in headers.problems:
             errors[p.field or "headers"] = "; ".join(filter(None, (errors.get(p.field or "headers"), p.message)))
         raise InputError(errors, code="bad_headers")
-    headers = parse_headers(raw)
     from_hdr = parseaddr(str(headers.get("From", "")))[1]
     sender_text = env_from if env_from is not None else from_hdr
     sender = ""

@@ -82,6 +82,51 @@ def test_header_fields_read_obsolete_syntax_as_rfc_5322_does():
     assert header_fields(GOOD) == (header_fields(GOOD)[0], [])
 
 
+def _sections(n: int, seed: int) -> list[bytes]:
+    """Generated header sections: folded, repeated, empty and 8-bit values, both
+    line ends, and lines that are not fields."""
+    import random
+
+    rnd = random.Random(seed)
+    names = ["From", "To", "Cc", "Subject", "X-Thing", "Date", "Message-ID", "from", "TO"]
+    values = ["a@b.test", " <x@y.test>", "  spaced  ", "héllo wörld", "", " ", "=?utf-8?q?x?=",
+              "a:b:c", "tab\there"]
+    out = []
+    for _ in range(n):
+        sep = rnd.choice(["\r\n", "\n"])
+        lines = []
+        for _ in range(rnd.randint(1, 6)):
+            lines.append(rnd.choice(names) + rnd.choice([":", ":", ":", " :", ""]) + rnd.choice(values))
+            if rnd.random() < 0.3:
+                lines.append(rnd.choice([" more", "\tmore", "  ", " x: y"]))
+        if rnd.random() < 0.1:
+            lines.insert(rnd.randrange(len(lines) + 1), rnd.choice([" lead", "From x@y Mon", ":noname"]))
+        out.append((sep.join(lines) + sep + sep + "From: body@x.test" + sep).encode())
+    return out
+
+
+def test_headers_read_every_field_as_email_s_compat32_parser_does():
+    from email import policy
+    from email.parser import HeaderParser
+
+    from mailflow.rules.mailrules import header_block, parse_headers
+
+    agreed = 0
+    for raw in _sections(3000, seed=13):
+        headers = parse_headers(raw)
+        if headers.problems:
+            continue  # refused for them; nothing reads its fields
+        theirs = HeaderParser(policy=policy.compat32).parsestr(
+            header_block(raw).decode("utf-8", "replace") + "\r\n\r\n")
+        assert not theirs.defects, raw
+        assert headers.items() == list(theirs.items()), raw
+        for name in ("From", "to", "CC", "Subject", "X-Missing"):
+            assert headers.get(name) == theirs.get(name), (raw, name)
+            assert headers.get_all(name) == theirs.get_all(name), (raw, name)
+        agreed += 1
+    assert agreed > 300  # enough sections without a problem to mean something
+
+
 def test_check_message_refuses_what_the_strict_reading_refuses():
     obs = b"From: a@x.test\r\nTo: b@y.test\r\nFrom : ceo@f.test\r\n\r\nb"
     assert "bad_headers" in codes(check_message("a@x.test", ["b@y.test"], obs, max_bytes=10**6, max_recipients=10))
