@@ -122,7 +122,7 @@ class Principal:
         if self.admin:
             return True
         if self.kind == "token":
-            return bool(address) and address == self.address
+            return bool(address) and self._is_mine(address)
         return domain_allowed(self.domains, address)
 
     def may_read_mailbox(self, address: str) -> bool:
@@ -143,8 +143,19 @@ class Principal:
         if not sender:
             return False
         if self.kind == "token":
-            return sender == self.address
+            return self._is_mine(sender)
         return domain_allowed(self.domains, sender)
+
+    def _is_mine(self, address: str) -> bool:
+        """Whether `address` names this token's mailbox: its local part in any case,
+        as the mailbox itself is keyed (`mailbox_key`), so a token may send as, and
+        read the status of, ``Me@`` as well as ``me@``."""
+        if address == self.address:
+            return True
+        try:
+            return mailbox_key(address) == mailbox_key(self.address)
+        except AddressError:
+            return False
 
 
 ANONYMOUS = Principal(id="anonymous", kind="anonymous", domains=(ADMIN,))

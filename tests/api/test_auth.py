@@ -59,6 +59,10 @@ def test_principal_permissions() -> None:
     assert not key.may_read_mailbox("me@a.test")  # only admin keys read mailboxes
     assert key.may_read_status("x@a.test") and not key.may_read_status("x@b.test")
     assert tok.may_read_status("me@a.test") and not tok.may_read_status("you@a.test")
+    # The token's mailbox is one whatever the case of its local part (mailbox_key).
+    assert tok.may_send_as("Me@A.test") and tok.may_read_status("ME@a.test")
+    assert not tok.may_send_as("me@b.test") and not tok.may_send_as("me2@a.test")
+    assert not tok.may_send_as("not an address") and not tok.may_read_status("")
     assert not key.may_read_status(None) and admin.may_read_status(None)
     assert admin.admin and ANONYMOUS.admin and not key.admin and not tok.admin
 
