@@ -5,12 +5,16 @@ repeated after a crash is harmless and readers need no locking.
 
 A ``file://`` store is read and written here with plain file calls, in obstore's
 own layout (the key's path under the root, a staged file renamed into place, no
-fsync, as obstore's local store does). obstore's async calls cost 0.25 – 0.36 ms of
-CPU for a 4 KB put (its tokio workers and the hand-off back to the event loop: a
-third of the sent-folder stage's CPU), a plain write and rename 0.04 ms
-(docs/BENCHMARKS.md, "Whole path, session 13"). Small bodies are written in the
-event loop's thread: a page-cache write of a few KB blocks it for less than a
-thread hand-off would cost. Keys this module does not make go through obstore.
+fsync, as obstore's local store does). Writes are off the event loop: creating a
+file waited 0.1 – 0.7 ms for the file system's journal while the broker and the
+stages' stores were writing, and in the loop that wait stalled the stage. But a
+thread per write costs what obstore costs, 0.25 – 0.5 ms of CPU for a 4 KB body,
+nearly all of it the hand-offs between threads (the sent-folder stage spent a
+third of its CPU so); the write itself is 0.04 ms. So the bodies put in one turn
+of the event loop (a stage's batch: every handler runs up to its put before the
+loop turns) are written by one job in a thread, one hand-off each way for all of
+them (`_Writer`; docs/BENCHMARKS.md, "Whole path, session 13"). Small bodies are
+read in the loop. Keys this module does not make go through obstore.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import itertools
 import os
 import re
+import weakref
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ from urllib.request import url2pathname
 import obstore
 from obstore.store import from_url
 
-# Bodies up to this size are read and written inline; larger ones in a thread.
+# Bodies up to this size are read in the event loop's thread; larger ones in a thread.
 INLINE_IO_BYTES = 256 * 1024
 # Keys whose file path is exactly the key under the root, as obstore maps it: no
 # percent-encoding, no "." or ".." segments.
@@ -85,6 +90,65 @@ def _write_file(path: str, data: bytes) -> None:
     os.rename(staged, path)
 
 
+def _write_files(batch: list[tuple[str, bytes]]) -> list[BaseException | None]:
+    """Write each (path, body); what each write raised, or None (in a thread)."""
+    out: list[BaseException | None] = []
+    for path, data in batch:
+        try:
+            _write_file(path, data)
+            out.append(None)
+        except BaseException as exc:  # noqa: BLE001 (handed to that body's caller)
+            out.append(exc)
+    return out
+
+
+class _Writer:
+    """One event loop's pending writes: those queued in one turn of the loop go to
+    the default executor as one job, and are settled together when it is done."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[tuple[str, bytes, asyncio.Future[None]]] = []
+
+    def put(self, path: str, data: bytes) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if not self.pending:
+            self.loop.call_soon(self._flush)
+        self.pending.append((path, data, fut))
+        return fut
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        job = self.loop.run_in_executor(None, _write_files, [(p, d) for p, d, _ in batch])
+
+        def settle(done: asyncio.Future[list[BaseException | None]]) -> None:
+            failures: list[BaseException | None]
+            if done.cancelled() or done.exception() is not None:  # the executor is shut down
+                failures = [done.exception() or RuntimeError("write cancelled")] * len(batch)
+            else:
+                failures = done.result()
+            for (_, _, fut), exc in zip(batch, failures, strict=True):
+                if fut.done():
+                    continue
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+
+        job.add_done_callback(settle)
+
+
+_writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writer] = weakref.WeakKeyDictionary()
+
+
+def _writer() -> _Writer:
+    loop = asyncio.get_running_loop()
+    w = _writers.get(loop)
+    if w is None:
+        w = _writers[loop] = _Writer(loop)
+    return w
+
+
 def _read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -102,10 +166,8 @@ async def put_body(url: str, key: str, data: bytes) -> None:
     path = _local_path(url, key)
     if path is None:
         await obstore.put_async(open_store(url), key, data)
-    elif len(data) <= INLINE_IO_BYTES:
-        _write_file(path, data)
     else:
-        await asyncio.to_thread(_write_file, path, data)
+        await _writer().put(path, data)
 
 
 async def get_body(url: str, key: str) -> bytes:

@@ -43,7 +43,7 @@ async def test_a_rewrite_replaces_the_body_whole_and_leaves_no_staged_file(url: 
     assert os.listdir(os.path.join(root, "messages")) == ["03SAME.eml"]
 
 
-async def test_a_large_body_goes_through_a_thread_and_reads_back_the_same(url: str) -> None:
+async def test_a_large_body_is_read_through_a_thread_and_reads_back_the_same(url: str) -> None:
     big = os.urandom(objstore.INLINE_IO_BYTES + 1)
     await put_body(url, body_key("04BIG"), big)
     assert await get_body(url, body_key("04BIG")) == big
@@ -69,3 +69,31 @@ async def test_keys_obstore_would_encode_go_through_obstore(url: str) -> None:
     got = await obstore.get_async(open_store(url), "messages/a b.eml")
     assert bytes(await got.bytes_async()) == b"spaced"
     assert await get_body(url, "messages/a b.eml") == b"spaced"
+
+
+async def test_bodies_put_in_one_turn_are_written_together_and_fail_one_by_one(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    await put_body(url, body_key("07FIRST"), b"x")  # the root exists
+    root = objstore.local_root(url)
+    assert root is not None
+    Path(root, "blocked").write_bytes(b"a file where a directory is wanted")  # noqa: ASYNC240 (a test's file)
+    keys = [body_key(f"08N{i}") for i in range(20)]
+    jobs: list[int] = []
+    write_files = objstore._write_files
+
+    def counted(batch: list[tuple[str, bytes]]) -> list[BaseException | None]:
+        jobs.append(len(batch))
+        return write_files(batch)
+
+    monkeypatch.setattr(objstore, "_write_files", counted)
+    results = await asyncio.gather(*(put_body(url, k, k.encode()) for k in keys[:10]),
+                                   put_body(url, "blocked/x.eml", b"cannot be written"),
+                                   *(put_body(url, k, k.encode()) for k in keys[10:]),
+                                   return_exceptions=True)
+    assert jobs == [21]  # one job in a thread for the whole turn
+    assert isinstance(results[10], OSError)
+    assert [r for i, r in enumerate(results) if i != 10] == [None] * 20
+    for k in keys:
+        assert await get_body(url, k) == k.encode()
