@@ -39,6 +39,9 @@ INLINE_IO_BYTES = 256 * 1024
 # percent-encoding, no "." or ".." segments.
 _PLAIN_KEY = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]*/)*[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _staged = itertools.count()
+# In staged names beside the pid: a process that crashed mid-write left its staged
+# file, and the next one (the same pid, in a container) counts from 0 again.
+_STAGED_TAG = os.urandom(4).hex()
 
 
 def body_key(message_id: str) -> str:
@@ -72,7 +75,7 @@ def _local_path(url: str, key: str) -> str | None:
 def _write_file(path: str, data: bytes) -> None:
     # A staged name of this process's own, then a rename: a reader sees the whole
     # body or none, and two writers of one key (a record handled twice) never mix.
-    staged = f"{path}#{os.getpid()}.{next(_staged)}"
+    staged = f"{path}#{os.getpid()}.{_STAGED_TAG}.{next(_staged)}"
     try:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     except FileNotFoundError:
@@ -119,23 +122,30 @@ class _Writer:
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        job = self.loop.run_in_executor(None, _write_files, [(p, d) for p, d, _ in batch])
 
-        def settle(done: asyncio.Future[list[BaseException | None]]) -> None:
-            failures: list[BaseException | None]
-            if done.cancelled() or done.exception() is not None:  # the executor is shut down
-                failures = [done.exception() or RuntimeError("write cancelled")] * len(batch)
-            else:
-                failures = done.result()
+        def settle(failures: list[BaseException | None]) -> None:
             for (_, _, fut), exc in zip(batch, failures, strict=True):
-                if fut.done():
+                if fut.done():  # its caller was cancelled
                     continue
                 if exc is None:
                     fut.set_result(None)
                 else:
                     fut.set_exception(exc)
 
-        job.add_done_callback(settle)
+        def done(job: asyncio.Future[list[BaseException | None]]) -> None:
+            if job.cancelled():
+                settle([RuntimeError("the body write was cancelled")] * len(batch))
+            elif (exc := job.exception()) is not None:
+                settle([exc] * len(batch))
+            else:
+                settle(job.result())
+
+        try:
+            job = self.loop.run_in_executor(None, _write_files, [(p, d) for p, d, _ in batch])
+        except RuntimeError as exc:  # the executor is shut down: the callers must hear it
+            settle([exc] * len(batch))
+            return
+        job.add_done_callback(done)
 
 
 _writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writer] = weakref.WeakKeyDictionary()

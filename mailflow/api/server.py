@@ -651,12 +651,15 @@ class JsonErrorHandler(RequestHandler):
         # without ending it: the handler waited out its body timeout, and the 400
         # queued behind it waited with it (a CI test's raw request timed out). The
         # reader is failed instead, and the handler answers 400 at once.
-        request = self._current_request
-        queued = len(self._messages)
+        # aiohttp's own attributes, read with defaults: on a version without them this
+        # does nothing (tests/api/test_security.py's bad-chunk test then fails).
+        request = getattr(self, "_current_request", None)
+        messages = getattr(self, "_messages", None)
+        queued = len(messages) if messages is not None else 0
         super().data_received(data)
-        if request is None or len(self._messages) <= queued:
+        if request is None or messages is None or len(messages) <= queued:
             return
-        info = self._messages[-1][0]
+        info = messages[-1][0]
         body = request.content
         if isinstance(info, _ErrInfo) and not body.is_eof() and body.exception() is None:
             body.set_exception(RequestPayloadError(_parser_problem(info.exc)))

@@ -97,3 +97,14 @@ async def test_bodies_put_in_one_turn_are_written_together_and_fail_one_by_one(
     assert [r for i, r in enumerate(results) if i != 10] == [None] * 20
     for k in keys:
         assert await get_body(url, k) == k.encode()
+
+
+def test_a_write_the_executor_can_no_longer_take_fails_instead_of_hanging(url: str) -> None:
+    import asyncio
+
+    async def late_write() -> None:
+        await asyncio.get_running_loop().shutdown_default_executor()  # as a process stops
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(put_body(url, body_key("09LATE"), b"x"), 5)
+
+    asyncio.run(late_write())  # a loop of its own: the tests' shared loop keeps its executor
