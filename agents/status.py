@@ -1,6 +1,7 @@
 """Status stage, and `GET /v1/messages/{id}`.
 
-Input: ``events`` (key: message id). Output: the ``status`` table (message id ->
+Input: ``events`` (one event keyed by its message id, or a batch of a partition's
+events: `streams.events`). Output: the ``status`` table (message id ->
 state per recipient and the timeline), served by a Faust web view routed by id to
 the replica that owns it.
 
@@ -17,7 +18,7 @@ import faust
 
 from mailflow import metrics
 from mailflow.config import Settings
-from schemas.records import Event, PoisonPill, parse_event
+from schemas.records import Event, PoisonPill, parse_events
 from schemas.states import FINAL
 from streams.runtime import JSON_TABLE, Outputs, Stage, table_get
 
@@ -97,15 +98,16 @@ def register(app: faust.App, settings: Settings) -> Stage:
         changed: dict[str, tuple[dict[str, Any], faust.EventT[Any]]] = {}  # id -> (status, its event)
         for event in events:
             try:
-                ev = parse_event(event.value)
-            except PoisonPill as pill:  # one bad event must not hold the batch
+                evs = parse_events(event.value)
+            except PoisonPill as pill:  # one bad record must not hold the batch
                 out.park(pill.reason, "poison", event.value, detail=pill.detail)
                 continue
-            before = changed[ev.id][0] if ev.id in changed else table_get(table, ev.id, event)
-            st, finalized = apply_event(before, ev)
-            changed[ev.id] = (st, event)
-            if finalized and "accepted_at" in st:
-                metrics.END_TO_END_SECONDS.labels(ev.state).observe(max(0.0, ev.ts - st["accepted_at"]))
+            for ev in evs:  # a batch record's events all belong to its partition
+                before = changed[ev.id][0] if ev.id in changed else table_get(table, ev.id, event)
+                st, finalized = apply_event(before, ev)
+                changed[ev.id] = (st, event)
+                if finalized and "accepted_at" in st:
+                    metrics.END_TO_END_SECONDS.labels(ev.state).observe(max(0.0, ev.ts - st["accepted_at"]))
         for msg_id, (st, event) in changed.items():
             out.write(table, msg_id, st, event)  # in the partition of the event's record
         return out

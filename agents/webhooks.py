@@ -1,6 +1,6 @@
 """Webhooks stage: state changes POSTed, signed, to the endpoints that asked for them.
 
-Input: ``events`` (key: message id), in its own consumer group
+Input: ``events`` (one event or a batch of them, `streams.events`), in its own consumer group
 (``<prefix>webhooks``), so a slow or absent receiver shows as this stage's lag and
 never as the mail's. Outputs: HTTP POSTs (see `mailflow.webhooks` for the body and
 the ``Mailflow-Signature`` header); ``webhooks.retry.1..N`` (key: webhook id) for
@@ -51,7 +51,7 @@ from mailflow.webhooks import (
     sign,
     unseal,
 )
-from schemas.records import PoisonPill, parse_event
+from schemas.records import PoisonPill, parse_events
 from streams.runtime import Outputs, Stage
 from streams.topics import full_name, group_id
 
@@ -236,19 +236,20 @@ def register(app: faust.App, settings: Settings) -> Stage:
         return out
 
     async def handle(raw: bytes | None) -> Outputs:
-        ev = parse_event(raw)
+        # A bounce's own events (null sender) are not ours to tell.
+        evs = [(ev, ev.sender) for ev in parse_events(raw) if ev.sender]
         out = stage.outputs()
-        sender = ev.sender
-        if not sender:
-            return out  # a bounce's own events (null sender), or one not ours to tell
-        registered = await hooks(ev.ts)
-        wanted = [(hid, h) for hid, h in registered.items() if h and matches(h, ev.state, sender, ev.ts)]
-        if not wanted:
+        if not evs:
+            return out
+        registered = await hooks(max(ev.ts for ev, _ in evs))
+        if not any(registered.values()):
             return out
         now = time.time()
         results = await asyncio.gather(*(
             deliver(hid, h, payload(ev, r, sender), 0, now)
-            for hid, h in wanted for r in (ev.recipients or [])))
+            for ev, sender in evs
+            for hid, h in registered.items() if h and matches(h, ev.state, sender, ev.ts)
+            for r in (ev.recipients or [])))
         for r in results:
             out.extend(r)
         return out

@@ -70,6 +70,7 @@ _spec.loader.exec_module(harness)
 
 from devtools.services import ServiceGroup, prepare_clamd  # noqa: E402
 from mailflow.config import parse_duration  # noqa: E402
+from schemas.records import event_dicts  # noqa: E402
 
 FINAL = harness.FINAL
 STAGES = ["ratelimit", "validate", "store", "scan", "sentfolder", "deliver", "deliver", "retry", "status"]
@@ -288,14 +289,14 @@ def final_states(stack: Any) -> tuple[dict[tuple[str, str], set[str]], dict[str,
     last: dict[str, float] = {}
     recipients: dict[str, list[str]] = {}
     for _, value in stack.read_topic("events", timeout=5):
-        ev = orjson.loads(value)
-        if ev["state"] == "accepted":
-            accepted.setdefault(ev["id"], ev["ts"])
-            recipients[ev["id"]] = ev.get("recipients") or []
-        if ev["state"] in FINAL:
-            for r in ev.get("recipients") or recipients.get(ev["id"], []):
-                states[(ev["id"], r)].add(ev["state"])
-            last[ev["id"]] = max(last.get(ev["id"], 0.0), ev["ts"])
+        for ev in event_dicts(value):
+            if ev["state"] == "accepted":
+                accepted.setdefault(ev["id"], ev["ts"])
+                recipients[ev["id"]] = ev.get("recipients") or []
+            if ev["state"] in FINAL:
+                for r in ev.get("recipients") or recipients.get(ev["id"], []):
+                    states[(ev["id"], r)].add(ev["state"])
+                last[ev["id"]] = max(last.get(ev["id"], 0.0), ev["ts"])
     return states, accepted, last
 
 

@@ -104,16 +104,18 @@ class Follower(threading.Thread):
         assign_at_end(self.consumer, topic)
 
     def run(self) -> None:
+        from schemas.records import event_dicts
+
         while self.running:
             for m in self.consumer.consume(100, 0.1):
                 if m.error():
                     continue
-                ev = orjson.loads(m.value())
-                state = ev["state"]
-                if ev.get("stage") == "store" and state == "sent_folder":
-                    state = "sent_copy"
-                with self.lock:
-                    self.times.setdefault(ev["id"], {}).setdefault(state, ev["ts"])
+                for ev in event_dicts(m.value()):
+                    state = ev["state"]
+                    if ev.get("stage") == "store" and state == "sent_folder":
+                        state = "sent_copy"
+                    with self.lock:
+                        self.times.setdefault(ev["id"], {}).setdefault(state, ev["ts"])
 
     def stop(self) -> None:
         self.running = False

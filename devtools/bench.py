@@ -29,6 +29,7 @@ import aiohttp
 import orjson
 
 from mailflow.config import Settings
+from schemas.records import event_dicts
 from schemas.states import FINAL
 from streams.topics import full_name
 
@@ -162,14 +163,14 @@ class EventFollower(threading.Thread):
                 value = m.value()
                 if m.error() or value is None:
                     continue
-                ev = orjson.loads(value)
                 with self.lock:
-                    self.by_stage.setdefault(ev.get("stage", "?"), []).append(ev["ts"])
-                    if ev["state"] == "accepted":
-                        self.accepted[ev["id"]] = ev["ts"]
-                    if ev["state"] in FINAL or ev["state"] == self.until:
-                        for r in ev.get("recipients") or []:
-                            self.done.setdefault((ev["id"], r), (ev["state"], ev["ts"]))
+                    for ev in event_dicts(value):
+                        self.by_stage.setdefault(ev.get("stage", "?"), []).append(ev["ts"])
+                        if ev["state"] == "accepted":
+                            self.accepted[ev["id"]] = ev["ts"]
+                        if ev["state"] in FINAL or ev["state"] == self.until:
+                            for r in ev.get("recipients") or []:
+                                self.done.setdefault((ev["id"], r), (ev["state"], ev["ts"]))
 
     def stop(self) -> None:
         self.running = False

@@ -242,6 +242,19 @@ class AsyncProducer:
         """(partition, offset) once acknowledged; BrokerUnavailable otherwise."""
         return await self.produce(topic, key, value)
 
+    def partition_count(self, topic: str, timeout: float = 5.0) -> int | None:
+        """How many partitions `topic` has, from the broker's metadata; None if the
+        broker does not say in `timeout` or the topic does not exist. Blocks: call it
+        from a thread."""
+        try:
+            meta = self._producer.list_topics(topic, timeout=timeout)
+        except KafkaException:
+            return None
+        t = meta.topics.get(topic)
+        if t is None or t.error is not None or not t.partitions:
+            return None
+        return len(t.partitions)
+
     def probe(self, timeout: float = 1.0) -> bool:
         """Whether a broker answers now (`any_broker_answers`, one try)."""
         return any_broker_answers(self._bootstrap, tries=1, timeout=timeout)

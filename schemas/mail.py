@@ -7,6 +7,7 @@
     delivery, retry.hold, dead     Delivery    parse_delivery     delivery.v1.json
     retry.1 ... retry.N            Delivery    parse_deferred     delivery.v1.json#/$defs/deferred
     events                         Event       parse_event        event.v1.json     (schemas.records)
+    events (a batch)               Event       parse_events       event-batch.v1.json (schemas.records)
     errors                         ErrorRecord parse_error        error.v1.json     (schemas.records)
 
 The wire format is the one `schemas.records.Message` reads and writes, unchanged:

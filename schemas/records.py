@@ -10,7 +10,9 @@ The ``submissions`` record is a public, versioned interface; its JSON Schema is
 `Message` reads and writes every mail topic alike, its ``meta`` a free-form dict;
 `schemas.mail` has one typed record per mail topic over the same JSON (and the
 table of topics, types and schema files). `Event` and `ErrorRecord` are the
-``events`` and ``errors`` records (``event.v1.json``, ``error.v1.json``).
+``events`` and ``errors`` records (``event.v1.json``, ``error.v1.json``); a record
+on ``events`` holds one event or a batch of them (``event-batch.v1.json``,
+`parse_events`).
 """
 
 from __future__ import annotations
@@ -126,7 +128,41 @@ class Event:
 
 
 def parse_event(raw: bytes | str | None) -> Event:
+    """One event record (``event.v1.json``)."""
+    return _event(_loads(raw))
+
+
+def parse_events(raw: bytes | str | None) -> list[Event]:
+    """Every event of an ``events`` record, in order: one event (``event.v1.json``)
+    or an event batch (``{"events": [...]}``, ``event-batch.v1.json``, what the
+    stages write when a turn of their loop makes several events for one partition:
+    `streams.events`). A batch with one item that does not fit is poison whole:
+    only a writer other than mailflow's runtime makes one."""
     obj = _loads(raw)
+    if "events" not in obj:
+        return [_event(obj)]
+    items = obj["events"]
+    if not isinstance(items, list) or not items:
+        raise PoisonPill("bad_field", "events must be a non-empty list of events")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise PoisonPill("bad_field", f"events[{i}] must be an object")
+        try:
+            out.append(_event(item))
+        except PoisonPill as pill:
+            raise PoisonPill(pill.reason, f"events[{i}]: {pill.detail}") from None
+    return out
+
+
+def event_dicts(raw: bytes | str | None) -> list[dict[str, Any]]:
+    """The events of an ``events`` record as plain dicts, unchecked (the benchmarks'
+    and checks' followers, which read only what mailflow wrote)."""
+    obj = orjson.loads(raw or b"{}")
+    return obj["events"] if "events" in obj else [obj]
+
+
+def _event(obj: dict[str, Any]) -> Event:
     state = _str(obj, "state")
     rcpts = obj.get("recipients")
     if rcpts is not None and not (isinstance(rcpts, list) and all(isinstance(r, str) for r in rcpts)):

@@ -63,6 +63,7 @@ from schemas.mail import MailRecord
 from schemas.records import ErrorRecord, Event, Message, PoisonPill
 from streams import feed
 from streams.app import topic
+from streams.events import EventBatcher
 from streams.faust_compat import run_eagerly
 from streams.topics import full_name, group_id
 
@@ -72,6 +73,9 @@ log = logging.getLogger("mailflow.stage")
 # more: under load batches fill at once; when idle a record waits at most 20 ms.
 BATCH_MAX = 256
 BATCH_WITHIN = 0.02
+
+# How often a stage asks again how many partitions ``events`` has (`streams.events`).
+EVENT_PARTITIONS_EVERY = 60.0
 
 # Tables: string keys, JSON values. (Faust encodes these keys as JSON strings; which
 # partition a write goes to is the input record's, see `Stage.table_write`.)
@@ -120,7 +124,8 @@ class Outputs:
     def event(self, msg_id: str, state: str, recipients: Iterable[str] | None = None,
               detail: dict[str, Any] | None = None, sender: str | None = None,
               ts: float | None = None) -> None:
-        """A status event (``events``, key: message id) from this stage."""
+        """A status event (``events``, key: message id) from this stage; the runtime
+        sends a turn's events for one partition as one record (`streams.events`)."""
         ev = Event(id=msg_id, state=state, stage=self.stage, ts=ts or time.time(),
                    recipients=list(recipients) if recipients is not None else None,
                    detail=detail or {}, sender=sender)
@@ -368,6 +373,8 @@ class Stage:
         self._handled = {o: metrics.STAGE_MESSAGES.labels(name, o)
                          for o in ("ok", "poison", "failed", "retried")}
         self._seconds = metrics.STAGE_SECONDS.labels(name)
+        self.events = EventBatcher(lambda t, k, v, p: self.producer.produce(t, k, v, partition=p),
+                                   full_name(settings, "events"))
         # librdkafka's idempotent producer holds its first record until it has its
         # producer id, about 0.5 s after it is made: made as the worker starts, so the
         # first message after a start does not wait 0.5 s at each stage (bench/idle.py).
@@ -375,6 +382,18 @@ class Stage:
 
     async def _start_producer(self) -> None:
         self.producer  # noqa: B018 (made now, not on the first record)
+        await self._learn_event_partitions()
+
+    async def _learn_event_partitions(self) -> None:
+        # Until `events`' partition count is known, each event is a record of its own
+        # (`streams.events`); asked again now and then, for partitions an operator added.
+        loop = asyncio.get_running_loop()
+        topic = self.events.topic
+        while True:
+            n = await loop.run_in_executor(None, self.producer.partition_count, topic)
+            if n is not None:
+                self.events.partitions = n
+            await asyncio.sleep(EVENT_PARTITIONS_EVERY if n is not None else 1.0)
 
     # --- declaring ---------------------------------------------------------------
 
@@ -452,10 +471,13 @@ class Stage:
         produce = self.producer.produce
         full = self._full
         for short, k, v, on_ack in out.records:
-            name = full.get(short)
-            if name is None:
-                name = full[short] = full_name(self.settings, short)
-            fut = produce(name, k, v)  # type: ignore[arg-type]  # a None value: a tombstone
+            if short == "events" and k is not None and v is not None:
+                fut = self.events.add(k, v)  # a record per partition per turn of the loop
+            else:
+                name = full.get(short)
+                if name is None:
+                    name = full[short] = full_name(self.settings, short)
+                fut = produce(name, k, v)  # type: ignore[arg-type]  # a None value: a tombstone
             if on_ack is not None:
                 fut.add_done_callback(partial(_acked, on_ack))
             acks.append(fut)

@@ -37,8 +37,10 @@ from schemas.records import (
     Event,
     Message,
     PoisonPill,
+    event_dicts,
     parse_error,
     parse_event,
+    parse_events,
     parse_message,
 )
 
@@ -379,12 +381,42 @@ def test_events_and_errors_as_the_stages_write_them_fit_their_schemas():
         validate({"stage": "s", "reason": "r", "state": "lost", "detail": "", "ts": 1}, "error.v1.json")
 
 
+def test_an_event_batch_as_the_runtime_writes_it_fits_its_schema_and_parses_in_order():
+    # streams/events.py EventBatcher: the events' JSON joined into one record
+    events = [Event(id="m1", state="accepted", stage="ratelimit", ts=T, recipients=["x@one.test"], sender="a@x.test"),
+              Event(id="m2", state="validated", stage="validate", ts=T + 1, recipients=["y@two.test"],
+                    detail={"next": "scan"})]
+    raw = b'{"events":[' + b",".join(ev.to_json() for ev in events) + b"]}"
+    validate(orjson.loads(raw), "event-batch.v1.json")
+    assert parse_events(raw) == events
+    assert event_dicts(raw) == [orjson.loads(ev.to_json()) for ev in events]
+    assert parse_events(events[0].to_json()) == events[:1]  # one event alone: as before
+    assert event_dicts(events[0].to_json()) == [orjson.loads(events[0].to_json())]
+    with pytest.raises(jsonschema.ValidationError):
+        validate({"events": []}, "event-batch.v1.json")
+    with pytest.raises(jsonschema.ValidationError):
+        validate({"events": [{"id": "m1"}]}, "event-batch.v1.json")
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b'{"events": []}', "bad_field"),
+    (b'{"events": {"id": "m1"}}', "bad_field"),
+    (b'{"events": [1]}', "bad_field"),
+    (b'{"events": [{"id": "m1", "state": "accepted", "stage": "x", "ts": 1}, {"id": "m2"}]}', "bad_field"),
+    (b'{"events": [', "not_json"),
+])
+def test_an_event_batch_that_does_not_fit_is_poison_whole(raw: bytes, reason: str):
+    with pytest.raises(PoisonPill) as caught:
+        parse_events(raw)
+    assert caught.value.reason == reason
+
+
 # --------------------------------------------------------------------------- the schema files
 
 
 def test_every_schema_file_is_a_2020_12_schema_with_its_id():
     assert set(SCHEMAS) == {"submission.v1.json", "local.v1.json", "outgoing.v1.json",
-                            "delivery.v1.json", "event.v1.json", "error.v1.json"}
+                            "delivery.v1.json", "event.v1.json", "event-batch.v1.json", "error.v1.json"}
     for name, schema in SCHEMAS.items():
         jsonschema.Draft202012Validator.check_schema(schema)
         assert schema["$id"] == f"https://mailflow.dev/schemas/{name}"
