@@ -5,6 +5,12 @@ events: `streams.events`). Output: the ``status`` table (message id ->
 state per recipient and the timeline), served by a Faust web view routed by id to
 the replica that owns it.
 
+The table is written to the local store as each batch is applied, so a GET
+answers with it at once; its changelog records are sent once a second, one per
+message written in that second, and the input is committed only after they are
+acknowledged (a crash re-reads at most that second's events, applied again
+idempotently).
+
 Each recipient reaches exactly one final state: the first final state recorded
 wins, later ones (a replayed event) only join the timeline. Events may arrive a
 little out of order across stages, so a recipient's state only moves forward.
@@ -36,6 +42,9 @@ WAITING_ON = {
     "held": "an operator's release (mailflow queue release)",
 }
 MAX_TIMELINE = 200
+# Seconds the status table's changelog records are held (`Stage.run_whole_batches`):
+# a GET sees a write at once; the input's commit, so this stage's lag, waits.
+CHANGELOG_EVERY = 1.0
 
 
 def apply_event(status: dict[str, Any] | None, ev: Event) -> tuple[dict[str, Any], list[str]]:
@@ -115,8 +124,11 @@ def register(app: faust.App, settings: Settings) -> Stage:
     # A batch at a time, applied in offset order without an await in between, so a
     # message's events apply in order, and the several events one message gets in a
     # batch (a busy moment) cost one table write. A batch that fails on the way to
-    # Kafka is applied again whole: apply_event is idempotent per event.
-    stage.agent("events", handle, mode="whole")
+    # Kafka is applied again whole: apply_event is idempotent per event. The
+    # changelog records are held for CHANGELOG_EVERY: a message's six events come
+    # over a second or more, and one record per message and second is what the
+    # changelog then carries (5.3 a message without it, docs/BENCHMARKS.md).
+    stage.agent("events", handle, mode="whole", hold=CHANGELOG_EVERY)
 
     @app.page("/v1/messages/{msg_id}")
     @app.table_route(table=table, match_info="msg_id")

@@ -200,17 +200,25 @@ class Feed:
         return events
 
     def ack(self, events: list[EventT]) -> None:
-        """Every record of `events` handled: its offset may be committed."""
-        consumer = self._consumer
-        for ev in events:
-            ev.message.ack(consumer)
+        ack(self.app, events)
 
     def abandon(self, events: list[EventT]) -> None:
-        """`events` were not handled (the stage raised or was cancelled): untracked,
-        never acked, so no commit passes them."""
-        unacked = self._consumer._unacked_messages
-        for ev in events:
-            unacked.discard(ev.message)
+        abandon(self.app, events)
+
+
+def ack(app: AppT, events: list[EventT]) -> None:
+    """Every record of `events` handled: its offset may be committed."""
+    consumer = app.consumer
+    for ev in events:
+        ev.message.ack(consumer)
+
+
+def abandon(app: AppT, events: list[EventT]) -> None:
+    """`events` were not handled (the stage raised or was cancelled): untracked,
+    never acked, so no commit passes them."""
+    unacked = app.consumer._unacked_messages  # type: ignore[attr-defined]  # Faust's Consumer's
+    for ev in events:
+        unacked.discard(ev.message)
 
 
 def _set_none(fut: asyncio.Future[None]) -> None:
@@ -226,13 +234,17 @@ def supported(stream: faust.StreamT) -> bool:
     return faust_compat.installed() and isinstance(schema, faust_compat.RawSchema)
 
 
-async def batches(stream: faust.StreamT, max_: int, within: float
+async def batches(stream: faust.StreamT, max_: int, within: float, hold: bool = False
                   ) -> AsyncIterator[list[EventT]]:
     """The records of `stream`'s topic, a batch at a time, in place of
     ``stream.take_events(max_, within)`` (see the module docstring).
 
     A batch is acked when the caller asks for the next one; a caller that raises
-    (or is cancelled) leaves its batch unacked and uncommitted."""
+    (or is cancelled) leaves its batch unacked and uncommitted. With `hold` (only
+    where `supported`), batches are never acked here: the caller acks each with
+    `ack` once it is done with it, or `abandon`s it, later and in its own order."""
+    if hold and not supported(stream):
+        raise ValueError("held batches need mailflow's feed (streams.faust_compat installed, raw topics)")
     if not supported(stream):
         async for events in stream.take_events(max_, within):  # type: ignore[attr-defined]  # Stream's, not StreamT's
             yield list(events)
@@ -259,7 +271,8 @@ async def batches(stream: faust.StreamT, max_: int, within: float
             except BaseException:
                 feed.abandon(events)
                 raise
-            feed.ack(events)
+            if not hold:
+                feed.ack(events)
     finally:
         FEEDS.pop(channel, None)
         ENDED.add(channel)

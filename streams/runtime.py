@@ -53,7 +53,7 @@ from faust.exceptions import PartitionsMismatch
 from faust.serializers import codecs
 from faust.stores.base import SerializedStore
 from faust.streams import _current_event, current_event
-from faust.types import TP, EventT
+from faust.types import TP, AppT, EventT
 
 from mailflow import metrics
 from mailflow.config import Settings
@@ -362,6 +362,12 @@ class Stage:
         # record's next attempt.
         self._unsynced: dict[tuple[int, str], tuple[Any, str, int, EventT | None]] = {}
         self._changelogs: dict[int, str] = {}  # id(table) -> its changelog topic
+        # With held changelogs (`run_whole_batches(hold=...)`): table writes applied
+        # to the local store whose changelog record waits for `_flush_held`, in the
+        # same form as `_unsynced`.
+        self._hold = False
+        self._held_agent = False
+        self._dirty: dict[tuple[int, str], tuple[Any, str, int, EventT | None]] = {}
         # (id(store), changelog partition) -> (store, tp, offset) to mark (`_persist`)
         self._persisting: dict[tuple[int, TP], tuple[Any, TP, int]] = {}
         # serial key -> [lock, how many records hold or wait for it]
@@ -407,13 +413,15 @@ class Stage:
         return self._topics[short]
 
     def agent(self, input_short: str, handler: Handler, mode: str = "batches",
-              concurrency: int = 1, with_event: bool = False, name: str | None = None) -> Any:
+              concurrency: int = 1, with_event: bool = False, name: str | None = None,
+              hold: float = 0.0) -> Any:
         """Register the stage's Faust agent on `input_short`, running `handler`.
 
         `mode`: ``batches`` (`run_batches`: a batch's records concurrently),
         ``each`` (`process`, one record at a time per actor; `concurrency` actors),
         ``whole`` (`run_whole_batches`: a batch is one handler call, for a stage that
-        folds several records into one table write). The agent's name is
+        folds several records into one table write; `hold`: its changelog records
+        held and sent every so many seconds). The agent's name is
         the stage's group name (`streams.topics.group_id`) unless `name` says
         otherwise: the consumer group's agent.
         """
@@ -423,13 +431,20 @@ class Stage:
             if mode == "batches":
                 await self.run_batches(stream, handler, with_event=with_event)
             elif mode == "whole":
-                await self.run_whole_batches(stream, handler)
+                await self.run_whole_batches(stream, handler, hold=hold)
             else:
                 async for value in stream:
                     await self.process(value, handler)
 
         if mode not in ("batches", "each", "whole"):
             raise ValueError(f"unknown mode {mode!r}")
+        if hold and mode != "whole":
+            raise ValueError("hold is for mode='whole'")
+        if (hold and self.handlers) or self._held_agent:
+            # The hold covers every table write of the stage, and only its own
+            # agent's input waits for the held changelog records.
+            raise ValueError("a stage whose changelog records are held has that one agent")
+        self._held_agent = bool(hold)
         self.handlers[input_short] = handler
         run.__name__ = run.__qualname__ = agent_name.replace(".", "_").replace("-", "_")
         return self.app.agent(self.topic(input_short), name=agent_name, concurrency=concurrency)(run)
@@ -521,6 +536,11 @@ class Stage:
                 store._set(key_bytes, value_bytes)  # what Faust's store[key] = value ends in
             else:  # the in-memory store of unit tests keeps objects
                 store[key] = value
+        if self._hold:
+            self._dirty[(id(table), key)] = (table, key, partition, event)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         return self._send_changelog(table, key, key_bytes, value_bytes, partition, event)
 
     def _send_changelog(self, table: Any, key: str, key_bytes: bytes, value_bytes: bytes,
@@ -537,8 +557,13 @@ class Stage:
             if f.cancelled() or f.exception() is not None:
                 # The local store has the value and the changelog may not. The
                 # record's retry will not write it again (its handler reads the local
-                # store and finds the work done), so `resync` sends it first.
-                self._unsynced[(id(table), key)] = (table, key, partition, event)
+                # store and finds the work done), so `resync` sends it first; with
+                # held changelogs, the next `_flush_held` does.
+                entry = (table, key, partition, event)
+                if self._hold:
+                    self._dirty.setdefault((id(table), key), entry)
+                else:
+                    self._unsynced[(id(table), key)] = entry
             else:
                 self._persist(store, TP(name, partition), f.result()[1])
 
@@ -631,11 +656,85 @@ class Stage:
             await self.process_batch(events, handler, with_event)
 
     async def run_whole_batches(self, stream: faust.StreamT, handler: Handler,
-                                max_: int = BATCH_MAX, within: float = BATCH_WITHIN) -> None:
+                                max_: int = BATCH_MAX, within: float = BATCH_WITHIN,
+                                hold: float = 0.0) -> None:
         """Hand each batch to `handler(events)` whole (a list of Faust events), one
-        batch at a time; the batch is redone whole on a failure."""
-        async for events in feed.batches(stream, max_, within):
-            await self.process(list(events), handler)
+        batch at a time; the batch is redone whole on a failure.
+
+        With `hold` (seconds), the changelog records of the batches' table writes
+        are held and sent every `hold` seconds, one per key written meanwhile, and
+        the batches are acked only once those records are acknowledged: a key
+        written by several batches in that time costs one changelog record (Kafka
+        Streams' record cache and commit interval). The local store has each write
+        at once, so reads (a table's web view) see it at once; what waits is the
+        input's commit, so the stage's lag, and a crash meanwhile means its held
+        input is read again (the handler must be idempotent per record, as any
+        at-least-once handler). The handler's records (parked poison) are sent and
+        awaited per batch as without it."""
+        if not hold or not feed.supported(stream):
+            async for events in feed.batches(stream, max_, within):
+                await self.process(list(events), handler)
+            return
+        held: list[list[EventT]] = []  # handled, their changelog records not yet sent
+        sending: list[list[EventT]] = []  # handled, their changelog records on the way
+        self._hold = True
+        flusher = asyncio.ensure_future(self._flush_held(stream.app, hold, held, sending))
+        try:
+            async for events in feed.batches(stream, max_, within, hold=True):
+                try:
+                    await self.process(list(events), handler)
+                except BaseException:
+                    feed.abandon(stream.app, events)
+                    raise
+                held.append(events)
+        finally:
+            flusher.cancel()
+            for events in held + sending:
+                feed.abandon(stream.app, events)
+            held.clear()
+            sending.clear()
+            self._hold = False
+
+    async def _flush_held(self, app: AppT, every: float, held: list[list[EventT]],
+                          sending: list[list[EventT]]) -> None:
+        """Every `every` seconds (at once while a rebalance waits for the stage's
+        records to be acked), send the held changelog records, then ack the batches
+        handled before they were taken. A send that fails puts its key back among
+        the held ones: the batches wait for the next round that sends it."""
+        flowing = app.flow_control.is_active
+        step = min(0.1, every)
+        waited = 0.0
+        delay = 0.2
+        while True:
+            await asyncio.sleep(step)
+            waited += step
+            if waited < every and flowing():
+                continue
+            waited = 0.0
+            if not held and not self._dirty and not sending:
+                continue
+            sending += held
+            held.clear()
+            dirty, self._dirty = self._dirty, {}
+            sends = []
+            for table, key, partition, event in dirty.values():
+                value = table_get(table, key, event)  # the latest write, in the event's partition
+                if value is None:  # the partition's store is no longer here: not ours
+                    continue
+                sends.append(self._send_changelog(table, key, codecs.dumps(table.key_serializer, key),
+                                                  orjson.dumps(value), partition, event))
+            failure = await _first_failure(sends)
+            if failure is not None:
+                log.warning("%s: changelog records not sent, trying again in %.1fs: %r",
+                            self.name, delay, failure)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                waited = every  # the next round at once
+                continue
+            delay = 0.2
+            for events in sending:
+                feed.ack(app, events)
+            sending.clear()
 
     async def _handle_and_perform(self, handler: Handler, ev: EventT, with_event: bool
                                   ) -> list[Awaitable[Any]]:

@@ -366,3 +366,44 @@ async def test_changelog_acks_mark_the_store_once_per_partition_with_the_highest
     io._persist(store, a, 6)  # the next poll's acks are marked again
     await asyncio.sleep(0)
     assert marks[-1] == (a, 6)
+
+
+class _FlowingApp:
+    class flow_control:  # noqa: N801 (Faust's attribute)
+        @staticmethod
+        def is_active() -> bool:
+            return True
+
+
+async def test_held_changelogs_go_once_per_key_and_the_batches_are_acked_only_after(stage, monkeypatch):
+    # The status stage's hold: each key's latest value once per round, a refused send
+    # kept for the next round, and no batch acked before its round is acknowledged.
+    io, ledger, producer = stage
+    acked: list[list] = []
+    monkeypatch.setattr("streams.feed.ack", lambda app, events: acked.append(list(events)))
+    io._hold = True
+    for value in (["a"], ["a", "b"]):
+        await io.table_write(ledger, "m1", value)  # done at once: nothing sent yet
+    await io.table_write(ledger, "m2", ["x"])
+    assert producer.acked == [] and ledger.data["m1"] == ["a", "b"]  # the local store has it now
+    held: list[list] = [["batch 1"]]
+    sending: list[list] = []
+    flusher = asyncio.ensure_future(io._flush_held(_FlowingApp(), 0.05, held, sending))  # type: ignore[arg-type]
+    try:
+        for _ in range(100):  # the first send is refused (fail=1): a second round sends it
+            await asyncio.sleep(0.02)
+            if acked:
+                break
+        assert acked == [["batch 1"]]
+        assert sorted((k, orjson.loads(v)) for _, k, v, _ in producer.acked) == [
+            (b'"m1"', ["a", "b"]), (b'"m2"', ["x"])]
+        assert held == [] and sending == [] and io._dirty == {}
+        await io.table_write(ledger, "m1", ["a", "b", "c"])
+        held.append(["batch 2"])
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if len(acked) == 2:
+                break
+        assert acked[1] == ["batch 2"] and orjson.loads(producer.acked[-1][2]) == ["a", "b", "c"]
+    finally:
+        flusher.cancel()
