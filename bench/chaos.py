@@ -34,8 +34,9 @@ cluster, whether every topic of the run had replication 3 and min.insync.replica
     .venv/bin/python bench/chaos.py --duration 5m --rate 200
     .venv/bin/python bench/chaos.py --brokers 3 --duration 5m --rate 50 --broker-kill-every 60s
 
-Needs rspamd and the loopback DNS server (`python -m devtools.services up`), and
-the broker's jars (`make test` or `mailflow broker` fetched them once).
+Needs rspamd and the loopback DNS server: reused if they answer on their default
+ports, else started for the run (`python -m devtools.services up` starts them for
+good), and the broker's jars (`make test` or `mailflow broker` fetched them once).
 """
 
 from __future__ import annotations
@@ -68,7 +69,16 @@ harness = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("harness", harness)
 _spec.loader.exec_module(harness)
 
-from devtools.services import ServiceGroup, prepare_clamd  # noqa: E402
+from devtools.services import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    DEFAULT_DNS_CONF,
+    ServiceGroup,
+    dns_ping,
+    prepare_clamd,
+    prepare_dnsmasq,
+    prepare_rspamd,
+    rspamd_ping,
+)
 from mailflow.config import parse_duration  # noqa: E402
 from schemas.records import event_dicts  # noqa: E402
 
@@ -729,6 +739,24 @@ def node_serves(cluster: Any, node: int) -> bool:
     return is_ready(cluster.nodes[node - 1].bootstrap)
 
 
+def ensure_services() -> ServiceGroup | None:
+    """rspamd and the loopback DNS server, which the run's stack uses on their default
+    ports: reused if they answer, else started now (the caller stops what was
+    started). Checked before the run: without rspamd every message would wait in the
+    scan stage (scan failure closed) and the run would only end at its drain timeout."""
+    missing = []
+    if not rspamd_ping():
+        missing.append(prepare_rspamd(DEFAULT_DATA_DIR / "rspamd"))
+    if not dns_ping():
+        missing.append(prepare_dnsmasq(DEFAULT_DATA_DIR / "dnsmasq", DEFAULT_DNS_CONF))
+    if not missing:
+        return None
+    say(f"starting {', '.join(svc.name for svc in missing)} for this run (under {DEFAULT_DATA_DIR})")
+    group = ServiceGroup(missing, log=say)
+    group.start(120)
+    return group
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", default="5m", help="how long to submit (e.g. 5m)")
@@ -746,13 +774,23 @@ def main() -> int:
     p.add_argument("--keep", metavar="DIR", type=Path,
                    help="run in DIR and keep it (every process's log) instead of a temporary one")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mailflow-chaos-") as tmp:
-        work = a.keep or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        report = run(parse_duration(a.duration), a.rate, parse_duration(a.kill_every),
-                     parse_duration(a.peer_down), parse_duration(a.clamd_down), work,
-                     parse_duration(a.drain_timeout), a.seed, a.brokers,
-                     parse_duration(a.broker_kill_every), parse_duration(a.broker_down))
+    try:
+        services = ensure_services()
+    except Exception as exc:  # noqa: BLE001 (said, with what to run instead)
+        print(f"chaos: rspamd or the loopback DNS server could not be started ({exc}); "
+              "start them with: .venv/bin/python -m devtools.services up", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="mailflow-chaos-") as tmp:
+            work = a.keep or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            report = run(parse_duration(a.duration), a.rate, parse_duration(a.kill_every),
+                         parse_duration(a.peer_down), parse_duration(a.clamd_down), work,
+                         parse_duration(a.drain_timeout), a.seed, a.brokers,
+                         parse_duration(a.broker_kill_every), parse_duration(a.broker_down))
+    finally:
+        if services is not None:
+            services.stop()
     print(f"accepted {report['accepted_messages']} messages ({report['recipients']} recipients); "
           f"final {report['final']}; at the peer {report['at_peer']}; "
           f"longest delay {report['longest_delay_s']} s; copies sent twice in a deliver "

@@ -716,14 +716,19 @@ class Stage:
             sending += held
             held.clear()
             dirty, self._dirty = self._dirty, {}
-            sends = []
-            for table, key, partition, event in dirty.values():
-                value = table_get(table, key, event)  # the latest write, in the event's partition
-                if value is None:  # the partition's store is no longer here: not ours
-                    continue
-                sends.append(self._send_changelog(table, key, codecs.dumps(table.key_serializer, key),
-                                                  orjson.dumps(value), partition, event))
-            failure = await _first_failure(sends)
+            try:
+                sends = []
+                for table, key, partition, event in dirty.values():
+                    value = table_get(table, key, event)  # the latest write, in the event's partition
+                    if value is None:  # the partition's store is no longer here: not ours
+                        continue
+                    sends.append(self._send_changelog(table, key, codecs.dumps(table.key_serializer, key),
+                                                      orjson.dumps(value), partition, event))
+                failure = await _first_failure(sends)
+            except Exception as exc:  # noqa: BLE001 (a flusher that died would stall the stage)
+                for k, entry in dirty.items():
+                    self._dirty.setdefault(k, entry)
+                failure = exc
             if failure is not None:
                 log.warning("%s: changelog records not sent, trying again in %.1fs: %r",
                             self.name, delay, failure)
