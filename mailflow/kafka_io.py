@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import orjson
+from aiokafka.partitioner import murmur2
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -46,6 +47,13 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         "partitioner": "murmur2_random",
         **overrides,
     }
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition of a keyed record among `partitions` as `producer_config`'s
+    producers place it (murmur2, as librdkafka's ``murmur2_random``, the Java client
+    and aiokafka hash a non-empty key)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def coordinates(msg: Message) -> tuple[str, int, int]:

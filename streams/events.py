@@ -19,7 +19,7 @@ What a record on ``events`` is (readers take both: `schemas.records.parse_events
   first moments after a start, or a broker that does not answer);
 - an event batch (``event-batch.v1.json``: ``{"events": [event, ...]}``, in the
   order they were made), no key, in the partition each of its message ids maps to
-  as a keyed record would (Kafka's murmur2, `mailflow.kafka_io.producer_config`).
+  as a keyed record would (`mailflow.kafka_io.partition_of`).
   A message's status still lives in its id's partition, and a message's events
   from one stage stay in order.
 
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from aiokafka.partitioner import murmur2
+from mailflow.kafka_io import partition_of
 
 # A batch record stays well under the producer's message.max.bytes (2 MiB) and a
 # reader's fetch: a full one is sent at once, the rest of the turn starts another.
@@ -43,12 +43,6 @@ MAX_EVENTS = 500
 MAX_BYTES = 512 * 1024
 
 Produce = Callable[[str, bytes | None, bytes, int | None], "asyncio.Future[tuple[int, int]]"]
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition a keyed record goes to (murmur2, as librdkafka's
-    ``murmur2_random``, the Java client and aiokafka hash a non-empty key)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 @dataclass(slots=True)

@@ -633,14 +633,21 @@ class Stage:
         while self._unsynced:
             entries = list(self._unsynced.values())
             self._unsynced.clear()
-            sends = []
-            for table, key, partition, event in entries:
-                value = table_get(table, key, event)  # the event's partition
-                if value is None:  # the partition's store is no longer here: not ours
-                    continue
-                sends.append(self._send_changelog(table, key, codecs.dumps(table.key_serializer, key),
-                                                  orjson.dumps(value), partition, event))
-            await all_settled(sends)
+            await all_settled(self._send_current(entries))
+
+    def _send_current(self, entries: Iterable[tuple[Any, str, int, EventT | None]]
+                      ) -> list[asyncio.Future[tuple[int, int]]]:
+        """A changelog record for each (table, key, partition, event) with the key's
+        current local value (`resync`, `_flush_held`), skipping a key whose partition's
+        store is no longer here (not this replica's any more)."""
+        sends = []
+        for table, key, partition, event in entries:
+            value = table_get(table, key, event)  # the event's partition
+            if value is None:
+                continue
+            sends.append(self._send_changelog(table, key, codecs.dumps(table.key_serializer, key),
+                                              orjson.dumps(value), partition, event))
+        return sends
 
     # --- the loops ---------------------------------------------------------------
 
@@ -717,14 +724,7 @@ class Stage:
             held.clear()
             dirty, self._dirty = self._dirty, {}
             try:
-                sends = []
-                for table, key, partition, event in dirty.values():
-                    value = table_get(table, key, event)  # the latest write, in the event's partition
-                    if value is None:  # the partition's store is no longer here: not ours
-                        continue
-                    sends.append(self._send_changelog(table, key, codecs.dumps(table.key_serializer, key),
-                                                      orjson.dumps(value), partition, event))
-                failure = await _first_failure(sends)
+                failure = await _first_failure(self._send_current(dirty.values()))
             except Exception as exc:  # noqa: BLE001 (a flusher that died would stall the stage)
                 for k, entry in dirty.items():
                     self._dirty.setdefault(k, entry)

@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka.partitioner import murmur2
 
 from mailflow.config import Settings
-from mailflow.kafka_io import CompactedReader, coordinates
+from mailflow.kafka_io import CompactedReader, coordinates, partition_of
 from mailflow.kafka_ready import BrokerNotReady, is_transient, wait_for_partitions
 from mailflow.rules.mailrules import AddressError, addresses, mailbox_key, normalize_address
 from streams.topics import full_name
@@ -191,7 +190,7 @@ class SyncReader(CompactedReader):
         """The partition of `key` on `topic` (Kafka's murmur2, as the producers use),
         or None before the reader has the topic's metadata."""
         n = self.partitions.get(topic)
-        return (murmur2(key) & 0x7FFFFFFF) % n if n else None
+        return partition_of(key, n) if n else None
 
     async def caught_up(self, topic: str, partition: int, within: float = 15.0) -> bool:
         """Wait until every record on one partition that existed when called has been

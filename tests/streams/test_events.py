@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from mailflow.kafka_io import partition_of
 from schemas.records import Event, parse_events
-from streams.events import EventBatcher, partition_of
+from streams.events import EventBatcher
 
 
 class FakeProduce:
