@@ -27,7 +27,7 @@ import faust
 
 from mailflow.config import Settings
 from mailflow.mta.signing import Signer
-from mailflow.objstore import body_key, put_body
+from mailflow.objstore import store_body
 from mailflow.rules.mailrules import group_by_domain
 from mailflow.rules.unsubscribe import with_unsubscribe_headers
 from schemas.mail import Delivery, LocalCopy, parse_outgoing
@@ -63,8 +63,8 @@ def register(app: faust.App, settings: Settings) -> Stage:
         local_sender = bool(msg.sender) and settings.is_local(msg.sender)
         by_ref = msg
         if msg.body is not None and (local_sender or len(groups) > 1):
-            await put_body(settings.object_store_url, body_key(msg.id), msg.body)
-            by_ref = msg.with_(body=None, body_ref=body_key(msg.id))
+            ref = await store_body(settings.object_store_url, msg.id, msg.body)
+            by_ref = msg.with_(body=None, body_ref=ref)
         if local_sender and not msg.bounce:
             copy = by_ref.to(LocalCopy, mailbox=msg.sender, folder="sent")
             out.send("local", msg.sender, copy.to_json())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import faust
 
 from mailflow.config import Settings
-from mailflow.objstore import body_key, put_body
+from mailflow.objstore import store_body
 from mailflow.rules.mailrules import (
     check_message,
     mailbox_key,
@@ -52,8 +52,7 @@ def register(app: faust.App, settings: Settings) -> Stage:
         if local:
             ref = msg.body_ref
             if ref is None:
-                ref = body_key(msg.id)
-                await put_body(settings.object_store_url, ref, body)
+                ref = await store_body(settings.object_store_url, msg.id, body)
             # Mailboxes of our domains are keyed case-insensitively (`mailbox_key`):
             # VICTIM@ and victim@ are one inbox, one copy naming both.
             boxes: dict[tuple[str, str], list[str]] = {}
