@@ -9,7 +9,9 @@ The table is written to the local store as each batch is applied, so a GET
 answers with it at once; its changelog records are sent once a second, one per
 message written in that second, and the input is committed only after they are
 acknowledged (a crash re-reads at most that second's events, applied again
-idempotently).
+idempotently). The stage is off the mail's path, so it fetches in fuller answers
+(`streams.faust_compat.BATCHED`): an event is applied at most 200 ms after it is
+written on an idle stack, and the GET may show it that much later.
 
 Each recipient reaches exactly one final state: the first final state recorded
 wins, later ones (a replayed event) only join the timeline. Events may arrive a
@@ -26,6 +28,7 @@ from mailflow import metrics
 from mailflow.config import Settings
 from schemas.records import Event, PoisonPill, parse_events
 from schemas.states import FINAL
+from streams.faust_compat import BATCHED
 from streams.runtime import JSON_TABLE, Outputs, Stage, table_get
 
 STAGE = "status"
@@ -98,7 +101,7 @@ def view_of(st: dict[str, Any]) -> dict[str, Any]:
 
 
 def register(app: faust.App, settings: Settings) -> Stage:
-    stage = Stage(app, settings, STAGE)
+    stage = Stage(app, settings, STAGE, fetch=BATCHED)  # off the mail's path
     table = app.Table("status", partitions=settings.partitions, schema=JSON_TABLE)
 
     async def handle(events: list[faust.EventT[Any]]) -> Outputs:

@@ -361,8 +361,39 @@ async def submit_all(api: str, args: argparse.Namespace, local_domain: str) -> d
             "submitted": submitted}
 
 
+SETTLE_TIMEOUT = 30.0
+
+
+def settle(settings: Settings, start: str, timeout: float = SETTLE_TIMEOUT) -> dict[str, Any]:
+    """Wait until every stage `--start` started has committed all of its input (lag 0).
+
+    The last final state is not the end of the run's work: the status and webhooks
+    stages read the same events after the mail is done, and a stage that is behind
+    would finish after the CPU figures were read (a stage that batched its reads
+    more looked five times cheaper so). The figures are read once every stage is
+    done, or after `timeout`; the result says which it was.
+    """
+    from mailflow.ops.lag import measure
+    from mailflow.ops.worker import available, parse_stages
+
+    stages = sorted(s for s in parse_stages(start) if available(s))
+    began = time.monotonic()
+    left: dict[str, int] = {}
+    while time.monotonic() - began < timeout:
+        try:
+            left = {s.stage: s.total for s in measure(settings, stages, timeout=5) if s.total}
+        except Exception as exc:  # the figures are still worth reading; say so
+            print(f"bench: lag not readable ({exc!r})", file=sys.stderr, flush=True)
+            left = {"?": -1}
+        if not left:
+            break
+        time.sleep(0.25)
+    return {"settle_seconds": round(time.monotonic() - began, 2), "lag_left": left}
+
+
 def run(settings: Settings, args: argparse.Namespace) -> int:
     sup = None
+    settled: dict[str, Any] = {}
     if args.duration:
         from mailflow.config import parse_duration
 
@@ -406,6 +437,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"bench: {n}/{len(want)} recipients done", file=sys.stderr, flush=True)
                 last = time.monotonic()
             time.sleep(0.2)
+        if sup is not None:
+            settled = settle(settings, args.start)
     finally:
         follower.stop()
         mem.running = False
@@ -445,6 +478,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         "peak_pss_mb": round(mem.peak / 2**20, 1),
         "cpu_seconds": mem.cpu_by_role(),
         "drain_seconds_after_submit": round(last_done - first_done, 2) if done else None,
+        **settled,
     }
     if sampler:
         csv = reports / f"lag-{settings.topic_prefix}{int(time.time())}.csv"

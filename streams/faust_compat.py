@@ -493,12 +493,43 @@ def _build_handler_feeding(self: Any, tp: Any, channels: Any) -> Any:
 # (docs/BENCHMARKS.md, session 10). The bound stays below Faust's 1.5 s for a fetch
 # that did leave a partition out (one paused by flow control).
 FETCH_MAX_WAIT_MS = 500
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """What a stage's fetch asks the broker for: answer once `min_bytes` are there,
+    or after `max_wait_ms` (Kafka's fetch.min.bytes and fetch.max.wait.ms)."""
+
+    min_bytes: int = 1
+    max_wait_ms: int = FETCH_MAX_WAIT_MS
+
+
+# The mail's stages: a record is fetched as soon as it is there.
+MAIL_PATH = FetchPolicy()
+# Stages off the mail's path (they read the status events: status, webhooks). A
+# fetch that answers with every record as it comes costs aiokafka's Python a request
+# and a response for each of the consumer's partitions (the webhooks stage has 40,
+# 36 of them its idle retry tiers): its consumer thread was the stage's largest
+# cost, the broker answered it as often, and each small answer was a batch of its
+# own. Answered once 64 KiB are there, a busy stage fetches about ten times a
+# second; an idle one hears of an event at most 200 ms late (the mail is not held
+# by it: these stages only tell of it). docs/BENCHMARKS.md, "Whole path, session 15".
+BATCHED = FetchPolicy(min_bytes=64 * 1024, max_wait_ms=200)
+
+
+def set_fetch_policy(app: faust.App, policy: FetchPolicy) -> None:
+    """Use `policy` for `app`'s consumer (before the worker starts it)."""
+    app._mailflow_fetch = policy  # type: ignore[attr-defined]
+
+
 _faust_worker_consumer = AIOKafkaConsumerThread._create_worker_consumer
 
 
 def _worker_consumer_short_poll(self: Any, transport: Any) -> aiokafka.AIOKafkaConsumer:
     consumer = _faust_worker_consumer(self, transport)
-    consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by start(), for its fetcher
+    policy: FetchPolicy = getattr(self.app, "_mailflow_fetch", MAIL_PATH)
+    consumer._fetch_max_wait_ms = policy.max_wait_ms  # both read by start(), for its fetcher
+    consumer._fetch_min_bytes = policy.min_bytes
     return consumer
 
 
@@ -623,13 +654,14 @@ PATCHES: tuple[Patch, ...] = (
           "none found upstream (Faust only logs 'Has not committed TP' after 300 s)",
           params=("self", "offsets"), source_has=("call_thread(self._commit, offsets)",)),
     Patch(AIOKafkaConsumerThread, "_create_worker_consumer", _worker_consumer_short_poll,
-          "a record could wait out a 1.5 s fetch that left its partition out (idle latency)",
+          "a record could wait out a 1.5 s fetch that left its partition out (idle latency); "
+          "a stage off the mail's path fetches in larger answers (FetchPolicy)",
           "none found upstream (Faust hard-codes fetch_max_wait_ms=1500)",
           params=("self", "transport"), source_has=("fetch_max_wait_ms=1500",)),
     Patch(aiokafka.AIOKafkaConsumer, "start", None,
-          "the fetch wait set on a made consumer takes effect only if start() reads it",
+          "the fetch wait and size set on a made consumer take effect only if start() reads them",
           "none", params=("self",),
-          source_has=("fetch_max_wait_ms=self._fetch_max_wait_ms",)),
+          source_has=("fetch_max_wait_ms=self._fetch_max_wait_ms", "fetch_min_bytes=self._fetch_min_bytes")),
     # The replacement mirrors Faust's loop; these are the lines it was written from.
     Patch(Consumer, "_drain_messages", _drain_messages_eagerly,
           "four tasks per record to hand each to the conductor (see _drain_messages_eagerly)",

@@ -64,7 +64,7 @@ from schemas.records import ErrorRecord, Event, Message, PoisonPill
 from streams import feed
 from streams.app import topic
 from streams.events import EventBatcher
-from streams.faust_compat import run_eagerly
+from streams.faust_compat import MAIL_PATH, FetchPolicy, run_eagerly, set_fetch_policy
 from streams.topics import full_name, group_id
 
 log = logging.getLogger("mailflow.stage")
@@ -344,12 +344,16 @@ class Stage:
     ``Stage(app, settings, name)``, then `agent` with the input topic and the handler
     (``handler(raw) -> Outputs``, or ``handler(raw, event=...)`` with `with_event`).
     `serial_key(raw)`, if given, names records that must not run at once in this
-    process (see `process`).
+    process (see `process`). `fetch` is what the stage's consumer asks the broker
+    for (`streams.faust_compat.FetchPolicy`): the mail's stages keep `MAIL_PATH`,
+    records as soon as they are there.
     """
 
     def __init__(self, app: faust.App, settings: Settings, name: str, linger_ms: int = 5,
-                 serial_key: Callable[[Any], str | None] | None = None) -> None:
+                 serial_key: Callable[[Any], str | None] | None = None,
+                 fetch: FetchPolicy = MAIL_PATH) -> None:
         self.app = app
+        set_fetch_policy(app, fetch)
         self.settings = settings
         self.name = name
         self.linger_ms = linger_ms

@@ -381,3 +381,30 @@ async def test_a_task_of_the_rest_can_be_cancelled_while_it_waits() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cleaned == ["finally ran"]
+
+
+async def test_a_stage_off_the_mail_path_fetches_in_larger_answers(monkeypatch, tmp_path) -> None:
+    """Stages reading the status events ask the broker for fuller, rarer answers; the
+    mail's stages are answered at once."""
+    from types import SimpleNamespace
+
+    import aiokafka
+    import faust
+
+    from agents import deliver, status, webhooks
+    from mailflow.config import Settings
+
+    def faust_made(self, transport):  # Faust's own consumer, as it builds it
+        return aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=1500)
+
+    monkeypatch.setattr(faust_compat, "_faust_worker_consumer", faust_made)
+    settings = Settings(data_dir=tmp_path, scanners=())
+    made = {}
+    for module in (deliver, status, webhooks):
+        app = faust.App(f"fetch-{module.STAGE}", broker="kafka://127.0.0.1:1", store="memory://",
+                        datadir=str(tmp_path / module.STAGE))
+        module.register(app, settings)
+        c = faust_compat._worker_consumer_short_poll(SimpleNamespace(app=app), None)
+        made[module.STAGE] = (c._fetch_min_bytes, c._fetch_max_wait_ms)
+    assert made == {"deliver": (1, faust_compat.FETCH_MAX_WAIT_MS),
+                    "status": (64 * 1024, 200), "webhooks": (64 * 1024, 200)}
