@@ -369,9 +369,9 @@ def settle(settings: Settings, start: str, timeout: float = SETTLE_TIMEOUT) -> d
 
     The last final state is not the end of the run's work: the status and webhooks
     stages read the same events after the mail is done, and a stage that is behind
-    would finish after the CPU figures were read (a stage that batched its reads
-    more looked five times cheaper so). The figures are read once every stage is
-    done, or after `timeout`; the result says which it was.
+    would finish after the CPU figures were read, so it would look cheaper than it
+    is. The figures are read once every stage is done, or after `timeout`; the
+    result says which it was.
     """
     from mailflow.ops.lag import measure
     from mailflow.ops.worker import available, parse_stages
