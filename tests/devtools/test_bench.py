@@ -1,4 +1,5 @@
-"""The soak report's verdicts (devtools.bench.LagSampler.report), on made-up samples."""
+"""The soak report's verdicts (devtools.bench.LagSampler.report) and the wait for the
+stages to finish (devtools.bench.settle), on made-up lag."""
 
 from __future__ import annotations
 
@@ -38,3 +39,27 @@ def test_a_lag_that_keeps_growing_fell_behind(tmp_path: Path) -> None:
     samples = [(float(t), {"store": t * t // 4}) for t in range(0, 65, 5)]
     report = sampler(samples).report(submit_end=60.0, rate=100, path=tmp_path / "lag.csv")
     assert report["fell_behind"] == ["store"]
+
+
+def test_the_cpu_figures_wait_for_every_started_stage_to_finish(monkeypatch) -> None:
+    """`settle`: the figures are read once each started stage's lag is 0, or it says
+    which stages still had work when it gave up."""
+    from types import SimpleNamespace
+
+    from devtools import bench
+    from mailflow.ops import lag
+
+    asked: list[list[str]] = []
+    answers = [{"status": 40, "webhooks": 3}, {"status": 2}, {}]
+
+    def measure(settings, stages, timeout):
+        asked.append(list(stages))
+        left = answers.pop(0) if answers else {"status": 9}
+        return [SimpleNamespace(stage=s, total=left.get(s, 0)) for s in stages]
+
+    monkeypatch.setattr(lag, "measure", measure)
+    done = bench.settle(Settings.from_env(), "status,webhooks,deliver")
+    assert done["lag_left"] == {} and len(asked) == 3
+    assert asked[0] == ["deliver", "status", "webhooks"]  # only what was started
+    stuck = bench.settle(Settings.from_env(), "status", timeout=0.05)
+    assert stuck["lag_left"] == {"status": 9} and stuck["settle_seconds"] >= 0.05
