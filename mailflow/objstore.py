@@ -293,7 +293,9 @@ def _read_range(path: str, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         data = os.pread(f.fileno(), length, offset)
     if len(data) != length:
-        raise OSError(f"{path} ends before the body's {length} bytes at {offset}")
+        # Not an OSError: the stages retry those for ever (a store that is down comes
+        # back), and a pack cut short does not heal; the record is parked instead.
+        raise ValueError(f"{path} ends before the body's {length} bytes at {offset}")
     return data
 
 
