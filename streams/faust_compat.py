@@ -511,8 +511,8 @@ MAIL_PATH = FetchPolicy()
 # and a response for each of the consumer's partitions (the webhooks stage has 40,
 # 36 of them its idle retry tiers): its consumer thread was the stage's largest
 # cost, the broker answered it as often, and each small answer was a batch of its
-# own. Answered once 64 KiB are there, a busy stage fetches about ten times a
-# second; an idle one hears of an event at most 200 ms late (the mail is not held
+# own. Answered once 64 KiB are there, a busy stage's fetches each carry many
+# records; an idle one hears of an event at most 200 ms late (the mail is not held
 # by it: these stages only tell of it). docs/BENCHMARKS.md, "Whole path, session 15".
 BATCHED = FetchPolicy(min_bytes=64 * 1024, max_wait_ms=200)
 
